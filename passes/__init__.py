@@ -1,0 +1,2 @@
+"""The pass library. Each module defines one pass and registers it with tinygrad_ext.register(); importing this package
+registers them all, in the order listed here."""

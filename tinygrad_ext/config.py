@@ -1,0 +1,41 @@
+"""Which passes are on. The switches are tinygrad ContextVars, so tinygrad's own Context() scopes them, its compile
+workers receive them with every kernel, and its program cache key includes them (see hooks.py)."""
+from __future__ import annotations
+import contextlib
+from tinygrad.helpers import ContextVar, Context
+from tinygrad_ext.registry import PASSES, check_pass_names
+
+__version__ = "0.1.0"
+
+# TINYGRAD_EXT=0 imports without activating; TINYGRAD_EXT_DISABLE=name,name switches single passes off
+EXT = ContextVar("TINYGRAD_EXT", 1)
+EXT_DISABLE = ContextVar("TINYGRAD_EXT_DISABLE", "")
+SWITCHES = (EXT, EXT_DISABLE)
+
+def enabled() -> bool: return bool(EXT.value)
+def disabled_names() -> set[str]: return {n.strip() for n in str(EXT_DISABLE.value).split(",") if n.strip()}
+def is_active(name:str) -> bool: return enabled() and name not in disabled_names()
+def active_passes() -> tuple[str, ...]: return tuple(n for n in PASSES if is_active(n))
+
+def cache_id() -> str:
+  """Identifies the code the active passes produce: '' when none is active (programs are stock tinygrad's)."""
+  return f"tinygrad_ext-{__version__}:{'+'.join(act)}" if (act:=active_passes()) else ""
+
+def enable() -> None:
+  from tinygrad_ext import hooks
+  hooks.install()
+  EXT.value = 1
+
+def disable() -> None: EXT.value = 0
+
+def passes_off() -> contextlib.AbstractContextManager:
+  """`with passes_off():` compiles the block as plain tinygrad."""
+  return Context(TINYGRAD_EXT=0)
+
+@contextlib.contextmanager
+def only(*names:str):
+  """`with only("a", "b"):` compiles the block with exactly these passes on."""
+  keep = set(check_pass_names(names))
+  from tinygrad_ext import hooks
+  hooks.install()
+  with Context(TINYGRAD_EXT=1, TINYGRAD_EXT_DISABLE=",".join(n for n in PASSES if n not in keep)): yield

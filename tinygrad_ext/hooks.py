@@ -1,0 +1,99 @@
+"""The one place where tinygrad_ext enters tinygrad. Every hook is a module attribute replaced by install() and put back
+by uninstall(); while no pass is active each hook calls straight through, so programs are stock tinygrad's.
+
+Hook points (tinygrad 0.14.0):
+  tinygrad.codegen.graph_rewrite            CodegenStep passes run after the named step of full_rewrite_to_sink
+  tinygrad.codegen.full_rewrite_to_sink     records the renderer of the kernel being compiled, for CodegenStep passes
+  tinygrad.codegen.to_program_key           the in-memory program cache key gets the active passes' cache_id()
+  tinygrad.engine.realize.to_program_key    (realize imported it by name)
+  tinygrad.codegen.to_program_context       the pass switches travel with every kernel to the compile workers
+  tinygrad.engine.realize.to_program_context
+  tinygrad.engine.worker._init_worker       compile workers install these hooks before compiling anything
+  tinygrad.codegen.opt.search.diskcache_get/put   BEAM results are stored on disk per cache_id()
+  tinygrad.schedule.schedule_cache          the in-memory schedule cache is keyed per cache_id()
+"""
+from __future__ import annotations
+import contextvars, hashlib
+import tinygrad.codegen as codegen
+import tinygrad.engine.realize as realize
+import tinygrad.engine.worker as worker
+import tinygrad.codegen.opt.search as search
+import tinygrad.schedule as schedule
+from tinygrad.uop.ops import UOp
+from tinygrad.renderer import Renderer
+from tinygrad_ext.registry import PASSES, CodegenStep
+from tinygrad_ext.config import SWITCHES, is_active, cache_id
+
+# captured at import, before install() replaces it: a spawned compile worker imports this module fresh
+_tinygrad_init_worker = worker._init_worker
+_originals: dict[tuple[object, str], object] = {}
+
+def _replace(module:object, attr:str, new:object) -> None:
+  _originals[(module, attr)] = getattr(module, attr)
+  setattr(module, attr, new)
+
+def installed() -> bool: return bool(_originals)
+
+def hook_points() -> list[str]: return [f"{getattr(m, '__name__', type(m).__name__)}.{a}" for m, a in _originals]
+
+# *** codegen steps ***
+
+_current_renderer: contextvars.ContextVar[Renderer|None] = contextvars.ContextVar("tinygrad_ext_renderer", default=None)
+
+def active_codegen_steps(step:str) -> list[CodegenStep]:
+  return [h for p in PASSES.values() if is_active(p.name) for h in p.hooks if isinstance(h, CodegenStep) and h.step == step]
+
+def _graph_rewrite_with_steps(sink:UOp, pm, *args, name:str|None=None, **kwargs) -> UOp:
+  ret = _originals[(codegen, "graph_rewrite")](sink, pm, *args, name=name, **kwargs)
+  if name is None or (ren:=_current_renderer.get()) is None: return ret
+  for step in active_codegen_steps(name): ret = step.rewrite(ret, ren)
+  return ret
+
+def _full_rewrite_to_sink(ast:UOp, ren:Renderer, optimize:bool=True) -> UOp:
+  token = _current_renderer.set(ren)
+  try: return _originals[(codegen, "full_rewrite_to_sink")](ast, ren, optimize)
+  finally: _current_renderer.reset(token)
+
+# *** cache isolation ***
+
+def _to_program_key(ast:UOp, renderer:Renderer) -> tuple: return (*_originals[(codegen, "to_program_key")](ast, renderer), cache_id())
+
+def _disk_table(table:str) -> str:
+  # passes off shares stock tinygrad's table; each set of active passes gets its own
+  return f"{table}_ext_{hashlib.sha256(cid.encode()).hexdigest()[:12]}" if table == "beam_search" and (cid:=cache_id()) else table
+def _diskcache_get(table:str, key): return _originals[(search, "diskcache_get")](_disk_table(table), key)
+def _diskcache_put(table:str, key, val, prepickled=False):
+  return _originals[(search, "diskcache_put")](_disk_table(table), key, val, prepickled)
+
+class PassKeyedCache(dict):
+  """A dict that files every key under the cache_id() current at the time of the lookup."""
+  def get(self, key, default=None): return super().get((cache_id(), key), default)
+  def __getitem__(self, key): return super().__getitem__((cache_id(), key))
+  def __setitem__(self, key, val): super().__setitem__((cache_id(), key), val)
+  def __contains__(self, key): return super().__contains__((cache_id(), key))
+
+def _init_worker_with_ext() -> None:
+  install()
+  _tinygrad_init_worker()
+
+# *** install / uninstall ***
+
+def install() -> None:
+  """Idempotent. The hooks do nothing while no pass is active."""
+  if installed(): return
+  _replace(codegen, "graph_rewrite", _graph_rewrite_with_steps)
+  _replace(codegen, "full_rewrite_to_sink", _full_rewrite_to_sink)
+  _replace(codegen, "to_program_key", _to_program_key)
+  _replace(realize, "to_program_key", _to_program_key)
+  ctx_vars = (*codegen.to_program_context, *SWITCHES)
+  _replace(codegen, "to_program_context", ctx_vars)
+  _replace(realize, "to_program_context", ctx_vars)
+  _replace(worker, "_init_worker", _init_worker_with_ext)
+  _replace(search, "diskcache_get", _diskcache_get)
+  _replace(search, "diskcache_put", _diskcache_put)
+  _replace(schedule, "schedule_cache", PassKeyedCache())
+
+def uninstall() -> None:
+  """Puts every replaced attribute back (programs already cached stay cached under their own keys)."""
+  for (module, attr), orig in reversed(list(_originals.items())): setattr(module, attr, orig)
+  _originals.clear()
