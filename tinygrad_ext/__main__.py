@@ -1,0 +1,24 @@
+"""python -m tinygrad_ext: the registered passes, whether each is on, where each hooks, and the device they compile for."""
+import sys
+import tinygrad_ext
+from tinygrad_ext import PASSES, hooks
+
+def report() -> str:
+  from tinygrad import Device
+  lines = [f"tinygrad_ext {tinygrad_ext.__version__} on tinygrad {tinygrad_ext.SUPPORTED_TINYGRAD} "
+           f"({'active' if tinygrad_ext.enabled() else 'not active: TINYGRAD_EXT=0 or disable()'}; "
+           f"hooks {'installed' if hooks.installed() else 'not installed'})"]
+  try: lines.append(f"default device: {Device.DEFAULT} (renderer {type(Device[Device.DEFAULT].renderer).__name__})")
+  except Exception as e: lines.append(f"default device: {Device.DEFAULT} (unavailable: {type(e).__name__}: {e})")
+  lines.append(f"cache id: {tinygrad_ext.cache_id() or '(none: programs are plain tinygrad)'}")
+  lines.append(f"passes ({len(PASSES)}):")
+  for p in PASSES.values():
+    lines.append(f"  {p.name:<20} {'on ' if tinygrad_ext.is_active(p.name) else 'off'}  {p.doc}")
+    lines += [f"  {'':<20}      hooks {w}" for w in p.where()]
+  if not PASSES: lines.append("  (none registered)")
+  lines.append("hook points: " + ", ".join(hooks.hook_points() or ["(none)"]))
+  return "\n".join(lines)
+
+if __name__ == "__main__":
+  print(report())
+  sys.exit(0)
