@@ -1,0 +1,3 @@
+# Sourced first by every command on the GPU machine: installs the carried wheels and puts this checkout on the path.
+python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>&1 | grep -v -i warning || true
+export PYTHONPATH=/tmp/site:$PWD DEV=${DEV:-CUDA}
