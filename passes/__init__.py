@@ -1,2 +1,3 @@
 """The pass library. Each module defines one pass and registers it with tinygrad_ext.register(); importing this package
 registers them all, in the order listed here."""
+from passes import reduce_local  # noqa: F401,E402

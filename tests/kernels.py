@@ -13,3 +13,43 @@ def program(ast:UOp, device:str|None=None) -> UOp:
 
 def kernel_sources(make:Callable[[], Tensor], device:str|None=None) -> list[str]:
   return [program(ast, device).src[2].arg for ast in kernel_asts(make)]
+
+# *** rendering for backends this machine cannot run ***
+import sys, types
+from dataclasses import replace
+from tinygrad.uop.ops import ProgramInfo
+from tinygrad.helpers import Target
+
+def with_opts(ast:UOp, *opts) -> UOp:
+  """The kernel with these opts forced (tinygrad's KernelInfo.opts_to_apply), instead of the heuristic's."""
+  return ast.replace(arg=replace(ast.arg, opts_to_apply=tuple(opts)))
+
+def render(ast:UOp, ren) -> str:
+  """Source of the kernel as `ren` renders it, without compiling."""
+  sink = codegen.full_rewrite_to_sink(ast, ren, optimize=ast.tag is None)
+  prg = codegen.do_linearize(ren, UOp(Ops.PROGRAM, src=(sink,), arg=ProgramInfo.from_sink(sink, ren.target)), sink)
+  return ren.render(list(prg.src[-1].src))
+
+def cuda_renderer(arch="sm_90"):
+  from tinygrad.renderer.cstyle import NVCCRenderer  # compiles with nvcc, where there is one; renders anywhere
+  return NVCCRenderer(Target(device="CUDA", arch=arch))
+
+def metal_renderer(arch="Apple9"):
+  # MetalRenderer imports its compiler from ops_metal, which needs macOS: stub that import to render on Linux
+  if "tinygrad.runtime.ops_metal" not in sys.modules:
+    stub = types.ModuleType("tinygrad.runtime.ops_metal")
+    stub.MetalCompiler = type("MetalCompiler", (), {})
+    sys.modules["tinygrad.runtime.ops_metal"] = stub
+  from tinygrad.renderer.cstyle import MetalRenderer
+  return MetalRenderer(Target(device="METAL", arch=arch))
+
+def realize_with_opts(make:Callable[[], Tensor], *opts):
+  """Realizes make() with `opts` forced on every kernel that has a REDUCE (others keep the heuristic); returns numpy."""
+  from tinygrad.engine.realize import run_linear
+  t = make()
+  lin = t.schedule_linear()
+  subs = {c.src[0]: with_opts(c.src[0], *opts) for c in lin.src
+          if c.src[0].op is Ops.SINK and any(u.op is Ops.REDUCE for u in c.src[0].toposort())}
+  assert subs, "no reduce kernel"
+  run_linear(lin.substitute(subs))
+  return t.numpy()

@@ -4,6 +4,9 @@ by uninstall(); while no pass is active each hook calls straight through, so pro
 Hook points (tinygrad 0.14.0):
   tinygrad.codegen.graph_rewrite            CodegenStep passes run after the named step of full_rewrite_to_sink
   tinygrad.codegen.full_rewrite_to_sink     records the renderer of the kernel being compiled, for CodegenStep passes
+  tinygrad.codegen.opt.postrange.Scheduler.apply_opt   SchedulerOpt passes apply their own opts (refused while off)
+  tinygrad.codegen.opt.search.actions       BEAM can choose those opts (a list: extended, then shrunk back)
+  tinygrad.codegen.<PatternMatcher>          MatcherRules passes append rules to a codegen matcher (e.g. pm_add_loads)
   tinygrad.codegen.to_program_key           the in-memory program cache key gets the active passes' cache_id()
   tinygrad.engine.realize.to_program_key    (realize imported it by name)
   tinygrad.codegen.to_program_context       the pass switches travel with every kernel to the compile workers
@@ -19,9 +22,11 @@ import tinygrad.engine.realize as realize
 import tinygrad.engine.worker as worker
 import tinygrad.codegen.opt.search as search
 import tinygrad.schedule as schedule
+from tinygrad.codegen.opt import KernelOptError
+from tinygrad.codegen.opt.postrange import Scheduler
 from tinygrad.uop.ops import UOp
 from tinygrad.renderer import Renderer
-from tinygrad_ext.registry import PASSES, CodegenStep
+from tinygrad_ext.registry import PASSES, CodegenStep, SchedulerOpt, MatcherRules, on_change
 from tinygrad_ext.config import SWITCHES, is_active, cache_id
 
 # captured at import, before install() replaces it: a spawned compile worker imports this module fresh
@@ -34,7 +39,9 @@ def _replace(module:object, attr:str, new:object) -> None:
 
 def installed() -> bool: return bool(_originals)
 
-def hook_points() -> list[str]: return [f"{getattr(m, '__name__', type(m).__name__)}.{a}" for m, a in _originals]
+def hook_points() -> list[str]:
+  return [f"{m.__module__}.{m.__qualname__}.{a}" if isinstance(m, type) else f"{m.__name__}.{a}" for m, a in _originals] + \
+         (["tinygrad.codegen.opt.search.actions"] if _beam_actions else [])
 
 # *** codegen steps ***
 
@@ -53,6 +60,31 @@ def _full_rewrite_to_sink(ast:UOp, ren:Renderer, optimize:bool=True) -> UOp:
   token = _current_renderer.set(ren)
   try: return _originals[(codegen, "full_rewrite_to_sink")](ast, ren, optimize)
   finally: _current_renderer.reset(token)
+
+# *** scheduler opts ***
+
+def scheduler_opt(op) -> tuple[str, SchedulerOpt]|None:
+  return next(((p.name, h) for p in PASSES.values() for h in p.hooks if isinstance(h, SchedulerOpt) and h.op is op), None)
+
+def _apply_opt(self:Scheduler, opt, append_opt:bool=True):
+  if (found:=scheduler_opt(opt.op)) is None: return _originals[(Scheduler, "apply_opt")](self, opt, append_opt)
+  name, ext = found
+  if not is_active(name): raise KernelOptError(f"{opt.op} needs the {name} pass, which is off")
+  ret = ext.apply(self, opt)
+  if append_opt: self.applied_opts.append(opt)
+  return ret
+
+_beam_actions: list = []
+def _sync_registered() -> None:
+  """Follows the registry: BEAM's action list holds the opts of every registered SchedulerOpt (an opt of a pass that
+  is off is refused), and each extended codegen matcher is tinygrad's plus every registered MatcherRules for it."""
+  for a in _beam_actions: search.actions.remove(a)
+  _beam_actions[:] = [a for p in PASSES.values() for h in p.hooks if isinstance(h, SchedulerOpt) for a in h.beam_actions]
+  search.actions.extend(_beam_actions)
+  rules = [h for p in PASSES.values() for h in p.hooks if isinstance(h, MatcherRules)]
+  for attr in {h.attr for h in rules} | {a for m, a in _originals if m is codegen and a.startswith("pm_")}:
+    if (codegen, attr) not in _originals: _originals[(codegen, attr)] = getattr(codegen, attr)
+    setattr(codegen, attr, sum((h.matcher for h in rules if h.attr == attr), _originals[(codegen, attr)]))
 
 # *** cache isolation ***
 
@@ -92,8 +124,14 @@ def install() -> None:
   _replace(search, "diskcache_get", _diskcache_get)
   _replace(search, "diskcache_put", _diskcache_put)
   _replace(schedule, "schedule_cache", PassKeyedCache())
+  _replace(Scheduler, "apply_opt", _apply_opt)
+  _sync_registered()
+  on_change.append(_sync_registered)
 
 def uninstall() -> None:
   """Puts every replaced attribute back (programs already cached stay cached under their own keys)."""
   for (module, attr), orig in reversed(list(_originals.items())): setattr(module, attr, orig)
   _originals.clear()
+  for a in _beam_actions: search.actions.remove(a)
+  _beam_actions.clear()
+  if _sync_registered in on_change: on_change.remove(_sync_registered)

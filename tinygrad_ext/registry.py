@@ -1,6 +1,7 @@
 """The pass registry: what a pass is, and the named passes known to this process."""
 from __future__ import annotations
 from dataclasses import dataclass
+from enum import Enum
 from typing import Callable, Union
 from tinygrad.uop.ops import UOp
 from tinygrad.renderer import Renderer
@@ -13,7 +14,25 @@ class CodegenStep:
   rewrite: Callable[[UOp, Renderer], UOp]
   def where(self) -> str: return f"tinygrad.codegen.full_rewrite_to_sink: after step '{self.step}'"
 
-Hook = Union[CodegenStep]
+@dataclass(frozen=True)
+class SchedulerOpt:
+  """A new Scheduler opt. tinygrad's Scheduler.apply_opt hands Opts whose `op` is this `op` to `apply(scheduler, opt)`
+  (which raises KernelOptError where the opt is illegal), and `beam_actions` join BEAM's search space."""
+  op: Enum
+  apply: Callable[..., object]
+  beam_actions: tuple = ()
+  def where(self) -> str:
+    return f"tinygrad.codegen.opt.postrange.Scheduler.apply_opt: Opt({self.op}); tinygrad.codegen.opt.search.actions: +{len(self.beam_actions)}"
+
+@dataclass(frozen=True)
+class MatcherRules:
+  """Rules appended to one of tinygrad's codegen PatternMatchers, `tinygrad.codegen.<attr>` (looked up by
+  full_rewrite_to_sink at every call). They must match only UOps their own pass creates, so they are inert while it is off."""
+  attr: str
+  matcher: object
+  def where(self) -> str: return f"tinygrad.codegen.{self.attr}: +{len(self.matcher.patterns)} rule(s)"
+
+Hook = Union[CodegenStep, SchedulerOpt, MatcherRules]
 
 @dataclass(frozen=True)
 class Pass:
@@ -26,13 +45,20 @@ class Pass:
 # name -> Pass, in registration order (the order their hooks run in at a shared hook point)
 PASSES: dict[str, Pass] = {}
 
+# called after every register/unregister (the installed hooks keep BEAM's action list in step)
+on_change: list[Callable[[], None]] = []
+
 def register(p:Pass) -> Pass:
   if not p.name.isidentifier(): raise ValueError(f"pass name {p.name!r} must be an identifier")
   if p.name in PASSES: raise ValueError(f"a pass named {p.name!r} is already registered")
   PASSES[p.name] = p
+  for f in on_change: f()
   return p
 
-def unregister(name:str) -> Pass: return PASSES.pop(name)
+def unregister(name:str) -> Pass:
+  p = PASSES.pop(name)
+  for f in on_change: f()
+  return p
 
 def check_pass_names(names) -> list[str]:
   names = list(names)

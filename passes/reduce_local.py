@@ -1,0 +1,148 @@
+"""reduce_local: one reduce spread over the lanes of a warp, combined with register shuffles.
+
+Opt(OptOpsExt.REDUCE_LOCAL, axis, amount) splits reduce axis `axis` (counted among the REDUCE axes, as GROUP counts)
+into `amount` lanes, lane innermost: lane l accumulates elements l, l+amount, l+2*amount, ... in a register, so adjacent
+lanes read adjacent addresses. The lanes then combine:
+  - CUDA, HIP: a __shfl_xor_sync / __shfl_xor butterfly; Metal: simd_sum / simd_max over 32 lanes, else a
+    simd_shuffle_xor butterfly.
+  - more than 32 lanes: 32-lane butterflies, then the warps combine through shared memory with one barrier
+    (tinygrad's own GROUP_REDUCE machinery, fed one value per warp).
+  - any other backend with local memory: tinygrad's shared-memory GROUP_REDUCE path for all lanes.
+Why: stock tinygrad splits a reduce only through GROUP/GROUPTOP, which always goes through shared memory, a barrier and
+one thread looping over the partials; hand-written matvec kernels combine a warp's lanes in registers.
+
+The lanes are a GROUP_REDUCE range with a reserved id that sorts before every other local dim, so they become the
+fastest thread index (threadIdx.x / lid.x) and consecutive lanes share a warp. The shuffle epilogue fires only where the
+kernel's local dims map one to one onto hardware dims (nothing merged or split) and the renderer has a shuffle;
+otherwise the lanes stay an ordinary GROUP_REDUCE and tinygrad's shared-memory path combines them, which is always legal.
+
+Hooks: Scheduler.apply_opt (the opt and its legality checks), BEAM's action list, and a codegen step right after
+tinygrad's "expander", where REDUCEs still name their ranges.
+"""
+from __future__ import annotations
+from enum import Enum
+from typing import Callable
+from tinygrad.uop.ops import UOp, Ops, AxisType, PatternMatcher, UPat, graph_rewrite
+from tinygrad.dtype import dtypes
+from tinygrad.helpers import prod, merge_dicts
+from tinygrad.codegen.opt import Opt, OptOps, KernelOptError, check
+from tinygrad.renderer import Renderer
+from tinygrad.codegen import maybe_load
+from tinygrad.renderer.cstyle import CUDARenderer, HIPRenderer, MetalRenderer
+from tinygrad_ext import Pass, CodegenStep, SchedulerOpt, MatcherRules, register
+
+class OptOpsExt(Enum):
+  REDUCE_LOCAL = 1001
+  def __lt__(self, x): return self.value < x.value  # Opts sort by op, and tinygrad's OptOps compare by value
+
+# range ids below every id tinygrad hands out (TC's warp range is -1; TC and REDUCE_LOCAL never share a kernel)
+LANE_ID, WARP_ID = -3, -2
+SHUFFLE_WIDTH = 32      # lanes combined in registers; wider reduces combine 32-lane warps through shared memory
+MAX_LOCAL_THREADS = 1024
+COMBINES = {Ops.ADD, Ops.MAX}
+ACC_DTYPES = {dtypes.float32, dtypes.float16, dtypes.bfloat16}
+LOCAL_AXES = (AxisType.WARP, AxisType.LOCAL, AxisType.GROUP_REDUCE)
+
+# *** the opt ***
+
+def apply_reduce_local(k, opt:Opt) -> tuple[UOp, UOp]:
+  check(k.ren.has_local and not k.dont_use_locals, "REDUCE_LOCAL needs local threads: the renderer has no local memory, or NOLOCALS")
+  check(not any(r.arg[0] in (LANE_ID, WARP_ID) for r in k.rngs), "one REDUCE_LOCAL per kernel")
+  check(not any(o.op is OptOps.TC for o in k.applied_opts), "REDUCE_LOCAL does not combine with tensor cores")
+  amount = opt.arg
+  check(isinstance(amount, int) and amount >= 2 and amount & (amount-1) == 0, f"REDUCE_LOCAL amount must be a power of two >= 2, not {amount}")
+  try: rng = k.rngs[k.axes_of(AxisType.REDUCE)[opt.axis]]
+  except (IndexError, TypeError): raise KernelOptError(f"REDUCE_LOCAL: no reduce axis {opt.axis}") from None
+  check(rng.src[0].divides(amount) is not None, f"REDUCE_LOCAL: {amount} does not divide the reduce axis of size {rng.src[0].render()}")
+  for red in [u for u in k.ast.backward_slice if u.op is Ops.REDUCE and rng in merge_dicts([r.ranges for r in u.src[1:]])]:
+    check(red.arg[0] in COMBINES, f"REDUCE_LOCAL combines ADD and MAX reduces, not {red.arg[0]}")
+    check(red.dtype in ACC_DTYPES, f"REDUCE_LOCAL needs a float32/float16/bfloat16 accumulator, not {red.dtype}")
+    check(not any(u.arg[-1] in (AxisType.REDUCE, AxisType.UNROLL, AxisType.GROUP_REDUCE) for u in red.ranges),
+          "REDUCE_LOCAL cannot split a reduce nested inside another reduce")
+  width = min(amount, SHUFFLE_WIDTH)
+  warps = amount // width
+  local_sizes = [k.full_shape[a] for a in k.axes_of(*LOCAL_AXES)]
+  check(all(isinstance(s, int) for s in local_sizes), "REDUCE_LOCAL needs static local sizes")
+  threads = prod(local_sizes) * amount
+  check(threads <= MAX_LOCAL_THREADS, f"REDUCE_LOCAL: {threads} threads exceed the local size limit {MAX_LOCAL_THREADS}")
+  if warps > 1:
+    smem = warps * prod(k.full_shape[a] for a in k.axes_of(AxisType.UPCAST, AxisType.LOCAL)) * k.reduceop.dtype.itemsize
+    check(smem <= k.ren.shared_max, f"REDUCE_LOCAL: combining {warps} warps needs {smem} bytes of shared memory, max {k.ren.shared_max}")
+  lane = UOp.range(width, LANE_ID, AxisType.GROUP_REDUCE, dtype=rng.dtype)
+  lanes = lane if warps == 1 else UOp.range(warps, WARP_ID, AxisType.GROUP_REDUCE, dtype=rng.dtype) * width + lane
+  return k.shift_to(rng, amount, AxisType.GROUP_REDUCE, top=False, input_new_rng=lanes)
+
+# *** the epilogue ***
+
+# The intrinsics are CUSTOM UOps (rendered as their own statement, so a collective never moves into the lane-0 store's
+# `if`); INTRINSICS are their spellings, which the pm_add_loads rule below recognizes.
+INTRINSICS = ("__shfl_xor_sync(", "__shfl_xor(", "simd_shuffle_xor(", "simd_sum(", "simd_max(")
+def intrinsic(fmt:str, x:UOp) -> UOp: return UOp(Ops.CUSTOM, x.dtype, (x,), fmt)
+
+def _xor_shuffle(fmt:str, via_float:bool) -> Callable[[UOp, int], UOp]:
+  def shuffle(v:UOp, offset:int) -> UOp:
+    if not via_float: return intrinsic(fmt.replace("OFFSET", str(offset)), v)
+    return intrinsic(fmt.replace("OFFSET", str(offset)), v.cast(dtypes.float32)).cast(v.dtype)
+  return shuffle
+
+def warp_epilogue(ren:Renderer, dtype) -> tuple[Callable[[UOp, int], UOp], dict]|None:
+  """(xor shuffle, {reduce op: whole-warp intrinsic}) for renderers with register shuffles, else None."""
+  if isinstance(ren, MetalRenderer):
+    # Metal's simd functions take float and half; bfloat goes through float, which holds it exactly
+    via_float = dtype not in (dtypes.float32, dtypes.float16)
+    whole = {} if via_float else {Ops.ADD: "simd_sum({0})", Ops.MAX: "simd_max({0})"}
+    return _xor_shuffle("simd_shuffle_xor({0}, (ushort)OFFSET)", via_float), whole
+  if isinstance(ren, HIPRenderer): return _xor_shuffle("__shfl_xor({0}, OFFSET)", dtype != dtypes.float32), {}
+  if isinstance(ren, CUDARenderer): return _xor_shuffle("__shfl_xor_sync(0xffffffffu, {0}, OFFSET)", dtype != dtypes.float32), {}
+  return None
+
+def _elementwise(v:UOp, f:Callable[[UOp], UOp]) -> UOp:
+  # after the expander an UPCAST value is a shaped vector: intrinsics work on scalars
+  if v.shape == (): return f(v)
+  return UOp.stack(*[f(v.index(i)) for i in range(v.shape[0])]) if len(v.shape) == 1 else \
+         UOp.stack(*[_elementwise(v.index(i), f) for i in range(v.shape[0])])
+
+def lanes_map_to_hardware(sink:UOp, ren:Renderer) -> bool:
+  """True when the local dims will not be merged or split by tinygrad's gpudims, so the lane range is the fastest dim."""
+  dims = sorted([(r.arg[0:-1], r.vmax+1) for r in sink.toposort() if r.op is Ops.RANGE and r.arg[-1] in LOCAL_AXES])
+  if not dims or dims[0][0][0] != LANE_ID or ren.local_max is None: return False
+  return len(dims) <= len(ren.local_max) and all(isinstance(s, int) and s <= m for (_, s), m in zip(dims, ren.local_max))
+
+def combine_lanes(ctx:tuple[Callable, dict], r:UOp) -> UOp|None:
+  lanes = [x for x in r.src[1:] if x.op is Ops.RANGE and x.arg[0] == LANE_ID]
+  if not lanes: return None
+  shuffle, whole_warp = ctx
+  warps = tuple(x for x in r.src[1:] if x.op is Ops.RANGE and x.arg[0] == WARP_ID)
+  rest = tuple(x for x in r.src[1:] if x not in lanes and x not in warps)
+  v = r.src[0] if not rest and r.arg[1] == 0 else r.replace(src=(r.src[0],)+rest)
+  op, width = r.arg[0], lanes[0].vmax+1
+  if width == SHUFFLE_WIDTH and op in whole_warp:
+    v = _elementwise(v, lambda x: intrinsic(whole_warp[op], x))
+  else:
+    offset = width // 2
+    while offset:
+      v = v.alu(op, _elementwise(v, lambda x, o=offset: shuffle(x, o)))
+      offset //= 2
+  return UOp(Ops.REDUCE, r.dtype, (v,)+warps, (op, 0)) if warps else v
+
+def reduce_local_epilogue(sink:UOp, ren:Renderer) -> UOp:
+  reduces = [u for u in sink.toposort() if u.op is Ops.REDUCE and any(x.op is Ops.RANGE and x.arg[0] == LANE_ID for x in u.src[1:])]
+  if not reduces or not lanes_map_to_hardware(sink, ren): return sink
+  if (epilogue:=warp_epilogue(ren, reduces[0].dtype)) is None: return sink
+  return graph_rewrite(sink, PatternMatcher([(UPat(Ops.REDUCE, name="r"), combine_lanes)]), ctx=epilogue, name="reduce_local: warp epilogue")
+
+def _is_intrinsic(x:UOp) -> bool: return isinstance(x.arg, str) and x.arg.startswith(INTRINSICS)
+def _scalar_operand(u:UOp) -> UOp:
+  # tinygrad loads an accumulator for ALU consumers only, and a one-element register accumulator has shape (1,):
+  # a shuffle must read the value, as a scalar
+  u = maybe_load(u)
+  return u.reshape(()) if u._shape not in ((), None) and prod(u.shape) == 1 else u
+pm_load_intrinsic_operands = PatternMatcher([
+  (UPat(Ops.CUSTOM, name="x"), lambda x: x.replace(src=srcs) if _is_intrinsic(x) and (srcs:=tuple(map(_scalar_operand, x.src))) != x.src else None),
+])
+
+BEAM_ACTIONS = tuple(Opt(OptOpsExt.REDUCE_LOCAL, axis, amt) for amt in (4, 8, 16, 32, 64, 128, 256) for axis in range(3))
+
+REDUCE_LOCAL = register(Pass("reduce_local", "splits a reduce over warp lanes (lane innermost) and combines them with register shuffles",
+  (SchedulerOpt(OptOpsExt.REDUCE_LOCAL, apply_reduce_local, BEAM_ACTIONS), CodegenStep("expander", reduce_local_epilogue),
+   MatcherRules("pm_add_loads", pm_load_intrinsic_operands))))

@@ -1,0 +1,130 @@
+"""REDUCE_LOCAL: forced at random legal amounts it computes what the unoptimized kernel computes; illegal requests are
+refused with KernelOptError; CUDA and Metal source carry the warp epilogue."""
+import re, shutil
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st, HealthCheck
+from tinygrad import Tensor, dtypes, Device
+from tinygrad.helpers import Context
+from tinygrad.codegen.opt import Opt, OptOps, KernelOptError
+import tinygrad_ext
+from passes.reduce_local import OptOpsExt
+from kernels import kernel_asts, with_opts, render, realize_with_opts, cuda_renderer, metal_renderer
+
+def REDUCE_LOCAL(axis, amount): return Opt(OptOpsExt.REDUCE_LOCAL, axis, amount)
+
+def reference(make):
+  with Context(NOOPT=1): return make().numpy()
+
+@st.composite
+def reduce_kernels(draw):
+  """(make, make_reference, reduce size, dtype): a sum, max or matvec whose first reduce axis has the given size."""
+  dtype = draw(st.sampled_from([dtypes.float32, dtypes.float16]))
+  # PoCL has no cl_khr_fp16, and tinygrad 0.14's emulated-half MAX accumulator fails to compile in a loop even with
+  # stock opts (GROUP, or NOOPT): half max is checked on CUDA instead
+  kind = draw(st.sampled_from(["sum", "max", "matvec", "sum2axes"] if dtype == dtypes.float32 else ["sum", "matvec", "sum2axes"]))
+  rows = draw(st.integers(1, 6))
+  red = draw(st.sampled_from([2, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256]))
+  rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+  if kind == "matvec":
+    w, x = rng.standard_normal((rows, red)), rng.standard_normal(red)
+    W, X = Tensor(w, dtype=dtype).realize(), Tensor(x, dtype=dtype).realize()
+    return (lambda: (W @ X).float()), (lambda: (W @ X).float()), red, dtype
+  if kind == "sum2axes":
+    a = Tensor(rng.standard_normal((red, rows, 3)), dtype=dtype).realize()
+    return (lambda: a.sum(axis=(0, 2)).float()), (lambda: a.sum(axis=(0, 2)).float()), red, dtype
+  a = Tensor(rng.standard_normal((rows, red)), dtype=dtype).realize()
+  return (lambda: getattr(a, kind)(axis=1).float()), (lambda: getattr(a, kind)(axis=1).float()), red, dtype
+
+def amounts_for(draw, red): return draw(st.sampled_from([a for a in (2, 4, 8, 16, 32, 64, 128, 256) if red % a == 0]))
+
+def check_against_noopt(data, device):
+  make, make_reference, red, dtype = data.draw(reduce_kernels())
+  amount = amounts_for(data.draw, red)
+  upcast = data.draw(st.sampled_from([(), (Opt(OptOps.UPCAST, 0, 2),)]))
+  ref = reference(make_reference)
+  try: got = realize_with_opts(make, REDUCE_LOCAL(0, amount), *upcast)
+  except KernelOptError as e:
+    # the only legal refusal here: the upcast does not divide the output axis
+    assert upcast and "divide" in str(e), e
+    return
+  tol = 2e-3 if dtype == dtypes.float16 else 1e-5
+  np.testing.assert_allclose(got, ref, rtol=tol, atol=tol)
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_reduce_local_equals_noopt_on_cl(data):
+  with Context(DEV="CL"): check_against_noopt(data, "CL")
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_reduce_local_equals_noopt_on_python_emulator(data):
+  with Context(DEV="PYTHON"): check_against_noopt(data, "PYTHON")
+
+a16 = Tensor.rand(8, 64).realize()
+def matvec_ast(rows=8, red=64, dtype=dtypes.float32):
+  W, x = Tensor.rand(rows, red).cast(dtype).realize(), Tensor.rand(red).cast(dtype).realize()
+  return kernel_asts(lambda: W @ x)[0]
+
+@pytest.mark.parametrize("opt, reason", [
+  (REDUCE_LOCAL(0, 48), "power of two"),
+  (REDUCE_LOCAL(0, 128), "does not divide"),
+  (REDUCE_LOCAL(1, 16), "no reduce axis"),
+  (REDUCE_LOCAL(0, 1), "power of two"),
+])
+def test_reduce_local_refuses_illegal_amounts(opt, reason):
+  with pytest.raises(KernelOptError, match=reason): render(with_opts(matvec_ast(), opt), Device["CL"].renderer)
+
+def test_reduce_local_refuses_what_it_cannot_combine():
+  ren = Device["CL"].renderer
+  a, i = Tensor.rand(4, 64).realize(), Tensor.randint(4, 64, high=10).realize()
+  with pytest.raises(KernelOptError, match="ADD and MAX"): render(with_opts(kernel_asts(lambda: a.prod(axis=1))[0], REDUCE_LOCAL(0, 16)), ren)
+  with pytest.raises(KernelOptError, match="accumulator"): render(with_opts(kernel_asts(lambda: i.sum(axis=1))[0], REDUCE_LOCAL(0, 16)), ren)
+  with pytest.raises(KernelOptError, match="threads"):
+    render(with_opts(matvec_ast(4, 4096), Opt(OptOps.LOCAL, 0, 4), REDUCE_LOCAL(0, 512)), ren)
+  with pytest.raises(KernelOptError, match="one REDUCE_LOCAL"):
+    render(with_opts(matvec_ast(4, 4096), REDUCE_LOCAL(0, 16), REDUCE_LOCAL(0, 16)), ren)
+  from tinygrad.renderer.cstyle import ClangRenderer
+  with pytest.raises(KernelOptError, match="local"): render(with_opts(matvec_ast(), REDUCE_LOCAL(0, 16)), Device["CPU"].renderer)
+  with tinygrad_ext.passes_off(), pytest.raises(KernelOptError, match="reduce_local pass, which is off"):
+    render(with_opts(matvec_ast(), REDUCE_LOCAL(0, 16)), ren)
+
+def shuffle_offsets(src): return [int(o) for o in re.findall(r"__shfl_xor_sync\(0xffffffffu, \w+, (\d+)\)", src)]
+
+@pytest.mark.parametrize("dtype", [dtypes.float32, dtypes.float16])
+def test_reduce_local_cuda_source_has_the_shuffle_butterfly_and_compiles(dtype):
+  src = render(with_opts(matvec_ast(8, 256, dtype), REDUCE_LOCAL(0, 32), Opt(OptOps.UPCAST, 0, 2)), cuda_renderer())
+  assert sorted(set(shuffle_offsets(src)), reverse=True) == [16, 8, 4, 2, 1] and len(shuffle_offsets(src)) == 10, src
+  assert "__shared__" not in src and "__syncthreads" not in src, "32 lanes combine in registers"
+  # the collective runs in every lane: only the store is gated
+  assert src.index("__shfl_xor_sync") < src.index("if (") and "__shfl" not in src[src.index("if ("):]
+  if shutil.which("nvcc") is None: pytest.fail("nvcc is needed to compile the rendered CUDA")
+  assert len(cuda_renderer().compiler.compile(src)) > 0
+
+def test_reduce_local_cuda_wider_than_a_warp_combines_warps_through_shared_memory():
+  src = render(with_opts(matvec_ast(8, 1024), REDUCE_LOCAL(0, 128)), cuda_renderer())
+  assert sorted(set(shuffle_offsets(src)), reverse=True) == [16, 8, 4, 2, 1]
+  assert src.count("__syncthreads();") == 1 and "__shared__" in src and "threadIdx.x; /* 32 */" in src
+
+def test_reduce_local_metal_source_uses_simd_sum_or_shuffles():
+  src = render(with_opts(matvec_ast(8, 256, dtypes.float16), REDUCE_LOCAL(0, 32)), metal_renderer())
+  assert "simd_sum(" in src and "threadgroup_barrier" not in src
+  src = render(with_opts(matvec_ast(8, 256), REDUCE_LOCAL(0, 8)), metal_renderer())
+  assert src.count("simd_shuffle_xor(") == 3 and "simd_sum" not in src
+  a = Tensor.rand(4, 64).realize()
+  assert "simd_max(" in render(with_opts(kernel_asts(lambda: a.max(axis=1))[0], REDUCE_LOCAL(0, 32)), metal_renderer())
+
+def test_reduce_local_lanes_are_innermost_for_coalescing():
+  # lane l of a row reads element l + amount*k: threadIdx.x is added unscaled to the weight index
+  src = render(with_opts(matvec_ast(8, 256), REDUCE_LOCAL(0, 32)), cuda_renderer())
+  assert re.search(r"\(lidx0\+\(Ridx0<<5\)\)", src), src
+
+def test_beam_can_choose_reduce_local():
+  from tinygrad.codegen.opt.search import actions, get_kernel_actions
+  from tinygrad.codegen.opt.postrange import Scheduler
+  assert any(a.op is OptOpsExt.REDUCE_LOCAL for a in actions)
+  k = Scheduler(matvec_ast(8, 256), Device["CL"].renderer)
+  k.convert_loop_to_global()
+  assert any(o.op is OptOpsExt.REDUCE_LOCAL for s in get_kernel_actions(k).values() for o in s.applied_opts)
+  with tinygrad_ext.passes_off():
+    assert not any(o.op is OptOpsExt.REDUCE_LOCAL for s in get_kernel_actions(k).values() for o in s.applied_opts)
