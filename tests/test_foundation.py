@@ -71,7 +71,7 @@ def test_beam_disk_cache_and_schedule_cache_are_per_pass_set(double_to_add):
 def test_only_and_disable_env_select_single_passes(double_to_add):
   assert tinygrad_ext.is_active("test_double_to_add")
   with Context(TINYGRAD_EXT_DISABLE="test_double_to_add"):
-    assert not tinygrad_ext.is_active("test_double_to_add") and tinygrad_ext.cache_id() == ""
+    assert not tinygrad_ext.is_active("test_double_to_add") and "test_double_to_add" not in tinygrad_ext.cache_id()
     assert "*2" in kernel_sources(KERNELS["elementwise"])[0].replace(" ", "")
   with tinygrad_ext.only("test_double_to_add"): assert tinygrad_ext.active_passes() == ("test_double_to_add",)
   with tinygrad_ext.only(): assert tinygrad_ext.active_passes() == ()
