@@ -120,3 +120,24 @@ def test_cli_reports_passes_hooks_and_device(double_to_add):
   assert "tinygrad.codegen.to_program_key" in r.stdout
   from tinygrad_ext.__main__ import report
   assert "test_double_to_add" in report() and "after step 'final rewrite'" in report()
+
+def test_opt_heuristic_picks_opts_before_tinygrads_and_can_decline():
+  from tinygrad.codegen.opt import Opt, OptOps
+  from kernels import program
+  seen = []
+  def choose(k):
+    seen.append(k.ast)
+    if k.reduceop is None: return None  # declines: tinygrad's heuristic runs
+    k.apply_opt(Opt(OptOps.UNROLL, 0, 4))
+    return k
+  tinygrad_ext.register(tinygrad_ext.Pass("test_unroll4", "test only", (tinygrad_ext.OptHeuristic(choose),)))
+  try:
+    ast = kernel_asts(KERNELS["reduce"])[0]
+    assert program(ast).src[0].arg.applied_opts == (Opt(OptOps.UNROLL, 0, 4),)
+    with tinygrad_ext.passes_off(): assert Opt(OptOps.UNROLL, 0, 4) not in program(ast).src[0].arg.applied_opts
+    with Context(NOOPT=1): assert program(ast).src[0].arg.applied_opts == ()
+    ew = kernel_asts(KERNELS["elementwise"])[0]
+    with tinygrad_ext.passes_off(): plain = program(ew).src[2].arg
+    n = len(seen)
+    assert program(ew).src[2].arg == plain and len(seen) == n + 1
+  finally: tinygrad_ext.unregister("test_unroll4")

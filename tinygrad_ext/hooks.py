@@ -4,6 +4,7 @@ by uninstall(); while no pass is active each hook calls straight through, so pro
 Hook points (tinygrad 0.14.0):
   tinygrad.codegen.graph_rewrite            CodegenStep passes run after the named step of full_rewrite_to_sink
   tinygrad.codegen.full_rewrite_to_sink     records the renderer of the kernel being compiled, for CodegenStep passes
+  tinygrad.codegen.apply_opts                OptHeuristic passes pick a kernel's opts before tinygrad's heuristic
   tinygrad.codegen.opt.postrange.Scheduler.apply_opt   SchedulerOpt passes apply their own opts (refused while off)
   tinygrad.codegen.opt.search.actions       BEAM can choose those opts (a list: extended, then shrunk back)
   tinygrad.codegen.<PatternMatcher>          MatcherRules passes append rules to a codegen matcher (e.g. pm_add_loads)
@@ -24,9 +25,11 @@ import tinygrad.codegen.opt.search as search
 import tinygrad.schedule as schedule
 from tinygrad.codegen.opt import KernelOptError
 from tinygrad.codegen.opt.postrange import Scheduler
+from tinygrad.uop.ops import Ops
+from tinygrad.helpers import NOOPT
 from tinygrad.uop.ops import UOp
 from tinygrad.renderer import Renderer
-from tinygrad_ext.registry import PASSES, CodegenStep, SchedulerOpt, MatcherRules, on_change
+from tinygrad_ext.registry import PASSES, CodegenStep, SchedulerOpt, OptHeuristic, MatcherRules, on_change
 from tinygrad_ext.config import SWITCHES, is_active, cache_id
 
 # captured at import, before install() replaces it: a spawned compile worker imports this module fresh
@@ -73,6 +76,21 @@ def _apply_opt(self:Scheduler, opt, append_opt:bool=True):
   ret = ext.apply(self, opt)
   if append_opt: self.applied_opts.append(opt)
   return ret
+
+def _heuristic_may_choose(ast:UOp, beam:int) -> bool:
+  # exactly where tinygrad's own apply_opts would run hand_coded_optimizations
+  return ast.tag is None and beam < 1 and not NOOPT and (ast.arg is None or (ast.arg.opts_to_apply is None and ast.arg.applied_opts == ())) \
+    and not any(u.op is Ops.STAGE for u in ast.backward_slice)
+
+def _apply_opts(ast:UOp, ren:Renderer, beam:int=0) -> UOp:
+  if _heuristic_may_choose(ast, beam):
+    for h in [h for p in PASSES.values() if is_active(p.name) for h in p.hooks if isinstance(h, OptHeuristic)]:
+      k = Scheduler(ast, ren)
+      k.convert_loop_to_global()
+      try: chosen = h.choose(k)
+      except KernelOptError: chosen = None
+      if chosen is not None: return chosen.get_optimized_ast(name_override=ast.arg.name if ast.arg is not None and ast.arg.name != "test" else None)
+  return _originals[(codegen, "apply_opts")](ast, ren, beam)
 
 _beam_actions: list = []
 def _sync_registered() -> None:
@@ -125,6 +143,7 @@ def install() -> None:
   _replace(search, "diskcache_put", _diskcache_put)
   _replace(schedule, "schedule_cache", PassKeyedCache())
   _replace(Scheduler, "apply_opt", _apply_opt)
+  _replace(codegen, "apply_opts", _apply_opts)
   _sync_registered()
   on_change.append(_sync_registered)
 

@@ -25,6 +25,14 @@ class SchedulerOpt:
     return f"tinygrad.codegen.opt.postrange.Scheduler.apply_opt: Opt({self.op}); tinygrad.codegen.opt.search.actions: +{len(self.beam_actions)}"
 
 @dataclass(frozen=True)
+class OptHeuristic:
+  """Picks the opts of a kernel before tinygrad's hand_coded_optimizations: `choose(scheduler)` applies opts and returns
+  the scheduler, or returns None (or raises KernelOptError) to leave the kernel to tinygrad. Not consulted under BEAM,
+  NOOPT, or for kernels whose opts are given."""
+  choose: Callable[..., object]
+  def where(self) -> str: return "tinygrad.codegen.apply_opts: before hand_coded_optimizations"
+
+@dataclass(frozen=True)
 class MatcherRules:
   """Rules appended to one of tinygrad's codegen PatternMatchers, `tinygrad.codegen.<attr>` (looked up by
   full_rewrite_to_sink at every call). They must match only UOps their own pass creates, so they are inert while it is off."""
@@ -32,7 +40,7 @@ class MatcherRules:
   matcher: object
   def where(self) -> str: return f"tinygrad.codegen.{self.attr}: +{len(self.matcher.patterns)} rule(s)"
 
-Hook = Union[CodegenStep, SchedulerOpt, MatcherRules]
+Hook = Union[CodegenStep, SchedulerOpt, OptHeuristic, MatcherRules]
 
 @dataclass(frozen=True)
 class Pass:
