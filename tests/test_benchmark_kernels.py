@@ -1,0 +1,70 @@
+"""benchmarks/kernels.py: its Q4_0 data and reference agree with gguf, and its --small mode runs every row on the CPU."""
+import importlib.util, json, os, pathlib, subprocess, sys
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize, quantize
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "kernels.py"
+# loaded by path: tests/kernels.py already owns the module name `kernels`
+_spec = importlib.util.spec_from_file_location("benchmark_kernels", SCRIPT)
+bk = sys.modules["benchmark_kernels"] = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bk)
+
+def test_random_q4_0_and_numpy_dequant_agree_with_gguf():
+  raw = bk.random_q4_0(256 * 64, np.random.default_rng(1), scale=0.1)
+  assert raw.dtype == np.uint8 and raw.size == 256 * 64 // 32 * 18
+  d = raw.reshape(-1, 18)[:, :2].copy().view(np.float16).astype(np.float64)
+  assert np.isfinite(d).all() and (np.abs(d) >= 0.05 * (1 - 1e-3)).all() and (np.abs(d) <= 0.1 * (1 + 1e-3)).all()
+  assert (d < 0).any() and (d > 0).any()
+  ours, ref = bk.dequant_q4_0(raw), dequantize(raw, GGMLQuantizationType.Q4_0).reshape(-1)
+  np.testing.assert_array_equal(ours.astype(np.float32), ref)  # Q4_0 values are exact in float32
+  assert len(np.unique(raw.reshape(-1, 18)[:, 2:] & 0xF)) == 16 and len(np.unique(raw.reshape(-1, 18)[:, 2:] >> 4)) == 16
+
+def test_numpy_dequant_agrees_with_gguf_on_quantized_data():
+  w = np.random.default_rng(2).standard_normal((8, 128)).astype(np.float32)
+  raw = quantize(w, GGMLQuantizationType.Q4_0).reshape(-1)
+  np.testing.assert_array_equal(bk.dequant_q4_0(raw).astype(np.float32), dequantize(raw, GGMLQuantizationType.Q4_0).reshape(-1))
+
+def test_reference_matvec_is_x_times_w_transposed():
+  rng = np.random.default_rng(3)
+  raw, x = bk.random_q4_0(40 * 96, rng), rng.uniform(-1, 1, (1, 96)).astype(np.float16)
+  w = dequantize(raw, GGMLQuantizationType.Q4_0).reshape(40, 96).astype(np.float64)
+  np.testing.assert_allclose(bk.ref_matvec(raw, 40, 96, x, chunk=7), (x.astype(np.float64) @ w.T).reshape(-1), rtol=1e-12, atol=1e-12)
+
+@pytest.mark.parametrize("row", [bk.ROWS[0], bk.ROWS[-1]], ids=lambda r: r.name)
+def test_rotation_reads_enough_distinct_bytes(row):
+  plan = bk.rotation(row, row.q4_bytes, rotate_bytes=256_000_000, call_bytes=1_024_000_000)
+  assert len(set(plan)) * row.q4_bytes >= 256_000_000
+  assert len(plan) * row.q4_bytes >= 1_024_000_000 or len(plan) >= 1024
+  if row.experts: assert all(0 <= g < row.experts // row.k for _, g in plan)
+  else: assert all(g == 0 for _, g in plan)
+
+def test_select_rows():
+  assert [r.name for r in bk.select_rows("moe_down,attn_q_a", small=False)] == ["moe_down", "attn_q_a"]
+  assert all(r.target_us is None and r.inp % 32 == 0 for r in bk.select_rows("", small=True))
+  with pytest.raises(SystemExit): bk.select_rows("nope", small=True)
+
+def test_small_run_on_cpu(tmp_path):
+  out = tmp_path / "kernels.json"
+  env = {**os.environ, "DEV": "CPU"}
+  proc = subprocess.run([sys.executable, str(SCRIPT), "--small", "--json", str(out)], capture_output=True, text=True, timeout=240,
+                        env=env, cwd=ROOT)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  res = json.loads(out.read_text())
+  assert res["dev"] == "CPU" and res["small"] and res["tinygrad"] == "0.14.0" and res["ceiling"]["gbs"] > 0
+  assert isinstance(res["active_passes"], list) and res["tinygrad_ext"]
+  assert [r["name"] for r in res["rows"]] == [r.name for r in bk.ROWS]
+  for r in res["rows"]:
+    assert r["launches"] >= 2 and r["rotation_mb"] * 1e6 >= 0.25e6 and r["torch_us"] is None and r["met"] is None
+    moe = r["name"].startswith("moe")
+    assert r["q4_bytes"] == (4 if moe else 1) * r["out"] * r["in"] // 32 * 18
+    for s in ("off", "on"):
+      t = r[s]
+      assert t["us"] > 0 and t["gbs"] > 0 and t["frac"] > 0 and t["calls"] >= 2
+      assert t["numerics_ok"] and 0 <= t["rel_err"] <= bk.TOL, (r["name"], s, t["rel_err"])
+      assert t["kernels_per_matvec"] == 1, "the Q4_0 dequant should fuse into the matmul"
+      assert t["gbs"] == pytest.approx(r["q4_bytes"] / t["us"] / 1e3)
+    assert r["speedup"] == pytest.approx(r["off"]["us"] / r["on"]["us"])
+    assert r["desc"] in proc.stdout
