@@ -7,14 +7,15 @@ lanes read adjacent addresses. The lanes then combine:
     simd_shuffle_xor butterfly.
   - more than 32 lanes: 32-lane butterflies, then the warps combine through shared memory with one barrier
     (tinygrad's own GROUP_REDUCE machinery, fed one value per warp).
-  - any other backend with local memory: tinygrad's shared-memory GROUP_REDUCE path for all lanes.
+  - any other backend with local memory: the same butterfly through shared memory (a tree: log2(lanes) steps, each a
+    store, a barrier and a load of lane^offset's value).
 Why: stock tinygrad splits a reduce only through GROUP/GROUPTOP, which always goes through shared memory, a barrier and
 one thread looping over the partials; hand-written matvec kernels combine a warp's lanes in registers.
 
 The lanes are a GROUP_REDUCE range with a reserved id that sorts before every other local dim, so they become the
 fastest thread index (threadIdx.x / lid.x) and consecutive lanes share a warp. The shuffle epilogue fires only where the
 kernel's local dims map one to one onto hardware dims (nothing merged or split) and the renderer has a shuffle;
-otherwise the lanes stay an ordinary GROUP_REDUCE and tinygrad's shared-memory path combines them, which is always legal.
+otherwise the butterfly goes through shared memory, which is indexed by range and so legal for any thread mapping.
 
 Hooks: Scheduler.apply_opt (the opt and its legality checks), BEAM's action list, and a codegen step right after
 tinygrad's "expander", where REDUCEs still name their ranges.
@@ -23,7 +24,8 @@ from __future__ import annotations
 from enum import Enum
 from typing import Callable
 from tinygrad.uop.ops import UOp, Ops, AxisType, PatternMatcher, UPat, graph_rewrite
-from tinygrad.dtype import dtypes
+from tinygrad.dtype import dtypes, AddrSpace
+from tinygrad.schedule.indexing import BufferizeOpts
 from tinygrad.helpers import prod, merge_dicts
 from tinygrad.codegen.opt import Opt, OptOps, KernelOptError, check
 from tinygrad.renderer import Renderer
@@ -102,34 +104,48 @@ def _elementwise(v:UOp, f:Callable[[UOp], UOp]) -> UOp:
   return UOp.stack(*[f(v.index(i)) for i in range(v.shape[0])]) if len(v.shape) == 1 else \
          UOp.stack(*[_elementwise(v.index(i), f) for i in range(v.shape[0])])
 
+def smem_shuffle(lane:UOp, others:tuple[UOp, ...]) -> Callable[[UOp, int], UOp]:
+  """An xor shuffle through local memory: every lane stores its value, then reads lane^offset's. Each step gets its own
+  buffer (tinygrad's STAGE/bufferize, as its GROUP_REDUCE uses), so tinygrad's implicit barriers order store and load
+  and no step overwrites a value another lane has yet to read."""
+  def shuffle(v:UOp, offset:int) -> UOp:
+    return v.bufferize(*others, lane, arg=BufferizeOpts(LANE_ID, AddrSpace.LOCAL)).index(*others, lane ^ offset)
+  return shuffle
+
 def lanes_map_to_hardware(sink:UOp, ren:Renderer) -> bool:
   """True when the local dims will not be merged or split by tinygrad's gpudims, so the lane range is the fastest dim."""
   dims = sorted([(r.arg[0:-1], r.vmax+1) for r in sink.toposort() if r.op is Ops.RANGE and r.arg[-1] in LOCAL_AXES])
   if not dims or dims[0][0][0] != LANE_ID or ren.local_max is None: return False
   return len(dims) <= len(ren.local_max) and all(isinstance(s, int) and s <= m for (_, s), m in zip(dims, ren.local_max))
 
-def combine_lanes(ctx:tuple[Callable, dict], r:UOp) -> UOp|None:
+def combine_lanes(ctx:tuple[Callable, dict]|None, r:UOp) -> UOp|None:
   lanes = [x for x in r.src[1:] if x.op is Ops.RANGE and x.arg[0] == LANE_ID]
   if not lanes: return None
-  shuffle, whole_warp = ctx
   warps = tuple(x for x in r.src[1:] if x.op is Ops.RANGE and x.arg[0] == WARP_ID)
   rest = tuple(x for x in r.src[1:] if x not in lanes and x not in warps)
   v = r.src[0] if not rest and r.arg[1] == 0 else r.replace(src=(r.src[0],)+rest)
+  if ctx is None:
+    # no register shuffles: a butterfly through local memory, indexed by the other local dims too; a whole (upcast)
+    # vector goes through one buffer per step
+    others = tuple(sorted([u for u in v.toposort() if u.op is Ops.RANGE and u.arg[-1] in LOCAL_AXES and u is not lanes[0]], key=lambda u: u.arg))
+    shuffle, whole_warp, per_element = smem_shuffle(lanes[0], warps + tuple(u for u in others if u not in warps)), {}, False
+  else: (shuffle, whole_warp), per_element = ctx, True
   op, width = r.arg[0], lanes[0].vmax+1
   if width == SHUFFLE_WIDTH and op in whole_warp:
     v = _elementwise(v, lambda x: intrinsic(whole_warp[op], x))
   else:
     offset = width // 2
     while offset:
-      v = v.alu(op, _elementwise(v, lambda x, o=offset: shuffle(x, o)))
+      v = v.alu(op, _elementwise(v, lambda x, o=offset: shuffle(x, o)) if per_element else shuffle(v, offset))
       offset //= 2
   return UOp(Ops.REDUCE, r.dtype, (v,)+warps, (op, 0)) if warps else v
 
 def reduce_local_epilogue(sink:UOp, ren:Renderer) -> UOp:
   reduces = [u for u in sink.toposort() if u.op is Ops.REDUCE and any(x.op is Ops.RANGE and x.arg[0] == LANE_ID for x in u.src[1:])]
-  if not reduces or not lanes_map_to_hardware(sink, ren): return sink
-  if (epilogue:=warp_epilogue(ren, reduces[0].dtype)) is None: return sink
-  return graph_rewrite(sink, PatternMatcher([(UPat(Ops.REDUCE, name="r"), combine_lanes)]), ctx=epilogue, name="reduce_local: warp epilogue")
+  if not reduces: return sink
+  # register shuffles need the lanes to be consecutive hardware threads; local memory works whatever the mapping
+  epilogue = warp_epilogue(ren, reduces[0].dtype) if lanes_map_to_hardware(sink, ren) else None
+  return graph_rewrite(sink, PatternMatcher([(UPat(Ops.REDUCE, name="r"), combine_lanes)]), ctx=epilogue, name="reduce_local: lane epilogue")
 
 def _is_intrinsic(x:UOp) -> bool: return isinstance(x.arg, str) and x.arg.startswith(INTRINSICS)
 def _scalar_operand(u:UOp) -> UOp:
