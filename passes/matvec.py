@@ -1,0 +1,96 @@
+"""matvec: opts for decode matvecs whose weight is a GGML dequant chain (or a plain fp16/bf16/fp32 matrix).
+
+Stock tinygrad's matvec heuristic fires only on MUL(INDEX, INDEX); a fused dequant on the weight side defeats it, so a
+Q4_0 GEMV gets GROUPTOP(16) through shared memory and a MoE expert matmul no reduce split at all (18-1150 us on an H200
+where hand-written kernels take 6-11 us). This heuristic recognizes, with a PatternMatcher,
+  REDUCE(ADD, MUL(weight, activation)) (casts allowed around the MUL and the activation),
+where the weight side reads GGUF bytes (a uint8 buffer) or is itself a float matrix and the activation is read by no
+output axis but the batch of experts (a GEMV, or MoE mul_mat_id with the expert id inside the weight address). It then
+  - unrolls the reduce axes inside a quant block (a fused dequant splits the reduce into block, and element within the
+    block: Q4_0 is 32 = 2 nibble halves x 16 bytes), so each lane reads a whole block;
+  - spreads the blocks over REDUCE_LOCAL lanes (adjacent lanes read adjacent blocks);
+  - puts several rows in a thread block (LOCAL), and two rows per lane (UPCAST) on large matrices.
+Kernels it does not recognize, or where an opt is illegal, are left to tinygrad's heuristic. The choices per backend are
+POLICIES below; DESIGN.md has the measurements behind them.
+
+Hook: an OptHeuristic (tinygrad.codegen.apply_opts, before hand_coded_optimizations).
+"""
+from __future__ import annotations
+from dataclasses import dataclass
+from tinygrad.uop.ops import UOp, Ops, AxisType, PatternMatcher, UPat
+from tinygrad.dtype import dtypes
+from tinygrad.helpers import prod
+from tinygrad.codegen.opt import Opt, OptOps
+from tinygrad_ext import Pass, OptHeuristic, register
+from passes.reduce_local import OptOpsExt
+
+@dataclass(frozen=True)
+class MatvecPolicy:
+  lanes: int              # REDUCE_LOCAL amount: the largest power of two up to this that divides the blocks
+  rows_per_block: int     # LOCAL on the output axis
+  upcast_rows: int        # UPCAST on the output axis (rows per lane) for matrices of at least upcast_min_elements
+  upcast_min_elements: int
+  float_unroll: int       # elements per lane per step for plain float weights (8 halves = one 16-byte load)
+
+POLICIES = {
+  # H200 (benchmarks/results/h200-2026-11-22-q4-reduce-local-variants.txt): 32 lanes and 4 rows per block were best or
+  # within 3% on every GLM row; 2 rows per lane won from 6.3M elements (shexp gate+up 6.1 -> 5.4 us, ffn up 16.2 -> 11.8,
+  # output head 214 -> 139, MoE gate+up 21.2 -> 15.9) and lost below 4M (attn_q_b 4.3 -> 5.0, shexp down 4.4 -> 5.0)
+  "CUDA": MatvecPolicy(lanes=32, rows_per_block=4, upcast_rows=2, upcast_min_elements=5 << 20, float_unroll=8),
+  # a simdgroup is 32 wide; not measured (no Apple hardware here), so no row upcast until it is
+  "METAL": MatvecPolicy(lanes=32, rows_per_block=4, upcast_rows=1, upcast_min_elements=0, float_unroll=8),
+  "generic": MatvecPolicy(lanes=16, rows_per_block=4, upcast_rows=1, upcast_min_elements=0, float_unroll=4),
+}
+def policy_for(device:str) -> MatvecPolicy: return POLICIES.get(device.split(":")[0], POLICIES["generic"])
+
+@dataclass(frozen=True)
+class Matvec:
+  quantized: bool  # the weight side reads GGUF bytes
+  weight: UOp
+  activation: UOp
+
+def _reads(u:UOp, dtype) -> bool: return any(x.op is Ops.INDEX and x.src[0].op is Ops.PARAM and x.src[0].dtype == dtype for x in u.toposort())
+
+def classify(r:UOp, w:UOp, act:UOp) -> Matvec|None:
+  if r.arg[0] is not Ops.ADD or act.src[0].op is not Ops.PARAM or not dtypes.is_float(act.dtype): return None
+  # the activation reads fewer ranges than the weight (no output axis); this also orders two plain INDEX operands
+  if not set(act.ranges) < set(w.ranges): return None
+  if _reads(w, dtypes.uint8): return Matvec(True, w, act)
+  base = w.src[0] if w.op is Ops.CAST else w
+  if base.op is Ops.INDEX and base.src[0].op is Ops.PARAM and dtypes.is_float(base.dtype): return Matvec(False, w, act)
+  return None
+
+# REDUCE(ADD, MUL(weight, activation)), the MUL and the activation possibly cast
+pm_matvec = PatternMatcher([
+  (UPat(Ops.REDUCE, src=(UPat(Ops.MUL, src=[UPat(name="w"), UPat(Ops.INDEX, name="act").or_casted()]).or_casted(),),
+        allow_any_len=True, name="r"), classify),
+])
+
+def _pow2_divisor(n:int, most:int) -> int:
+  return next((a for a in (256, 128, 64, 32, 16, 8, 4, 2) if a <= most and n % a == 0), 1)
+
+def choose_matvec_opts(k):
+  if len(reds:=k.reduceops) != 1 or (m:=pm_matvec.rewrite(reds[0])) is None: return None
+  act_ranges, w_ranges = set(m.activation.ranges), set(m.weight.ranges)
+  outs = [i for i in k.axes_of(AxisType.GLOBAL) if k.rngs[i] in w_ranges]
+  # a GEMV: no output axis reads the activation (one token; with several, it is a GEMM and tinygrad's to choose)
+  if not outs or any(k.rngs[i] in act_ranges for i in k.axes_of(AxisType.GLOBAL)): return None
+  if any(not isinstance(s, int) for s in k.full_shape): return None
+  out = max(outs, key=lambda i: k.full_shape[i])
+  pol, red = policy_for(k.ren.target.device), k.axes_of(AxisType.REDUCE)
+  weight_elements, rows = prod(k.full_shape[i] for i in outs + red), k.full_shape[out]
+  if m.quantized:
+    # the reduce axes after the first are inside a quant block: unrolled, each lane reads whole blocks
+    if len(red) < 2: return None
+    for i in reversed(range(1, len(red))): k.apply_opt(Opt(OptOps.UNROLL, i, k.full_shape[red[i]]))
+  elif len(red) == 1 and k.full_shape[red[0]] % (pol.float_unroll * 2) == 0:
+    k.apply_opt(Opt(OptOps.UNROLL, 0, pol.float_unroll))
+  if (lanes:=_pow2_divisor(k.full_shape[k.axes_of(AxisType.REDUCE)[0]], pol.lanes)) < 4: return None
+  k.apply_opt(Opt(OptOpsExt.REDUCE_LOCAL, 0, lanes))
+  if pol.upcast_rows > 1 and weight_elements >= pol.upcast_min_elements and rows % (pol.upcast_rows * pol.rows_per_block) == 0:
+    k.apply_opt(Opt(OptOps.UPCAST, out, pol.upcast_rows))
+  if k.full_shape[out] % pol.rows_per_block == 0: k.apply_opt(Opt(OptOps.LOCAL, out, pol.rows_per_block))
+  return k
+
+MATVEC = register(Pass("matvec", "picks REDUCE_LOCAL/UNROLL/UPCAST/LOCAL for GEMV and MoE matvecs over GGML dequant chains",
+                       (OptHeuristic(choose_matvec_opts),)))

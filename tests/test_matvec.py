@@ -1,0 +1,96 @@
+"""matvec heuristic: recognizes GEMV / MoE matvecs over GGML dequant chains and plain float weights, picks REDUCE_LOCAL
+opts for them, leaves everything else to tinygrad; results equal passes off."""
+import os
+import numpy as np
+import pytest
+import gguf
+from hypothesis import given, settings, strategies as st, HealthCheck
+from tinygrad import Tensor, dtypes, Device
+from tinygrad.helpers import Context
+from tinygrad.llm.gguf import ggml_data_to_tensor
+import tinygrad.codegen as codegen
+import tinygrad_ext
+from passes.reduce_local import OptOpsExt
+from kernels import kernel_asts, cuda_renderer, metal_renderer
+
+QTYPES = {"Q4_0": gguf.GGMLQuantizationType.Q4_0, "Q8_0": gguf.GGMLQuantizationType.Q8_0,
+          "Q4_K": gguf.GGMLQuantizationType.Q4_K, "Q5_K": gguf.GGMLQuantizationType.Q5_K, "Q6_K": gguf.GGMLQuantizationType.Q6_K}
+DEVICES = os.getenv("TINYGRAD_EXT_TEST_DEVICES", "CL,CPU").split(",")
+EXAMPLES = {"CPU": 10}  # clang compiles slowly, and without local memory the heuristic declines there anyway
+
+# gguf's quantize has no K-quants: random blocks, with the fp16 super-block scales set to small finite values
+K_SCALES = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (-2,)}
+
+def random_bytes(rng, shape, qtype:str) -> np.ndarray:
+  if qtype not in K_SCALES: return gguf.quants.quantize((rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float32), QTYPES[qtype])
+  block_elems, block_bytes = gguf.GGML_QUANT_SIZES[QTYPES[qtype]]
+  blocks = rng.integers(0, 256, (int(np.prod(shape)) // block_elems, block_bytes), dtype=np.uint8)
+  for off in K_SCALES[qtype]:
+    d = (rng.uniform(0.5, 1, len(blocks)) / 64 / np.sqrt(shape[-1])).astype(np.float16).view(np.uint8).reshape(-1, 2)
+    blocks[:, off:off+2 if off+2 else None] = d
+  return blocks
+
+def quantized(rng, shape, qtype:str, device:str) -> Tensor:
+  """A weight as tinygrad.llm loads it from GGUF: raw bytes on the device, dequantized lazily, cast to fp16."""
+  if qtype == "F16": return Tensor((rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float16), device=device).realize()
+  raw = random_bytes(rng, shape, qtype)
+  return ggml_data_to_tensor(Tensor(raw.reshape(-1), device=device).realize(), int(np.prod(shape)), int(QTYPES[qtype])).reshape(shape).cast(dtypes.float16)
+
+@st.composite
+def matvecs(draw, device:str):
+  qtype = draw(st.sampled_from(["Q4_0", "Q8_0", "F16", "Q4_K", "Q6_K"]))
+  block = 256 if qtype.endswith("_K") else 32
+  inp = block * draw(st.sampled_from([1, 2, 3, 4, 6, 8] if block == 32 else [1, 2]))
+  out = draw(st.sampled_from([4, 8, 12, 16, 24, 32]))
+  experts = draw(st.sampled_from([0, 0, 8]))
+  rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+  x = Tensor(rng.uniform(-1, 1, (1, inp)).astype(np.float16), device=device).realize()
+  if experts == 0:
+    w = quantized(rng, (out, inp), qtype, device)
+    return lambda: (x @ w.T).float()
+  w = quantized(rng, (experts, out, inp), qtype, device)
+  sel = Tensor(rng.permutation(experts)[:2].astype(np.int32).reshape(1, 1, 2), device=device).realize()
+  return lambda: (x.reshape(1, 1, 1, inp).unsqueeze(-2) @ w[sel].transpose(-1, -2)).float()
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_matvec_passes_on_equal_passes_off(device):
+  @settings(max_examples=EXAMPLES.get(device, 25), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+  @given(st.data())
+  def prop(data):
+    with Context(DEV=device):
+      make = data.draw(matvecs(device))
+      with tinygrad_ext.passes_off(): ref = make().numpy()
+      np.testing.assert_allclose(make().numpy(), ref, rtol=2e-3, atol=2e-3 * max(1.0, float(np.abs(ref).max())))
+  prop()
+
+def applied(make, ren) -> tuple:
+  """Opts of the matvec kernel (stock tinygrad copies Q8_0's int8 view into a kernel of its own first)."""
+  from tinygrad.uop.ops import Ops
+  ast = [a for a in kernel_asts(make) if any(u.op is Ops.REDUCE for u in a.toposort())][-1]
+  return codegen.full_rewrite_to_sink(ast, ren).arg.applied_opts
+
+rng = np.random.default_rng(0)
+x = Tensor.empty(1, 2048, dtype=dtypes.float16)
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0", "F16"])
+def test_matvec_picks_reduce_local_for_decode_matvecs(qtype):
+  w = quantized(rng, (256, 2048), qtype, Device.DEFAULT)
+  opts = applied(lambda: x @ w.T, cuda_renderer())
+  assert any(o.op is OptOpsExt.REDUCE_LOCAL and o.arg == 32 for o in opts), opts
+  assert any(o.op is OptOpsExt.REDUCE_LOCAL for o in applied(lambda: x @ w.T, metal_renderer()))
+  with tinygrad_ext.passes_off(): assert not any(o.op is OptOpsExt.REDUCE_LOCAL for o in applied(lambda: x @ w.T, cuda_renderer()))
+  with tinygrad_ext.only("reduce_local"): assert not any(o.op is OptOpsExt.REDUCE_LOCAL for o in applied(lambda: x @ w.T, cuda_renderer()))
+
+def test_matvec_moe_reads_experts_in_place_and_gets_reduce_local():
+  w = quantized(rng, (8, 256, 2048), "Q4_0", Device.DEFAULT)
+  sel = Tensor([[[1, 5]]], dtype=dtypes.int32)
+  make = lambda: (x.reshape(1, 1, 1, 2048).unsqueeze(-2) @ w[sel].transpose(-1, -2)).contiguous()  # as ExpertWeights
+  assert len(kernel_asts(make)) == 1, "no kernel gathers (copies) the selected experts' weights"
+  assert any(o.op is OptOpsExt.REDUCE_LOCAL for o in applied(make, cuda_renderer()))
+
+def test_matvec_leaves_gemm_and_other_kernels_to_tinygrad():
+  w = quantized(rng, (256, 2048), "Q4_0", Device.DEFAULT)
+  x4 = Tensor.empty(4, 2048, dtype=dtypes.float16)
+  for make in (lambda: x4 @ w.T, lambda: (x4 * 2).sum(axis=1), lambda: (x4.float().exp()).max(axis=1)):
+    with tinygrad_ext.passes_off(): stock = applied(make, cuda_renderer())
+    assert applied(make, cuda_renderer()) == stock
