@@ -1,0 +1,253 @@
+"""GLM-4.7-Flash in plain tinygrad, read from a llama.cpp GGUF (architecture `deepseek2`).
+
+The weights stay on the device as their GGUF bytes; tinygrad.llm's ggml_data_to_tensor turns each into a lazy dequant
+expression, and every matmul reads it through `w.cast(x.dtype)`, so tinygrad fuses the dequant into the matmul kernel.
+Nothing is dequantized ahead of time and there are no custom kernels or hand-picked opts.
+
+Conventions, as llama.cpp's deepseek2 graph (src/models/deepseek2.cpp) uses them:
+- MLA, absorbed: q_nope goes through attn_k_b per head into the kv_lora latent; attention runs over a cache of
+  [kv_a_norm(kv_c) ; rope(k_pe)] per position (one shared "KV head", kv_lora + rope wide); the attended latent goes
+  through attn_v_b per head. attn_k_b is (n_head, kv_lora, qk_nope) and attn_v_b (n_head, v_head, kv_lora) in numpy
+  order (the converter splits HF's kv_b_proj and transposes k_b). Scale 1/sqrt(qk_nope + qk_rope).
+- RoPE: llama.cpp runs deepseek2 with LLAMA_ROPE_TYPE_NORM, which rotates pairs of consecutive values (x[2i], x[2i+1])
+  with theta_i = freq_base^(-2i/n_rot) on the last qk_rope values of each q head and of kv_a_mqa's output.
+- Router: sigmoid scores; the top-k is chosen on score + exp_probs_b, the weights are the chosen scores (no bias),
+  normalized to sum 1 (expert_weights_norm) and scaled by expert_weights_scale.
+"""
+from __future__ import annotations
+import math, os, pathlib
+from dataclasses import dataclass
+import numpy as np
+from tqdm import tqdm
+from tinygrad import Tensor, TinyJit, UOp, Device, dtypes
+from tinygrad.dtype import DType
+from tinygrad.llm.gguf import ggml_data_to_tensor, readers, read_str, read_int32, read_uint32, read_uint64, read_int64, _GGML_NATIVE, _GGML_QUANT
+
+ARCH = "deepseek2"
+SIGMOID = 2  # expert_gating_func (llama.cpp LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID; 1 is softmax)
+GGML_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1", 10: "Q2_K", 11: "Q3_K",
+              12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 30: "BF16"}
+# block (elements, bytes) of each type tinygrad's ggml_data_to_tensor reads
+BLOCKS = {**{t: (1, dt.itemsize) for t, dt in _GGML_NATIVE.items()}, **_GGML_QUANT}
+
+class GGUFError(ValueError):
+  """A file this model cannot load; the message is one line for the user."""
+
+# ***** GGUF header *****
+
+@dataclass(frozen=True)
+class TensorInfo:
+  name: str
+  shape: tuple[int, ...]  # numpy order: ggml's ne reversed
+  ggml_type: int
+  offset: int             # from the file start
+  nbytes: int
+
+def read_header(path:str|os.PathLike) -> tuple[dict, dict[str, TensorInfo]]:
+  """Parses and checks the GGUF header on the host (cheap even for a 17 GB file): kv metadata and tensor infos."""
+  path = pathlib.Path(path)
+  if not path.is_file(): raise GGUFError(f"{path}: no such file")
+  size = path.stat().st_size
+  with open(path, "rb") as f:
+    if f.read(4) != b"GGUF": raise GGUFError(f"{path}: not a GGUF file (bad magic)")
+    try:
+      if (version := read_int32(f)) not in (2, 3): raise GGUFError(f"{path}: unsupported GGUF version {version}")
+      n_tensors, n_kv = read_int64(f), read_int64(f)
+      kv = {}
+      for _ in range(n_kv):
+        key, typ = read_str(f), read_int32(f)
+        kv[key] = readers[typ](f)
+      raw = [(read_str(f), tuple(read_uint64(f) for _ in range(read_uint32(f))), read_int32(f), read_uint64(f)) for _ in range(n_tensors)]
+      pos = f.tell()
+    except GGUFError: raise
+    except Exception: raise GGUFError(f"{path}: truncated or corrupt GGUF header") from None
+  align = kv.get("general.alignment", 32)
+  data_start = (pos + align - 1) // align * align
+  infos = {}
+  for name, dims, typ, off in raw:
+    if typ not in BLOCKS: raise GGUFError(f"{path}: tensor {name} has unsupported type {GGML_TYPES.get(typ, typ)}")
+    n, (block, block_bytes) = math.prod(dims), BLOCKS[typ]
+    infos[name] = TensorInfo(name, tuple(reversed(dims)), typ, data_start + off, n // block * block_bytes)
+  if infos and (end := max(t.offset + t.nbytes for t in infos.values())) > size:
+    raise GGUFError(f"{path}: truncated GGUF ({size} bytes, the tensors need {end})")
+  return kv, infos
+
+# ***** config *****
+
+@dataclass(frozen=True)
+class Config:
+  dim: int; n_blocks: int; n_dense: int; ffn: int; expert_ffn: int; n_experts: int; n_used: int; n_shared: int
+  n_heads: int; q_lora: int; kv_lora: int; qk_nope: int; qk_rope: int; v_head: int; vocab: int
+  eps: float; rope_theta: float; expert_scale: float; expert_norm: bool; gating: int; context: int
+
+  @staticmethod
+  def from_gguf(kv:dict, infos:dict[str, TensorInfo]) -> Config:
+    if (arch := kv.get("general.architecture")) != ARCH: raise GGUFError(f"architecture {arch!r} is not supported (need {ARCH!r}: GLM-4.7-Flash)")
+    def k(key, default=None):
+      if (v := kv.get(f"{ARCH}.{key}", default)) is None: raise GGUFError(f"missing metadata key {ARCH}.{key}")
+      return v
+    rope = k("rope.dimension_count")
+    # llama.cpp writes MLA as MQA: key_length = kv_lora + rope is the cache width, *_mla the per-head q.k and v sizes
+    # (older conversions wrote the per-head sizes as key/value_length; they also kept attn_kv_b, which this model does not read)
+    key_mla = k("attention.key_length_mla", kv.get(f"{ARCH}.attention.key_length"))
+    v_mla = k("attention.value_length_mla", kv.get(f"{ARCH}.attention.value_length"))
+    if "token_embd.weight" not in infos: raise GGUFError("missing tensor token_embd.weight")
+    return Config(dim=k("embedding_length"), n_blocks=k("block_count"), n_dense=k("leading_dense_block_count", 0),
+      ffn=k("feed_forward_length"), expert_ffn=k("expert_feed_forward_length"), n_experts=k("expert_count"),
+      n_used=k("expert_used_count"), n_shared=k("expert_shared_count", 0), n_heads=k("attention.head_count"),
+      q_lora=k("attention.q_lora_rank"), kv_lora=k("attention.kv_lora_rank"), qk_nope=key_mla - rope, qk_rope=rope, v_head=v_mla,
+      vocab=infos["token_embd.weight"].shape[0], eps=k("attention.layer_norm_rms_epsilon"), rope_theta=k("rope.freq_base", 10000.0),
+      expert_scale=k("expert_weights_scale", 1.0), expert_norm=bool(k("expert_weights_norm", False)), gating=k("expert_gating_func", 1),
+      context=k("context_length", 4096))
+
+# ***** weights *****
+
+def load_weights(path:str|os.PathLike, infos:dict[str, TensorInfo], device:str|None=None, progress:bool=False) -> dict[str, Tensor]:
+  """Copies each tensor's GGUF bytes from the disk to the device once; returns lazy dequant expressions over them."""
+  device, disk, out = device or Device.DEFAULT, Tensor(pathlib.Path(path)), {}
+  bar = tqdm(total=sum(t.nbytes for t in infos.values()), desc=f"loading {pathlib.Path(path).name}", unit="B", unit_scale=True,
+             leave=False, mininterval=1, disable=not progress)
+  for t in infos.values():
+    raw = disk[t.offset:t.offset + t.nbytes].to(device).realize()
+    out[t.name] = ggml_data_to_tensor(raw, math.prod(t.shape), t.ggml_type).reshape(t.shape)
+    bar.update(t.nbytes)
+  bar.close()
+  return out
+
+# ***** layers *****
+
+def rms_norm(x:Tensor, w:Tensor, eps:float) -> Tensor:
+  # in float32: the sum of squares of fp16 activations overflows and loses precision
+  xf = x.float()
+  return (xf * (xf.square().mean(-1, keepdim=True) + eps).rsqrt() * w.float()).cast(x.dtype)
+
+def linear(x:Tensor, w:Tensor) -> Tensor: return x @ w.cast(x.dtype).transpose(-1, -2)
+
+def rope(x:Tensor, cos:Tensor, sin:Tensor) -> Tensor:
+  # NORM (GPT-J style) rotation of consecutive pairs, as llama.cpp's LLAMA_ROPE_TYPE_NORM; cos/sin broadcast over x[..., ::2]
+  a, b = (xp := x.float().reshape(*x.shape[:-1], -1, 2))[..., 0], xp[..., 1]
+  return Tensor.stack(a * cos - b * sin, a * sin + b * cos, dim=-1).flatten(-2).cast(x.dtype)
+
+def topk_ids(x:Tensor, k:int) -> Tensor:
+  # ids of the k largest along the last axis, largest first, ties to the lower id. Ranks by pairwise comparison (as
+  # tinygrad.llm's pairwise_topk): a couple of small fused kernels, where Tensor.topk's sort is a dozen
+  i = Tensor.arange(n := x.shape[-1])
+  beats = (x.unsqueeze(-2) > x.unsqueeze(-1)) | ((x.unsqueeze(-2) == x.unsqueeze(-1)) & (i.unsqueeze(-1) > i))  # [.., i, j]: j ranks above i
+  rank = beats.sum(-1)
+  return (rank.unsqueeze(-1) == Tensor.arange(k)).where(i.unsqueeze(-1), 0).sum(-2).cast(dtypes.int32)
+
+def experts(w:Tensor, sel:Tensor, x:Tensor) -> Tensor:
+  # w: (n_experts, out, in), sel: (B, T, k), x: (B, T, 1|k, in) -> (B, T, k, out). As tinygrad.llm's ExpertWeights: the
+  # expert id feeds the gather inside the matmul, and the result is its own kernel (not fused with the next matmul)
+  return (x.unsqueeze(-2) @ w[sel].cast(x.dtype).transpose(-1, -2)).contiguous().squeeze(-2)
+
+def ffn(x:Tensor, gate:Tensor, up:Tensor, down:Tensor) -> Tensor:
+  # as tinygrad.llm: the contiguous keeps gate's and up's matmuls out of one two-reduce kernel
+  return linear(linear(x, gate).silu().contiguous() * linear(x, up), down)
+
+class Block:
+  def __init__(self, cfg:Config, w:dict[str, Tensor], i:int, max_context:int, dtype:DType):
+    self.cfg, p = cfg, f"blk.{i}."
+    def g(name): return w[p + name]
+    self.attn_norm, self.ffn_norm = g("attn_norm.weight"), g("ffn_norm.weight")
+    self.q_a, self.q_a_norm, self.q_b = g("attn_q_a.weight"), g("attn_q_a_norm.weight"), g("attn_q_b.weight")
+    self.kv_a, self.kv_a_norm, self.attn_out = g("attn_kv_a_mqa.weight"), g("attn_kv_a_norm.weight"), g("attn_output.weight")
+    self.k_b, self.v_b = g("attn_k_b.weight"), g("attn_v_b.weight")  # llama.cpp's split of attn_kv_b
+    self.moe = i >= cfg.n_dense
+    if not self.moe: self.gate, self.up, self.down = g("ffn_gate.weight"), g("ffn_up.weight"), g("ffn_down.weight")
+    else:
+      self.router, self.router_bias = g("ffn_gate_inp.weight"), w.get(p + "exp_probs_b.bias")
+      self.gate_exps, self.up_exps, self.down_exps = g("ffn_gate_exps.weight"), g("ffn_up_exps.weight"), g("ffn_down_exps.weight")
+      if cfg.n_shared: self.gate_sh, self.up_sh, self.down_sh = g("ffn_gate_shexp.weight"), g("ffn_up_shexp.weight"), g("ffn_down_shexp.weight")
+    # the compressed KV cache: per position [kv_c (kv_lora, normed) ; k_pe (qk_rope, roped)]
+    self.cache = Tensor.zeros(1, max_context, cfg.kv_lora + cfg.qk_rope, dtype=dtype).contiguous().realize()
+
+  def attention(self, x:Tensor, start_pos:int|UOp, cos:Tensor, sin:Tensor) -> Tensor:
+    c, (B, T, _) = self.cfg, x.shape
+    q = linear(rms_norm(linear(x, self.q_a), self.q_a_norm, c.eps), self.q_b)
+    q = q.reshape(B, T, c.n_heads, c.qk_nope + c.qk_rope).transpose(1, 2)                        # (B, H, T, nope+rope)
+    q_nope, q_pe = q[..., :c.qk_nope], rope(q[..., c.qk_nope:], cos, sin)
+    q = (q_nope @ self.k_b.cast(x.dtype).transpose(-1, -2)).cat(q_pe, dim=-1)                      # absorbed: (B, H, T, kv_lora+rope)
+    kv = linear(x, self.kv_a)                                                                      # (B, T, kv_lora+rope)
+    kv = rms_norm(kv[..., :c.kv_lora], self.kv_a_norm, c.eps).cat(rope(kv[..., c.kv_lora:], cos, sin), dim=-1)
+    self.cache[:, start_pos:start_pos+T].assign(kv.cast(self.cache.dtype))
+    keys = self.cache[:, :start_pos+T].unsqueeze(1).cast(x.dtype)                                  # (B, 1, S, kv_lora+rope)
+    # scores come out in float32 (fp16 inputs, float accumulation): q.k over 576 latent dims can pass fp16's range
+    scores = q.matmul(keys.transpose(-1, -2), dtype=dtypes.float32) * (1.0 / math.sqrt(c.qk_nope + c.qk_rope))  # (B, H, T, S)
+    if T > 1: scores = scores + Tensor.full((T, start_pos+T), float("-inf")).triu(start_pos+1)     # causal, T > 1 only at prefill
+    latent = scores.softmax(-1).cast(x.dtype) @ keys[..., :c.kv_lora]                             # (B, H, T, kv_lora)
+    out = latent @ self.v_b.cast(x.dtype).transpose(-1, -2)                                        # (B, H, T, v_head)
+    return linear(out.transpose(1, 2).reshape(B, T, c.n_heads * c.v_head), self.attn_out)
+
+  def moe_ffn(self, x:Tensor) -> Tensor:
+    c = self.cfg
+    logits = x.float() @ self.router.float().T                       # the router in float32: near-ties decide the experts
+    scores = logits.sigmoid() if c.gating == SIGMOID else logits.softmax(-1)
+    sel = topk_ids(scores if self.router_bias is None else scores + self.router_bias.float(), c.n_used)  # (B, T, k)
+    weights = scores.gather(-1, sel)
+    if c.expert_norm: weights = weights / weights.sum(-1, keepdim=True)
+    weights = (weights * c.expert_scale).cast(x.dtype)
+    h = x.unsqueeze(-2)                                                                            # (B, T, 1, dim)
+    act = experts(self.gate_exps, sel, h).silu() * experts(self.up_exps, sel, h)                  # (B, T, k, expert_ffn)
+    out = (experts(self.down_exps, sel, act) * weights.unsqueeze(-1)).sum(-2)                      # (B, T, dim)
+    if c.n_shared: out = out + ffn(x, self.gate_sh, self.up_sh, self.down_sh)
+    return out
+
+  def __call__(self, x:Tensor, start_pos:int|UOp, cos:Tensor, sin:Tensor) -> Tensor:
+    h = x + self.attention(rms_norm(x, self.attn_norm, self.cfg.eps), start_pos, cos, sin)
+    f = rms_norm(h, self.ffn_norm, self.cfg.eps)
+    return h + (self.moe_ffn(f) if self.moe else ffn(f, self.gate, self.up, self.down))
+
+class GLM:
+  def __init__(self, cfg:Config, w:dict[str, Tensor], max_context:int|None=None, dtype:DType=dtypes.float16):
+    self.cfg, self.dtype = cfg, dtype
+    self.max_context = min(max_context or 4096, cfg.context)
+    self.token_embd, self.output_norm = w["token_embd.weight"], w["output_norm.weight"]
+    self.output = w.get("output.weight", self.token_embd)  # tied embeddings when the GGUF has no output
+    self.blk = [Block(cfg, w, i, self.max_context, dtype) for i in range(cfg.n_blocks)]
+    # rope tables cos/sin(pos * theta_i), theta_i = base^(-2i/n_rot), computed once on the host in float64 (an arange
+    # expression stays lazy in tinygrad: it would be recomputed, with float32 sin, in every kernel that reads it)
+    ang = np.arange(self.max_context, dtype=np.float64)[:, None] * cfg.rope_theta ** (-np.arange(0, cfg.qk_rope, 2) / cfg.qk_rope)
+    self.cos, self.sin = Tensor(np.cos(ang).astype(np.float32)).realize(), Tensor(np.sin(ang).astype(np.float32)).realize()
+    self.start_pos, self.token = UOp.variable("start_pos", 0, self.max_context - 1), UOp.variable("token", 0, cfg.vocab - 1)
+
+  def forward(self, tokens:list[int]|UOp, start_pos:int|UOp) -> Tensor:
+    """tokens at positions start_pos.. -> float32 logits of the last position (1, vocab). tokens are python ints
+    (prefill) or one bound Variable (decode: one JIT serves every token); either way each lookup is a shrink that reads
+    one row, where a Tensor of ids would make a one-hot reduce over the whole vocab."""
+    ids = tokens if isinstance(tokens, list) else [tokens]
+    x, T = Tensor.stack(*[self.token_embd[t] for t in ids]).unsqueeze(0).cast(self.dtype), len(ids)    # (1, T, dim)
+    cos, sin = self.cos[start_pos:start_pos+T].unsqueeze(0), self.sin[start_pos:start_pos+T].unsqueeze(0)
+    for blk in self.blk: x = blk(x, start_pos, cos, sin)
+    x = rms_norm(x[:, -1], self.output_norm, self.cfg.eps)
+    return x.matmul(self.output.cast(x.dtype).T, dtype=dtypes.float32)  # float32 logits: fp16 rounding would decide near-ties
+
+  def step(self, tokens:list[int]|UOp, start_pos:int|UOp) -> tuple[Tensor, Tensor]:
+    """One forward: (greedy next token (1, 1) int32, logits (1, vocab) float32)."""
+    logits = self.forward(tokens, start_pos)
+    return logits.argmax(-1, keepdim=True).cast(dtypes.int32), logits
+
+  def decoder(self) -> TinyJit:
+    """A fresh TinyJit of the one-token decode step: call it with (self.token.bind(id), self.start_pos.bind(pos))."""
+    return TinyJit(self.step)
+
+  def prefill(self, tokens:list[int]) -> tuple[int, Tensor]:
+    """Runs the prompt at positions 0.. (not jitted: its length varies); returns (next token, logits)."""
+    tok, logits = self.step(tokens, 0)
+    Tensor.realize(tok, logits)
+    return int(tok.item()), logits
+
+  def decode(self, jit:TinyJit, token:int, pos:int) -> tuple[int, Tensor]:
+    tok, logits = jit(self.token.bind(token), self.start_pos.bind(pos))
+    return int(tok.item()), logits
+
+def load(path:str|os.PathLike, max_context:int|None=None, dtype:DType=dtypes.float16, device:str|None=None, progress:bool=False) -> tuple[GLM, dict]:
+  """Checks the GGUF, copies its tensor bytes to the device and builds the model. Raises GGUFError for files it cannot use."""
+  kv, infos = read_header(path)
+  cfg = Config.from_gguf(kv, infos)
+  # fail before copying gigabytes: the tensors that deepseek2 files of other models (V2-Lite) or older conversions lack
+  for name in ("blk.0.attn_q_a.weight", "blk.0.attn_k_b.weight", "output_norm.weight"):
+    if name not in infos: raise GGUFError(f"missing tensor {name}")
+  w = load_weights(path, infos, device, progress)
+  try: return GLM(cfg, w, max_context, dtype), kv
+  except KeyError as e: raise GGUFError(f"missing tensor {e.args[0]}") from None

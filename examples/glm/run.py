@@ -1,0 +1,207 @@
+#!/usr/bin/env python3
+"""Greedy decode of GLM-4.7-Flash (GGUF arch deepseek2) in plain tinygrad, with tinygrad_ext's passes on, off, or both.
+
+  python examples/glm/run.py                                   # a tiny synthetic GLM (written once, cached), default device
+  python examples/glm/run.py --model GLM-4.7-Flash-Q4_0.gguf --prompt "Hello" --count 32
+  python examples/glm/run.py --synthetic full --benchmark 20 --passes compare
+  python examples/glm/run.py --profile                         # per-kernel table of one decode token
+
+The prompt goes through the same jitted one-token decode step as the generated tokens (one compile, not two).
+Speed is measured after the JIT has captured: each step is one TinyJit replay plus reading back the chosen token.
+"""
+import tinygrad_ext  # registers the passes (first, before anything compiles)
+import argparse, contextlib, json, os, pathlib, re, sys, time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # the repo root: examples.glm is a package
+from tinygrad import Device, Tensor, dtypes  # noqa: E402
+from tinygrad.uop.ops import Ops  # noqa: E402
+from examples.glm import model as glm, synth, stats  # noqa: E402
+
+SYNTH_VERSION = 2  # bump when synth.py's output changes, so cached files are rewritten
+
+class UsageError(Exception): pass
+
+class Parser(argparse.ArgumentParser):
+  def error(self, message): raise UsageError(message)  # one line and exit code 2, from main()
+
+def parse_args(argv):
+  p = Parser(description="GLM-4.7-Flash decode in tinygrad (GGUF deepseek2)")
+  src = p.add_mutually_exclusive_group()
+  src.add_argument("--model", metavar="PATH.gguf", help="a GLM-4.7-Flash GGUF (llama.cpp arch deepseek2)")
+  src.add_argument("--synthetic", choices=sorted(synth.PRESETS), help="a synthetic GLM with random weights (default: tiny)")
+  p.add_argument("--type", default="Q4_0", choices=list(synth.TYPES), help="weight type of --synthetic (default Q4_0)")
+  p.add_argument("--seed", type=int, default=0, help="seed of --synthetic")
+  p.add_argument("--prompt", default="The quick brown fox", help="prompt text")
+  p.add_argument("--count", type=int, default=16, help="tokens to generate (default 16)")
+  p.add_argument("--benchmark", type=int, metavar="N", help="time N decode steps after the JIT warmup")
+  p.add_argument("--passes", choices=("on", "off", "compare"), default="on", help="tinygrad_ext passes (compare: off, then on)")
+  p.add_argument("--profile", action="store_true", help="per-kernel timing of one decode token")
+  p.add_argument("--json", metavar="PATH", help="write the results as JSON")
+  p.add_argument("--max-context", type=int, default=None, help="KV cache length (default min(4096, the model's context))")
+  p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="activation dtype (default float16)")
+  p.add_argument("--cache-dir", default=os.environ.get("GLM_CACHE_DIR", str(pathlib.Path.home() / ".cache" / "tinygrad_ext")),
+                 help="where synthetic models are written (env GLM_CACHE_DIR)")
+  a = p.parse_args(argv)
+  if a.count < 1: p.error("--count must be >= 1")
+  if a.benchmark is not None and a.benchmark < 1: p.error("--benchmark must be >= 1")
+  if a.max_context is not None and a.max_context < 2: p.error("--max-context must be >= 2")
+  if a.model is not None and (a.type != "Q4_0" or a.seed != 0): p.error("--type and --seed apply to --synthetic, not --model")
+  return a
+
+def synthetic_path(a) -> pathlib.Path:
+  """The cached synthetic GGUF for (preset, type, seed), written on first use (atomically: a crash leaves no file)."""
+  preset = a.synthetic or "tiny"
+  path = pathlib.Path(a.cache_dir) / f"glm-{preset}-{a.type}-seed{a.seed}-v{SYNTH_VERSION}.gguf"
+  if not path.exists():
+    print(f"writing synthetic GLM ({preset}, {a.type}, seed {a.seed}) to {path}", file=sys.stderr)
+    st = time.perf_counter()
+    synth.write(path, preset, a.type, a.seed, progress=preset != "tiny")
+    print(f"  wrote {path.stat().st_size/1e6:,.0f} MB in {time.perf_counter()-st:.1f} s", file=sys.stderr)
+  return path
+
+# ***** tokenizer *****
+
+class Tokenizer:
+  """Byte-level BPE vocab of a GGUF (tokenizer.ggml.model "gpt2"): words are merged greedily by token id, lower id first
+  (ids follow merge order in these vocabs; no merges table needed). Without a tokenizer, text is UTF-8 bytes as ids."""
+  def __init__(self, kv:dict, vocab:int):
+    self.vocab, toks = vocab, kv.get("tokenizer.ggml.tokens")
+    self.id_bytes: list[bytes] | None = None
+    if toks and kv.get("tokenizer.ggml.model") == "gpt2":
+      byte_of = {c: b for b, c in enumerate(synth._gpt2_byte_chars())}
+      types = kv.get("tokenizer.ggml.token_type", [1] * len(toks))
+      normal = [types[i] == 1 and all(c in byte_of for c in t) for i, t in enumerate(toks)]
+      self.id_bytes = [bytes(byte_of[c] for c in t) if n else t.encode() for t, n in zip(toks, normal)]
+      self.ids = {b: i for i, (b, n) in enumerate(zip(self.id_bytes, normal)) if n}
+    self.words = re.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\w+| ?[^\s\w]+|\s+""")
+
+  def encode(self, text:str) -> list[int]:
+    if self.id_bytes is None: return [b % self.vocab for b in text.encode()]
+    out = []
+    for word in self.words.findall(text):
+      parts = [bytes([b]) for b in word.encode()]
+      while len(parts) > 1:
+        rank, j = min((self.ids.get(parts[j] + parts[j+1], 1 << 62), j) for j in range(len(parts) - 1))
+        if rank == 1 << 62: break
+        parts[j:j+2] = [parts[j] + parts[j+1]]
+      out += [self.ids[p] for p in parts if p in self.ids]
+    return out
+
+  def decode(self, ids:list[int]) -> str:
+    if self.id_bytes is None: return bytes(i for i in ids if i < 256).decode(errors="replace")
+    return b"".join(self.id_bytes[i] if i < len(self.id_bytes) else b"" for i in ids).decode(errors="replace")
+
+# ***** running *****
+
+def kernel_roles(m:glm.GLM) -> dict:
+  """Device buffer -> role, to sort kernels into kinds by what they read."""
+  named = {"token_embd": m.token_embd, "output": m.output, "output_norm": m.output_norm, "rope_cos": m.cos, "rope_sin": m.sin}
+  for i, b in enumerate(m.blk):
+    named.update({f"blk.{i}.{k}": v for k, v in vars(b).items() if isinstance(v, Tensor)})
+  roles = {}
+  for buf, name in stats.buffers_of(named).items():
+    short = name.split(".")[-1]
+    roles[buf] = ("routing" if short in ("router", "router_bias") else "rope" if name.startswith("rope") else "cache" if short == "cache" else
+                  "embedding" if short == "token_embd" else "norm" if "norm" in short else "matmul")
+  return roles
+
+def classify(roles:dict):
+  """kind(call, bufs): a kernel's kind from the model buffers it reads, then from its ops (a heuristic: fused kernels
+  get the kind of their heaviest part, e.g. a norm fused into the next matmul counts as matmul)."""
+  def kind(call, bufs) -> str:
+    read, ops = {roles.get(b) for b in bufs}, stats.kernel_ops(call)
+    if "routing" in read: return "routing"  # the router gemv (and what fuses into it)
+    if "matmul" in read: return "matmul"
+    # the top-k and the expert weights: the (n_used,) int32 expert ids / ranks between the routing kernels
+    if any(dtypes.is_int(b.dtype) and b.size > 1 and b not in roles for b in bufs): return "routing"
+    if "rope" in read: return "rope"
+    if "cache" in read: return "attention"
+    if Ops.SQRT in ops: return "norm"
+    if "embedding" in read: return "other"  # the token's row
+    if Ops.EXP2 in ops or call.src[0].arg.vars: return "softmax"  # exp/sum/normalize, and the max over the positions
+    return "other"
+  return kind
+
+def sync(): Device[Device.DEFAULT].synchronize()
+
+def run_mode(m:glm.GLM, tok:Tokenizer, prompt:list[int], a, mode:str) -> dict:
+  """Generates with a fresh decode JIT (compiled with the passes on or off); returns the measurements."""
+  ctx = tinygrad_ext.passes_off() if mode == "off" else contextlib.nullcontext()
+  res: dict = {"passes": mode, "active_passes": [] if mode == "off" else list(tinygrad_ext.active_passes())}
+  with ctx:
+    jit, steps = m.decoder(), []
+    def step(t:int, pos:int) -> int:
+      s0 = time.perf_counter()
+      t, _ = m.decode(jit, t, pos)
+      steps.append(time.perf_counter() - s0)
+      return t
+    for pos, t in enumerate(prompt[:-1]): step(t, pos)  # the prompt, one token per step
+    t, pos, out = prompt[-1], len(prompt) - 1, []
+    for _ in range(a.count):
+      t = step(t, pos); pos += 1
+      out.append(t)
+    # the first two calls of a TinyJit run the step (compiling its kernels) and capture it; the rest replay
+    res["tokens"], res["text"], res["warmup_s"] = out, tok.decode(out), sum(steps[:2])
+    res["kernels_per_token"] = len(stats.kernel_calls(jit)) if jit.captured is not None else None
+    if len(steps) > 2: res["generate_ms_per_token"] = 1e3 * sum(steps[2:]) / len(steps[2:])
+    if a.benchmark:
+      while jit.captured is None: t = step(t, pos); pos += 1
+      sync(); s0 = time.perf_counter()
+      for _ in range(a.benchmark): t, _ = m.decode(jit, t, pos); pos += 1
+      sync(); dt = (time.perf_counter() - s0) / a.benchmark
+      res["benchmark"] = {"steps": a.benchmark, "ms_per_token": dt * 1e3, "tok_per_s": 1 / dt}
+    if a.profile:
+      while jit.captured is None: t = step(t, pos); pos += 1
+      res["profile"] = stats.summarize(stats.time_kernels(jit, (m.token.bind(t), m.start_pos.bind(pos)),
+                                                          classify(kernel_roles(m))))
+  return res
+
+def ms_per_token(res:dict) -> float|None: return res.get("benchmark", {}).get("ms_per_token", res.get("generate_ms_per_token"))
+
+def report(res:dict):
+  tag, ms = f"passes {res['passes']}", ms_per_token(res)
+  print(f"[{tag}] tokens: {res['tokens']}\n[{tag}] text: {res['text']!r}")
+  what = f"benchmark {res['benchmark']['steps']} steps" if "benchmark" in res else "generation"
+  if ms is not None: print(f"[{tag}] {1e3/ms:.2f} tok/s, {ms:.2f} ms/token, {res['kernels_per_token']} kernels/token ({what}, after JIT warmup)")
+  else: print(f"[{tag}] {res['kernels_per_token']} kernels/token (too few steps to time after JIT warmup: use --count >= 3)")
+  if "profile" in res: print(stats.format_table(res["profile"]))
+
+def main(argv=None) -> int:
+  try:
+    a = parse_args(argv)
+    path = pathlib.Path(a.model) if a.model else synthetic_path(a)
+    st = time.perf_counter()
+    big = path.is_file() and path.stat().st_size > 256 << 20
+    m, kv = glm.load(path, a.max_context, dtypes.float16 if a.dtype == "float16" else dtypes.float32, progress=big)
+    load_s = time.perf_counter() - st
+    tok = Tokenizer(kv, m.cfg.vocab)
+    prompt = tok.encode(a.prompt) or [0]
+    if len(prompt) + a.count + 2 + (a.benchmark or 0) > m.max_context:  # + 2: steps that may capture the JIT before a benchmark
+      raise UsageError(f"prompt ({len(prompt)} tokens) + --count + --benchmark exceed --max-context {m.max_context}")
+    c = m.cfg
+    print(f"model: {path.name}  {c.n_blocks} blocks ({c.n_dense} dense), dim {c.dim}, {c.n_experts} experts ({c.n_used} used, {c.n_shared} shared), "
+          f"vocab {c.vocab}; loaded in {load_s:.1f} s; device {Device.DEFAULT}, activations {a.dtype}, max context {m.max_context}")
+    print(f"prompt: {len(prompt)} tokens {prompt[:16]}{' ...' if len(prompt) > 16 else ''}")
+    results = {}
+    for mode in (["off", "on"] if a.passes == "compare" else [a.passes]):
+      results[mode] = run_mode(m, tok, prompt, a, mode)
+      report(results[mode])
+    out = {"model": str(path), "device": Device.DEFAULT, "dtype": a.dtype, "prompt_tokens": len(prompt), "count": a.count,
+           "max_context": m.max_context, "load_s": load_s, "results": results}
+    if a.passes == "compare":
+      r_off, r_on = results["off"], results["on"]
+      same = r_off["tokens"] == r_on["tokens"]
+      if ms_per_token(r_off) and ms_per_token(r_on):
+        out["speedup"] = ms_per_token(r_off) / ms_per_token(r_on)
+        print(f"passes on vs off: {out['speedup']:.2f}x tok/s, kernels/token {r_off['kernels_per_token']} -> {r_on['kernels_per_token']}, "
+              f"tokens {'identical' if same else 'DIFFER'}")
+      out["tokens_identical"] = same
+    if a.json:
+      pathlib.Path(a.json).write_text(json.dumps(out, indent=2, default=str))
+      print(f"wrote {a.json}")
+    return 0
+  except (UsageError, glm.GGUFError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+
+if __name__ == "__main__": sys.exit(main())

@@ -1,0 +1,86 @@
+"""What a captured TinyJit launches: the kernel count of one call and a per-kernel timing of one call.
+
+Both read the JIT's own captured program list (tinygrad.engine.jit.CapturedJit.linear), expanding the batches the JIT
+turns into device graphs (CUDA graphs), so a count is of GPU kernels, not of graph launches. The timing replays the
+captured kernels one at a time through tinygrad's executor (realize.pm_exec) with ExecContext(wait=True), the same
+path DEBUG=2 times kernels with (median of a few replays); bytes are the kernel's Estimates.mem, as DEBUG=2's GB/s.
+"""
+from __future__ import annotations
+import statistics
+from dataclasses import dataclass
+from tinygrad import Tensor
+from tinygrad.device import Buffer
+from tinygrad.engine.jit import _prepare_jit_inputs
+from tinygrad.engine.realize import ExecContext, pm_exec, estimate_uop, resolve_params
+from tinygrad.helpers import ansistrip
+from tinygrad.uop.ops import Ops, UOp, sym_infer
+
+KINDS = ("matmul", "attention", "norm", "softmax", "rope", "routing", "other")
+
+def jit_calls(jit) -> list[UOp]:
+  """The CALLs one replay of the captured jit runs, in order, with graph batches expanded."""
+  assert jit.captured is not None, "the jit has not captured yet (call it twice)"
+  out = []
+  for call in jit.captured.linear.src:
+    ast = call.src[0]
+    out.extend(ast.src[0].src if ast.op is Ops.CUSTOM_FUNCTION and ast.arg == "graph" else [call])
+  return out
+
+def kernel_calls(jit) -> list[UOp]: return [c for c in jit_calls(jit) if c.src[0].op is Ops.PROGRAM]
+
+@dataclass
+class KernelTime:
+  name: str
+  kind: str
+  seconds: float
+  nbytes: int
+
+def time_kernels(jit, args:tuple, classify=None, repeats:int=3) -> list[KernelTime]:
+  """Replays the captured kernels of jit with each launch waited on; a kernel's time is its median over `repeats`
+  replays after one untimed replay (single waited launches have outliers: clocks, first launches). args are what the
+  jit is called with (they set the inputs and the symbolic variables). classify(call, bufs) -> kind. Each replay is one
+  more decode step: it writes the KV cache row of the position it is given, as the jit itself would."""
+  input_uops, var_vals, _, _ = _prepare_jit_inputs(args, {})
+  ctx, calls = ExecContext(var_vals, tuple(input_uops), update_stats=False, wait=True), kernel_calls(jit)
+  runs = [[sum(e or 0.0 for e in (pm_exec.rewrite(call, ctx) or [])) for call in calls] for _ in range(repeats + 1)][1:]
+  out = []
+  for i, call in enumerate(calls):
+    bufs = [b.buffer for b in resolve_params(call, ctx.input_uops)]
+    out.append(KernelTime(ansistrip(call.src[0].arg.name), classify(call, bufs) if classify else "other",
+                          statistics.median(r[i] for r in runs), int(sym_infer(estimate_uop(call).mem, var_vals))))
+  return out
+
+def kernel_ops(call:UOp) -> set[Ops]:
+  """The ops of the kernel's lowered AST, e.g. SQRT (an rsqrt: a norm) or EXP2 (an exp: a softmax)."""
+  return {u.op for u in call.src[0].src[0].toposort()}
+
+def buffers_of(tensors:dict[str, Tensor]) -> dict[Buffer, str]:
+  """The device buffers behind realized tensors (weights as their GGUF bytes, the KV caches, tables), for classify."""
+  out = {}
+  for name, t in tensors.items():
+    for u in t.uop.toposort():
+      if u.op is Ops.BUFFER and u.is_realized: out[u.buffer] = name
+  return out
+
+def summarize(times:list[KernelTime]) -> dict:
+  """Per-kernel-name rows (us, GB/s, calls, share), kernels by kind, totals."""
+  total = sum(t.seconds for t in times) or 1e-12
+  rows: dict[str, dict] = {}
+  for t in times:
+    r = rows.setdefault(t.name, {"name": t.name, "kind": t.kind, "us": 0.0, "bytes": 0, "calls": 0})
+    r["us"] += t.seconds * 1e6; r["bytes"] += t.nbytes; r["calls"] += 1
+  for r in rows.values(): r["gb_s"], r["share"] = r["bytes"] / max(r["us"], 1e-9) / 1e3, r["us"] / (total * 1e6)
+  by_kind = {k: sum(1 for t in times if t.kind == k) for k in KINDS}
+  us_by_kind = {k: sum(t.seconds for t in times if t.kind == k) * 1e6 for k in KINDS}
+  return {"kernels": sorted(rows.values(), key=lambda r: -r["us"]), "kernels_by_kind": by_kind, "us_by_kind": us_by_kind,
+          "total_us": total * 1e6, "n_kernels": len(times)}
+
+def format_table(s:dict, top:int=40) -> str:
+  lines = [f"{'kernel':<44} {'kind':<9} {'us':>10} {'GB/s':>8} {'calls':>6} {'share':>6}"]
+  for r in s["kernels"][:top]:
+    lines.append(f"{r['name'][:44]:<44} {r['kind']:<9} {r['us']:10.1f} {r['gb_s']:8.1f} {r['calls']:6d} {r['share']*100:5.1f}%")
+  if len(s["kernels"]) > top: lines.append(f"... {len(s['kernels']) - top} more kernel names")
+  lines.append(f"{'total':<54} {s['total_us']:10.1f} {'':>8} {s['n_kernels']:6d} 100.0%")
+  kinds = [f"{k} {n} ({s['us_by_kind'][k]:.0f} us)" for k, n in s["kernels_by_kind"].items() if n]
+  lines.append("kernels per decode token by kind: " + ", ".join(kinds))
+  return "\n".join(lines)

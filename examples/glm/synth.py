@@ -1,0 +1,213 @@
+"""Writes a GLM-4.7-Flash-architecture GGUF (llama.cpp arch `deepseek2`) with random weights, through the `gguf` package.
+
+  python examples/glm/synth.py tiny /tmp/glm-tiny.gguf --type Q4_0 --seed 0
+  python examples/glm/synth.py full /tmp/glm-full.gguf           # real dimensions, ~16.9 GB with Q4_0
+
+Tensors follow llama.cpp's converter: matmul weights in the chosen type, norms, router and selection bias in F32,
+attn_k_b/attn_v_b as llama.cpp splits attn_kv_b for MLA. Rows whose length a type's block does not divide fall back
+to Q8_0 (llama.cpp falls back too: GLM's attn_k_b rows are 192 long, not a multiple of 256 for the K-quants).
+Weights have std 1/sqrt(fan_in), so activations stay O(1) and the logits are well-conditioned. Large tensors are tiled
+from a pool of pre-quantized random blocks (quantizing 16 GB would take minutes), and tensors are streamed to disk
+one at a time into a temp file that is renamed into place when complete.
+"""
+from __future__ import annotations
+import argparse, math, os, pathlib, sys, tempfile
+from dataclasses import dataclass, asdict
+import numpy as np
+import gguf
+from tqdm import tqdm
+
+QT = gguf.GGMLQuantizationType
+TYPES = {t.name: t for t in (QT.Q4_0, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.F16, QT.BF16, QT.F32)}
+ARCH = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.DEEPSEEK2]  # "deepseek2"
+
+@dataclass(frozen=True)
+class Dims:
+  n_blocks: int; n_dense: int; dim: int; ffn: int; expert_ffn: int; n_experts: int; n_used: int; n_shared: int
+  n_heads: int; q_lora: int; kv_lora: int; qk_nope: int; qk_rope: int; v_head: int; vocab: int; context: int
+  eps: float = 1e-5; rope_theta: float = 1e6; expert_scale: float = 1.8
+
+PRESETS = {
+  # every tensor kind, row lengths multiples of 256 so the K-quants apply (attn_k_b falls back, as in the real model)
+  "tiny": Dims(n_blocks=3, n_dense=1, dim=256, ffn=512, expert_ffn=256, n_experts=8, n_used=2, n_shared=1, n_heads=4,
+               q_lora=256, kv_lora=256, qk_nope=64, qk_rope=32, v_head=64, vocab=512, context=4096),
+  # GLM-4.7-Flash (Glm4MoeLiteForCausalLM)
+  "full": Dims(n_blocks=47, n_dense=1, dim=2048, ffn=10240, expert_ffn=1536, n_experts=64, n_used=4, n_shared=1, n_heads=20,
+               q_lora=768, kv_lora=512, qk_nope=192, qk_rope=64, v_head=256, vocab=154880, context=202752),
+}
+
+def tensor_table(d:Dims) -> list[tuple[str, tuple[int, ...], bool]]:
+  """(name, numpy shape (rows last = ggml ne0), is a matmul weight) in llama.cpp's names; numpy shape is ggml's reversed."""
+  T, N = gguf.MODEL_TENSOR, gguf.TENSOR_NAMES
+  out = [(N[T.TOKEN_EMBD] + ".weight", (d.vocab, d.dim), True)]
+  for i in range(d.n_blocks):
+    def b(t:gguf.MODEL_TENSOR, shape, mm=True, suffix="weight"): out.append((N[t].format(bid=i) + "." + suffix, shape, mm))
+    b(T.ATTN_NORM, (d.dim,), False)
+    b(T.ATTN_Q_A, (d.q_lora, d.dim))
+    b(T.ATTN_Q_A_NORM, (d.q_lora,), False)
+    b(T.ATTN_Q_B, (d.n_heads * (d.qk_nope + d.qk_rope), d.q_lora))
+    b(T.ATTN_KV_A_MQA, (d.kv_lora + d.qk_rope, d.dim))
+    b(T.ATTN_KV_A_NORM, (d.kv_lora,), False)
+    b(T.ATTN_K_B, (d.n_heads, d.kv_lora, d.qk_nope))  # q_nope (qk_nope) -> latent (kv_lora), per head
+    b(T.ATTN_V_B, (d.n_heads, d.v_head, d.kv_lora))   # latent (kv_lora) -> v (v_head), per head
+    b(T.ATTN_OUT, (d.dim, d.n_heads * d.v_head))
+    b(T.FFN_NORM, (d.dim,), False)
+    if i < d.n_dense:
+      b(T.FFN_GATE, (d.ffn, d.dim)); b(T.FFN_UP, (d.ffn, d.dim)); b(T.FFN_DOWN, (d.dim, d.ffn))
+    else:
+      b(T.FFN_GATE_INP, (d.n_experts, d.dim), False)  # the router stays F32, as llama-quantize leaves it
+      b(T.FFN_EXP_PROBS_B, (d.n_experts,), False, suffix="bias")
+      b(T.FFN_GATE_EXP, (d.n_experts, d.expert_ffn, d.dim)); b(T.FFN_UP_EXP, (d.n_experts, d.expert_ffn, d.dim))
+      b(T.FFN_DOWN_EXP, (d.n_experts, d.dim, d.expert_ffn))
+      sh = d.expert_ffn * d.n_shared
+      b(T.FFN_GATE_SHEXP, (sh, d.dim)); b(T.FFN_UP_SHEXP, (sh, d.dim)); b(T.FFN_DOWN_SHEXP, (d.dim, sh))
+  out += [(N[T.OUTPUT_NORM] + ".weight", (d.dim,), False), (N[T.OUTPUT] + ".weight", (d.vocab, d.dim), True)]
+  return out
+
+def storage_type(qtype:QT, shape:tuple[int, ...], matmul:bool) -> QT:
+  if not matmul: return QT.F32
+  return qtype if shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0] == 0 else QT.Q8_0
+
+def nbytes(qtype:QT, shape:tuple[int, ...]) -> int:
+  block, size = gguf.GGML_QUANT_SIZES[qtype]
+  return math.prod(shape) // block * size
+
+# ***** random blocks *****
+
+# K-quant block layouts: (offset of fp16 d, offset of fp16 dmin or None); the rest of the block is random bytes
+_KQ_SCALES = {QT.Q4_K: (0, 2), QT.Q5_K: (0, 2), QT.Q6_K: (208, None)}
+
+def _random_kquant(qtype:QT, n_blocks:int, std:float, rng:np.random.Generator) -> np.ndarray:
+  # gguf 0.19 has no K-quant quantizer: draw random quants with small sub-block scales and mins (1..8, so the fp16
+  # super-block scale d stays a normal number: some devices flush fp16 subnormals), then set d so the dequantized
+  # values have mean ~0 and the wanted std
+  size, (d_off, m_off) = gguf.GGML_QUANT_SIZES[qtype][1], _KQ_SCALES[qtype]
+  blocks = rng.integers(0, 256, (n_blocks, size), dtype=np.uint8)
+  def small(k:int) -> np.ndarray: return rng.integers(1, 9, (n_blocks, k), dtype=np.uint8)
+  if m_off is not None:  # Q4_K/Q5_K: 8 6-bit scales and mins packed in bytes 4..16; below 16 the high bits are 0
+    sc, m = small(8), small(8)
+    blocks[:, 4:16] = np.concatenate([sc[:, :4], m[:, :4], sc[:, 4:] | (m[:, 4:] << 4)], axis=1)
+  else: blocks[:, 192:208] = small(16)  # Q6_K: 16 int8 scales
+  def set_scales(d:float):
+    blocks[:, d_off:d_off+2] = np.full((n_blocks, 1), d, np.float16).view(np.uint8)
+    # mins cancel the mean of the unsigned quants: E[sc*q] = E[sc]*(qmax/2) and E[m] = E[sc], so dmin = d*qmax/2
+    if m_off is not None: blocks[:, m_off:m_off+2] = np.full((n_blocks, 1), d * (7.5 if qtype == QT.Q4_K else 15.5), np.float16).view(np.uint8)
+  set_scales(1.0)
+  measured = float(gguf.quants.dequantize(blocks[:256], qtype).std())
+  set_scales(std / measured)
+  return blocks
+
+def random_blocks(qtype:QT, n_elems:int, std:float, rng:np.random.Generator, mean:float=0.0) -> np.ndarray:
+  """n_elems random values N(mean, std) in qtype as raw bytes (n_blocks, block bytes)."""
+  if qtype in _KQ_SCALES: return _random_kquant(qtype, n_elems // gguf.GGML_QUANT_SIZES[qtype][0], std, rng)
+  block = gguf.GGML_QUANT_SIZES[qtype][0]
+  row = block * 128 if n_elems % (block * 128) == 0 else block  # gguf.quants quantizes row by row: long rows are fast
+  x = (rng.standard_normal(n_elems, dtype=np.float32) * np.float32(std) + np.float32(mean)).reshape(-1, row)
+  return gguf.quants.quantize(x, qtype).view(np.uint8).reshape(n_elems // block, -1)
+
+POOL_ELEMS = 1 << 22  # tensors larger than this are tiled from a pool of this many random values
+
+class Tiled:
+  """n blocks of pool from block start on, wrapping around; GGUFWriter.write_tensor_data calls .tofile, which writes the
+  pool's slices straight to the file (a 180 MB tensor is never assembled in memory)."""
+  def __init__(self, pool:np.ndarray, start:int, n:int): self.pool, self.start, self.n, self.nbytes = pool, start, n, n * pool.shape[1]
+  def tofile(self, f):
+    pos, left = self.start, self.n
+    while left:
+      k = min(left, len(self.pool) - pos)
+      f.write(self.pool[pos:pos + k].data)
+      left, pos = left - k, 0
+
+class Pools:
+  """Large tensors: consecutive blocks of a shared random pool (one pool per type and std), from a random start."""
+  def __init__(self, rng:np.random.Generator): self.rng, self.pools = rng, {}
+  def tensor(self, qtype:QT, n_elems:int, std:float) -> np.ndarray|Tiled:
+    if n_elems <= POOL_ELEMS: return random_blocks(qtype, n_elems, std, self.rng)
+    if (pool := self.pools.get((qtype, std))) is None: pool = self.pools[(qtype, std)] = random_blocks(qtype, POOL_ELEMS, std, self.rng)
+    return Tiled(pool, int(self.rng.integers(0, len(pool))), n_elems // gguf.GGML_QUANT_SIZES[qtype][0])
+
+# ***** tokenizer *****
+
+def _gpt2_byte_chars() -> list[str]:
+  # GPT-2's byte -> printable unicode map (what tokenizer.ggml.model "gpt2" token strings are written in)
+  bs = [*range(33, 127), *range(161, 173), *range(174, 256)]
+  extra = iter(range(256, 512))
+  return [chr(b) if b in bs else chr(next(extra)) for b in range(256)]
+
+def add_tokenizer(w:gguf.GGUFWriter, vocab:int):
+  # byte-level: ids 0..255 are the bytes, then special tokens, then unused filler; no merges (text -> bytes)
+  specials = ["<|endoftext|>", "[gMASK]", "<sop>", "<|user|>", "<|assistant|>"]
+  tokens = _gpt2_byte_chars() + specials + [f"<|unused_{i}|>" for i in range(vocab - 256 - len(specials))]
+  assert len(tokens) == vocab, "vocab must hold 256 bytes and the special tokens"
+  w.add_tokenizer_model("gpt2"); w.add_tokenizer_pre("default")
+  w.add_token_list(tokens)
+  w.add_token_types([gguf.TokenType.NORMAL] * 256 + [gguf.TokenType.CONTROL] * (vocab - 256))
+  w.add_eos_token_id(256); w.add_add_bos_token(False)
+
+# ***** writer *****
+
+def add_metadata(w:gguf.GGUFWriter, d:Dims, name:str):
+  # the keys llama.cpp's convert_hf_to_gguf.py writes for GLM-4.7-Flash (DeepseekV2Model: MLA served as MQA)
+  w.add_name(name)
+  w.add_context_length(d.context); w.add_embedding_length(d.dim); w.add_block_count(d.n_blocks)
+  w.add_feed_forward_length(d.ffn); w.add_head_count(d.n_heads); w.add_head_count_kv(1)
+  w.add_rope_freq_base(d.rope_theta); w.add_layer_norm_rms_eps(d.eps); w.add_vocab_size(d.vocab)
+  w.add_q_lora_rank(d.q_lora); w.add_kv_lora_rank(d.kv_lora)
+  w.add_key_length(d.kv_lora + d.qk_rope); w.add_value_length(d.kv_lora)
+  w.add_key_length_mla(d.qk_nope + d.qk_rope); w.add_value_length_mla(d.v_head)
+  w.add_rope_dimension_count(d.qk_rope)
+  w.add_leading_dense_block_count(d.n_dense); w.add_expert_feed_forward_length(d.expert_ffn)
+  w.add_expert_count(d.n_experts); w.add_expert_used_count(d.n_used); w.add_expert_shared_count(d.n_shared)
+  w.add_expert_weights_scale(d.expert_scale); w.add_expert_weights_norm(True)
+  w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+
+def tensor_data(name:str, shape:tuple[int, ...], matmul:bool, qtype:QT, pools:Pools, rng:np.random.Generator) -> np.ndarray|Tiled:
+  n = math.prod(shape)
+  # weights std 1/sqrt(fan_in) keep activations O(1); the embedding rows are O(1), each block's input is normed anyway
+  if matmul: return pools.tensor(qtype, n, 1.0 if name.startswith("token_embd") else shape[-1] ** -0.5)
+  if "norm" in name: return random_blocks(QT.F32, n, 0.1, rng, mean=1.0)
+  if name.endswith("exp_probs_b.bias"): return random_blocks(QT.F32, n, 0.05, rng)  # on the scale of the sigmoid score gaps
+  return random_blocks(QT.F32, n, shape[-1] ** -0.5, rng)  # the router
+
+def write(path:str|os.PathLike, preset:str|Dims="tiny", qtype:str|QT="Q4_0", seed:int=0, progress:bool=False) -> pathlib.Path:
+  """Writes the synthetic GGUF to path (atomically: a temp file in the same folder, renamed when complete)."""
+  d = PRESETS[preset] if isinstance(preset, str) else preset
+  qtype, path = TYPES[qtype] if isinstance(qtype, str) else qtype, pathlib.Path(path)
+  rng, table = np.random.default_rng(seed), tensor_table(d)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+  os.close(fd)
+  try:
+    w = gguf.GGUFWriter(tmp, ARCH)
+    add_metadata(w, d, f"synthetic-glm-{preset if isinstance(preset, str) else 'custom'}")
+    add_tokenizer(w, d.vocab)
+    types = [storage_type(qtype, shape, mm) for _, shape, mm in table]
+    for (name, shape, _), t in zip(table, types): w.add_tensor_info(name, shape, np.dtype(np.float32), nbytes(t, shape), raw_dtype=t)
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_ti_data_to_file()
+    pools, total = Pools(rng), sum(nbytes(t, shape) for (_, shape, _), t in zip(table, types))
+    bar = tqdm(total=total, desc=f"writing {path.name}", unit="B", unit_scale=True, disable=not progress)
+    for (name, shape, mm), t in zip(table, types):
+      data = tensor_data(name, shape, mm, t, pools, rng)
+      w.write_tensor_data(data, tensor_endianess=gguf.GGUFEndian.LITTLE)  # type: ignore[arg-type]
+      bar.update(data.nbytes)
+    bar.close(); w.close()
+    os.chmod(tmp, 0o644)  # mkstemp makes it private
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp): os.unlink(tmp)
+  return path
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("preset", choices=sorted(PRESETS))
+  p.add_argument("out", help="output .gguf path")
+  p.add_argument("--type", default="Q4_0", choices=list(TYPES), help="type of the matmul weights (default Q4_0)")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--blocks", type=int, help=argparse.SUPPRESS)  # testing: fewer blocks at the preset's dimensions
+  a = p.parse_args(argv)
+  dims = PRESETS[a.preset]
+  if a.blocks is not None: dims = Dims(**{**asdict(dims), "n_blocks": a.blocks, "n_dense": min(dims.n_dense, a.blocks)})
+  out = write(a.out, dims if a.blocks is not None else a.preset, a.type, a.seed, progress=sys.stderr.isatty())
+  print(f"wrote {out} ({out.stat().st_size/1e6:,.0f} MB)")
+
+if __name__ == "__main__": main()

@@ -1,0 +1,151 @@
+"""examples/glm: the tinygrad GLM against an independent float64 numpy forward pass (tests/glm_reference.py) on the tiny
+synthetic GGUF, passes on vs off, every weight type's dequantization, the full-size shape table, and run.py's errors."""
+import json, pathlib, subprocess, sys
+import numpy as np
+import pytest
+import gguf
+import tinygrad_ext
+from tinygrad import Tensor
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from examples.glm import model as glm, synth  # noqa: E402
+from glm_reference import Reference  # noqa: E402
+
+RUN = [sys.executable, str(ROOT / "examples" / "glm" / "run.py")]
+PROMPT = [1, 17, 300, 42, 256, 7]
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> pathlib.Path:
+  return synth.write(tmp_path_factory.mktemp("glm") / "tiny.gguf", "tiny", "Q4_0", seed=0)
+
+@pytest.fixture(scope="module")
+def model(tiny): return glm.load(tiny, max_context=32)[0]
+
+def rel_err(a, b) -> float: return float(np.abs(np.asarray(a, np.float64) - b).max() / np.abs(b).max())
+
+def test_matches_reference(model, tiny):
+  ref = Reference(str(tiny))
+  tok, logits = model.prefill(PROMPT)
+  want = ref.forward(PROMPT, 0)
+  assert rel_err(logits.numpy()[0], want) <= 1e-2 and tok == int(want.argmax())
+  jit, pos = model.decoder(), len(PROMPT)
+  for _ in range(4):  # the jit runs, captures, then replays; the KV cache carries the positions
+    want = ref.forward([tok], pos)
+    nxt, logits = model.decode(jit, tok, pos)
+    err = rel_err(logits.numpy()[0], want)
+    assert err <= 1e-2, f"pos {pos}: logits rel err {err:.2e}"
+    assert nxt == int(want.argmax()), f"pos {pos}: greedy token {nxt} != reference {int(want.argmax())}"
+    tok, pos = nxt, pos + 1
+  assert jit.captured is not None
+
+def _greedy(model, n:int) -> list[int]:
+  jit, out, tok = model.decoder(), [], PROMPT[0]
+  for pos in range(len(PROMPT) + n - 1):
+    tok, _ = model.decode(jit, tok, pos)
+    if pos + 1 < len(PROMPT): tok = PROMPT[pos + 1]
+    else: out.append(tok)
+  return out
+
+def test_passes_on_off_same_tokens(model):
+  on = _greedy(model, 4)
+  with tinygrad_ext.passes_off(): off = _greedy(model, 4)
+  assert on == off and len(on) == 4
+
+def test_topk_ids():
+  x = np.array([[[0.3, 0.9, 0.1, 0.9, 0.5, 0.2, 0.9, 0.0]]], np.float32)  # ties go to the lower id
+  got = glm.topk_ids(Tensor(x), 4).numpy()
+  assert got.tolist() == [[[1, 3, 6, 4]]] and got.tolist()[0][0] == np.argsort(-x[0, 0], kind="stable")[:4].tolist()
+
+def _one_tensor_gguf(path, qtype:gguf.GGMLQuantizationType, shape=(4, 512), arch="deepseek2", seed=0) -> np.ndarray:
+  data = synth.random_blocks(qtype, int(np.prod(shape)), 0.05, np.random.default_rng(seed))
+  if qtype == gguf.GGMLQuantizationType.F16:  # no fp16 subnormals: PoCL (tinygrad's default CL device here) flushes them to 0
+    x = data.view(np.float16)
+    x[np.abs(x) < np.finfo(np.float16).tiny] = np.finfo(np.float16).tiny
+  w = gguf.GGUFWriter(str(path), arch)
+  w.add_tensor("w", data.reshape(shape[0], -1), raw_dtype=qtype)
+  w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+  return data
+
+@pytest.mark.parametrize("name", list(synth.TYPES))
+def test_weight_types_dequantize(tmp_path, name):
+  qtype, path = synth.TYPES[name], tmp_path / f"{name}.gguf"
+  data = _one_tensor_gguf(path, qtype)
+  _, infos = glm.read_header(path)
+  got = glm.load_weights(path, infos)["w"].numpy()
+  want = gguf.quants.dequantize(gguf.GGUFReader(str(path)).tensors[0].data, qtype)
+  assert got.shape == want.shape == (4, 512)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+  assert np.abs(want).max() > 0 and data.nbytes == infos["w"].nbytes
+
+def test_full_shape_table():
+  d = synth.PRESETS["full"]
+  table = {name: (shape, mm) for name, shape, mm in synth.tensor_table(d)}
+  assert len(table) == 3 + 10 + 3 + 46 * (10 + 8)
+  assert table["blk.0.ffn_up.weight"][0] == (10240, 2048) and table["blk.1.ffn_gate_exps.weight"][0] == (64, 1536, 2048)
+  assert table["blk.1.attn_k_b.weight"][0] == (20, 512, 192) and table["blk.1.attn_v_b.weight"][0] == (20, 256, 512)
+  assert table["blk.1.attn_q_b.weight"][0] == (20 * 256, 768) and table["blk.1.attn_kv_a_mqa.weight"][0] == (576, 2048)
+  assert table["blk.46.exp_probs_b.bias"] == ((64,), False) and table["output.weight"][0] == (154880, 2048)
+  total = sum(synth.nbytes(synth.storage_type(synth.QT.Q4_0, s, mm), s) for s, mm in table.values())
+  assert 16.5e9 < total < 17.3e9, total  # the 16.9 GB Q4_0 GGUF
+  # K-quants: attn_k_b rows (192) are not a multiple of 256, they fall back to Q8_0 as llama-quantize does
+  assert synth.storage_type(synth.QT.Q4_K, (20, 512, 192), True) == synth.QT.Q8_0
+
+def test_full_writer_header(tmp_path):
+  # the full preset's dimensions with 2 blocks (one dense, one MoE): the header parses into the real config
+  out = subprocess.run([sys.executable, str(ROOT / "examples" / "glm" / "synth.py"), "full", str(tmp_path / "f.gguf"), "--blocks", "2"],
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr
+  kv, infos = glm.read_header(tmp_path / "f.gguf")
+  c = glm.Config.from_gguf(kv, infos)
+  assert (c.dim, c.n_heads, c.q_lora, c.kv_lora, c.qk_nope, c.qk_rope, c.v_head, c.vocab) == (2048, 20, 768, 512, 192, 64, 256, 154880)
+  assert (c.n_experts, c.n_used, c.n_shared, c.expert_ffn, c.ffn, c.n_dense, c.n_blocks) == (64, 4, 1, 1536, 10240, 1, 2)
+  assert (c.expert_scale, c.expert_norm, c.gating, c.rope_theta, c.eps) == (pytest.approx(1.8), True, 2, 1e6, pytest.approx(1e-5))
+  assert infos["blk.1.ffn_down_exps.weight"].shape == (64, 2048, 1536) and infos["blk.1.ffn_down_exps.weight"].ggml_type == 2
+  assert not list(tmp_path.glob("*.tmp"))  # the temp file was renamed into place
+
+def test_tokenizer(tiny):
+  from examples.glm.run import Tokenizer
+  tok = Tokenizer(glm.read_header(tiny)[0], 512)
+  ids = tok.encode("héllo, world")
+  assert ids == list("héllo, world".encode()) and tok.decode(ids) == "héllo, world"
+  assert Tokenizer({}, 100).encode("ab") == [97 % 100, 98 % 100]
+
+def test_run_smoke(tiny, tmp_path):
+  out = subprocess.run(RUN + ["--model", str(tiny), "--count", "3", "--profile", "--passes", "compare", "--json", str(tmp_path / "r.json"),
+                              "--max-context", "64"], capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr
+  assert "tok/s" in out.stdout and "kernels/token" in out.stdout and "kernels per decode token by kind" in out.stdout
+  r = json.loads((tmp_path / "r.json").read_text())
+  assert r["tokens_identical"] and set(r["results"]) == {"on", "off"}
+  for res in r["results"].values():
+    assert res["kernels_per_token"] == res["profile"]["n_kernels"] > 0 and len(res["tokens"]) == 3
+    assert res["profile"]["kernels_by_kind"]["matmul"] > 0
+
+# ***** bad input: one line on stderr, exit code 2 *****
+
+def _bad_files(tmp:pathlib.Path, tiny:pathlib.Path) -> dict[str, pathlib.Path]:
+  (trunc := tmp / "truncated.gguf").write_bytes(tiny.read_bytes()[:len(tiny.read_bytes()) // 2])
+  (header := tmp / "header_cut.gguf").write_bytes(tiny.read_bytes()[:100])
+  (text := tmp / "notes.gguf").write_text("this is not a gguf file\n")
+  _one_tensor_gguf(arch_f := tmp / "llama.gguf", gguf.GGMLQuantizationType.Q4_0, arch="llama")
+  # a deepseek2 file with a Q2_K tensor (no Q2_K quantizer in gguf: raw bytes of the right size)
+  w = gguf.GGUFWriter(str(q2 := tmp / "q2k.gguf"), "deepseek2")
+  w.add_tensor("token_embd.weight", np.zeros((4, 84), np.uint8), raw_dtype=gguf.GGMLQuantizationType.Q2_K)
+  w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+  return {"missing": tmp / "nope.gguf", "truncated": trunc, "header_cut": header, "not_gguf": text, "other_arch": arch_f, "q2_k": q2}
+
+EXPECT = {"missing": "no such file", "truncated": "truncated", "header_cut": "truncated or corrupt", "not_gguf": "not a GGUF",
+          "other_arch": "architecture 'llama' is not supported", "q2_k": "unsupported type Q2_K"}
+BAD_FLAGS = [["--count", "0"], ["--frobnicate"], ["--passes", "maybe"], ["--synthetic", "huge"], ["--model", "a.gguf", "--synthetic", "tiny"],
+             ["--benchmark", "-1"], ["--count", "many"]]
+
+def test_bad_input(tiny, tmp_path):
+  files = _bad_files(tmp_path, tiny)
+  cases = [(["--model", str(p)], EXPECT[k]) for k, p in files.items()] + [(f, "") for f in BAD_FLAGS]
+  procs = [subprocess.Popen(RUN + c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c, _ in cases]
+  for (case, want), p in zip(cases, procs):
+    _, err = p.communicate(timeout=120)
+    lines = err.strip().splitlines()
+    assert p.returncode == 2, (case, err)
+    assert len(lines) == 1 and lines[0].startswith("error: ") and want in lines[0], (case, err)
