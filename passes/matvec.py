@@ -3,9 +3,9 @@
 Stock tinygrad's matvec heuristic fires only on MUL(INDEX, INDEX); a fused dequant on the weight side defeats it, so a
 Q4_0 GEMV gets GROUPTOP(16) through shared memory and a MoE expert matmul no reduce split at all (18-1150 us on an H200
 where hand-written kernels take 6-11 us). This heuristic recognizes, with a PatternMatcher,
-  REDUCE(ADD, MUL(weight, activation)) (casts allowed around the MUL and the activation),
-where the weight side reads GGUF bytes (a uint8 buffer) or is itself a float matrix and the activation is read by no
-output axis but the batch of experts (a GEMV, or MoE mul_mat_id with the expert id inside the weight address). It then
+  REDUCE(ADD, MUL(weight, activation)) (a cast allowed around the MUL),
+where the weight side reads GGUF bytes (a uint8 buffer) or is itself a float matrix and the activation (a buffer, or an
+expression such as a fused RMSNorm) reads no GGUF bytes and no output axis (a GEMV, or MoE mul_mat_id with the expert id inside the weight address). It then
   - unrolls the reduce axes inside a quant block (a fused dequant splits the reduce into block, and element within the
     block: Q4_0 is 32 = 2 nibble halves x 16 bytes), so each lane reads a whole block;
   - spreads the blocks over REDUCE_LOCAL lanes (adjacent lanes read adjacent blocks);
@@ -45,25 +45,21 @@ def policy_for(device:str) -> MatvecPolicy: return POLICIES.get(device.split(":"
 
 @dataclass(frozen=True)
 class Matvec:
-  quantized: bool  # the weight side reads GGUF bytes
   weight: UOp
   activation: UOp
 
-def _reads(u:UOp, dtype) -> bool: return any(x.op is Ops.INDEX and x.src[0].op is Ops.PARAM and x.src[0].dtype == dtype for x in u.toposort())
-
 def classify(r:UOp, w:UOp, act:UOp) -> Matvec|None:
-  if r.arg[0] is not Ops.ADD or act.src[0].op is not Ops.PARAM or not dtypes.is_float(act.dtype): return None
-  # the activation reads fewer ranges than the weight (no output axis); this also orders two plain INDEX operands
-  if not set(act.ranges) < set(w.ranges): return None
-  if _reads(w, dtypes.uint8): return Matvec(True, w, act)
-  base = w.src[0] if w.op is Ops.CAST else w
-  if base.op is Ops.INDEX and base.src[0].op is Ops.PARAM and dtypes.is_float(base.dtype): return Matvec(False, w, act)
-  return None
+  # The activation reads a strict subset of the weight's ranges: no output row axis. That is what makes it a matvec
+  # (with several tokens the activation reads a token axis the weight does not: a GEMM, left to tinygrad), and it tells
+  # the two operands apart. Either side may be an expression: a dequant chain over GGUF bytes, a bitcast F32 weight,
+  # a norm fused into the activation, an activation that is itself a dequantized embedding row.
+  if r.arg[0] is not Ops.ADD or not dtypes.is_float(w.dtype) or not dtypes.is_float(act.dtype): return None
+  if not any(u.op is Ops.INDEX for u in act.toposort()): return None  # a vector read from memory, not a constant
+  return Matvec(w, act) if set(act.ranges) < set(w.ranges) else None
 
-# REDUCE(ADD, MUL(weight, activation)), the MUL and the activation possibly cast
+# REDUCE(ADD, MUL(weight, activation)), the MUL possibly cast
 pm_matvec = PatternMatcher([
-  (UPat(Ops.REDUCE, src=(UPat(Ops.MUL, src=[UPat(name="w"), UPat(Ops.INDEX, name="act").or_casted()]).or_casted(),),
-        allow_any_len=True, name="r"), classify),
+  (UPat(Ops.REDUCE, src=(UPat(Ops.MUL, src=[UPat(name="w"), UPat(name="act")]).or_casted(),), allow_any_len=True, name="r"), classify),
 ])
 
 def _pow2_divisor(n:int, most:int) -> int:
@@ -72,16 +68,15 @@ def _pow2_divisor(n:int, most:int) -> int:
 def choose_matvec_opts(k):
   if len(reds:=k.reduceops) != 1 or (m:=pm_matvec.rewrite(reds[0])) is None: return None
   act_ranges, w_ranges = set(m.activation.ranges), set(m.weight.ranges)
-  outs = [i for i in k.axes_of(AxisType.GLOBAL) if k.rngs[i] in w_ranges]
-  # a GEMV: no output axis reads the activation (one token; with several, it is a GEMM and tinygrad's to choose)
-  if not outs or any(k.rngs[i] in act_ranges for i in k.axes_of(AxisType.GLOBAL)): return None
-  if any(not isinstance(s, int) for s in k.full_shape): return None
+  # the weight's rows: global axes the activation does not read (MoE: the expert slot axis is read by both)
+  outs = [i for i in k.axes_of(AxisType.GLOBAL) if k.rngs[i] in w_ranges and k.rngs[i] not in act_ranges]
+  if not outs or any(not isinstance(s, int) for s in k.full_shape): return None
   out = max(outs, key=lambda i: k.full_shape[i])
   pol, red = policy_for(k.ren.target.device), k.axes_of(AxisType.REDUCE)
-  weight_elements, rows = prod(k.full_shape[i] for i in outs + red), k.full_shape[out]
-  if m.quantized:
-    # the reduce axes after the first are inside a quant block: unrolled, each lane reads whole blocks
-    if len(red) < 2: return None
+  weight_elements, rows = prod(k.full_shape[i] for i in k.axes_of(AxisType.GLOBAL) + red), k.full_shape[out]
+  if len(red) >= 2:
+    # a dequant chain splits the reduce: the axes after the first are inside a quant block, unrolled so each lane
+    # reads whole blocks
     for i in reversed(range(1, len(red))): k.apply_opt(Opt(OptOps.UNROLL, i, k.full_shape[red[i]]))
   elif len(red) == 1 and k.full_shape[red[0]] % (pol.float_unroll * 2) == 0:
     k.apply_opt(Opt(OptOps.UNROLL, 0, pol.float_unroll))

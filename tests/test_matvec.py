@@ -94,3 +94,12 @@ def test_matvec_leaves_gemm_and_other_kernels_to_tinygrad():
   for make in (lambda: x4 @ w.T, lambda: (x4 * 2).sum(axis=1), lambda: (x4.float().exp()).max(axis=1)):
     with tinygrad_ext.passes_off(): stock = applied(make, cuda_renderer())
     assert applied(make, cuda_renderer()) == stock
+
+def test_matvec_takes_fused_activations_and_moe_down():
+  # the activation may be an expression (an RMSNorm fused into the matmul) and, in MoE down, read the expert slot axis
+  w = quantized(rng, (8, 256, 2048), "Q4_0", Device.DEFAULT)
+  dense = quantized(rng, (256, 2048), "Q4_0", Device.DEFAULT)
+  sel = Tensor([[[1, 5]]], dtype=dtypes.int32)
+  xs = Tensor.empty(1, 1, 2, 2048, dtype=dtypes.float16)
+  for make in (lambda: (xs.unsqueeze(-2) @ w[sel].transpose(-1, -2)).contiguous(), lambda: (x * 3 + 1) @ dense.T):
+    assert any(o.op is OptOpsExt.REDUCE_LOCAL for o in applied(make, cuda_renderer()))
