@@ -103,13 +103,16 @@ class Config:
 # ***** weights *****
 
 def load_weights(path:str|os.PathLike, infos:dict[str, TensorInfo], device:str|None=None, progress:bool=False) -> dict[str, Tensor]:
-  """Copies each tensor's GGUF bytes from the disk to the device once; returns lazy dequant expressions over them."""
+  """Copies each tensor's GGUF bytes from the disk to the device once; returns lazy dequant expressions over them.
+  Native types (F32, F16, BF16: norms, biases, the router) are their bytes reinterpreted; that reinterpretation is done
+  once here, so kernels read typed values instead of reassembling every float from bytes wherever the tensor is used."""
   device, disk, out = device or Device.DEFAULT, Tensor(pathlib.Path(path)), {}
   bar = tqdm(total=sum(t.nbytes for t in infos.values()), desc=f"loading {pathlib.Path(path).name}", unit="B", unit_scale=True,
              leave=False, mininterval=1, disable=not progress)
   for t in infos.values():
     raw = disk[t.offset:t.offset + t.nbytes].to(device).realize()
     out[t.name] = ggml_data_to_tensor(raw, math.prod(t.shape), t.ggml_type).reshape(t.shape)
+    if t.ggml_type in _GGML_NATIVE: out[t.name] = out[t.name].contiguous().realize()
     bar.update(t.nbytes)
   bar.close()
   return out
