@@ -140,11 +140,20 @@ def combine_lanes(ctx:tuple[Callable, dict]|None, r:UOp) -> UOp|None:
       offset //= 2
   return UOp(Ops.REDUCE, r.dtype, (v,)+warps, (op, 0)) if warps else v
 
+def smem_tree_bytes(sink:UOp, reduces:list[UOp]) -> int:
+  """Local memory the butterfly through memory takes: a buffer per step, each a value per thread."""
+  threads = prod(r.vmax+1 for r in sink.toposort() if r.op is Ops.RANGE and r.arg[-1] in LOCAL_AXES)
+  return sum(prod(r.shape) * r.dtype.itemsize * threads * (next(x for x in r.src[1:] if x.op is Ops.RANGE and x.arg[0] == LANE_ID).vmax+1).bit_length()
+             for r in reduces)
+
 def reduce_local_epilogue(sink:UOp, ren:Renderer) -> UOp:
   reduces = [u for u in sink.toposort() if u.op is Ops.REDUCE and any(x.op is Ops.RANGE and x.arg[0] == LANE_ID for x in u.src[1:])]
   if not reduces: return sink
   # register shuffles need the lanes to be consecutive hardware threads; local memory works whatever the mapping
   epilogue = warp_epilogue(ren, reduces[0].dtype) if lanes_map_to_hardware(sink, ren) else None
+  # the tree through memory needs a buffer per step: where that does not fit (opts after REDUCE_LOCAL add rows and
+  # threads), the lanes stay a GROUP_REDUCE and tinygrad's one-buffer shared-memory reduce combines them
+  if epilogue is None and smem_tree_bytes(sink, reduces) > ren.shared_max: return sink
   return graph_rewrite(sink, PatternMatcher([(UPat(Ops.REDUCE, name="r"), combine_lanes)]), ctx=epilogue, name="reduce_local: lane epilogue")
 
 def _is_intrinsic(x:UOp) -> bool: return isinstance(x.arg, str) and x.arg.startswith(INTRINSICS)

@@ -139,3 +139,13 @@ def test_reduce_local_without_register_shuffles_is_a_shared_memory_tree():
   assert src.count("barrier(CLK_LOCAL_MEM_FENCE);") == 4, src
   assert sorted(int(o) for o in re.findall(r"\^(\d+)l?\)", src)) == [1, 2, 4, 8], src
   assert "for (int Ridx" not in src.split("barrier(")[1], "no serial loop over the lanes' partials"
+
+def test_reduce_local_memory_tree_that_does_not_fit_falls_back_to_tinygrads_group():
+  # 256 threads x 8 rows per thread x 4 bytes x 5 steps = 40 KB of trees > PoCL's shared memory: one GROUP buffer instead
+  ren = Device["CL"].renderer
+  ast = with_opts(matvec_ast(64, 1024), REDUCE_LOCAL(0, 32), Opt(OptOps.UPCAST, 0, 8), Opt(OptOps.LOCAL, 0, 8))
+  src = render(ast, ren)
+  assert 32 * 8 * 8 * 4 * 5 > ren.shared_max and src.count("barrier(CLK_LOCAL_MEM_FENCE);") == 1 and "^" not in src, src
+  W, x = Tensor.rand(64, 1024).realize(), Tensor.rand(1024).realize()
+  np.testing.assert_allclose(realize_with_opts(lambda: W @ x, REDUCE_LOCAL(0, 32), Opt(OptOps.UPCAST, 0, 8), Opt(OptOps.LOCAL, 0, 8)),
+                             W.numpy() @ x.numpy(), rtol=1e-4)
