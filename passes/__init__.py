@@ -2,3 +2,4 @@
 registers them all, in the order listed here."""
 from passes import reduce_local  # noqa: F401,E402
 from passes import matvec  # noqa: F401,E402
+from passes import packed_loads  # noqa: F401,E402

@@ -1,0 +1,53 @@
+"""packed_loads: byte loads of GGUF blocks become ushort/uint loads where alignment is proven; results are bit-identical."""
+import os
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st, HealthCheck
+from tinygrad import Tensor, dtypes, Device
+from tinygrad.helpers import Context
+from tinygrad.llm.gguf import ggml_data_to_tensor
+import tinygrad_ext
+from kernels import kernel_asts, render, cuda_renderer, metal_renderer
+from test_matvec import quantized, QTYPES
+
+DEVICES = os.getenv("TINYGRAD_EXT_TEST_DEVICES", "CL,CPU").split(",")
+EXAMPLES = {"CPU": 8}
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_packed_loads_are_bit_identical(device):
+  @settings(max_examples=EXAMPLES.get(device, 20), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+  @given(st.sampled_from(["Q4_0", "Q8_0", "Q4_K", "Q6_K"]), st.sampled_from([1, 2, 3]), st.sampled_from([4, 8, 12]), st.integers(0, 2**16),
+         st.booleans())
+  def prop(qtype, nblocks, out, seed, matvec):
+    with Context(DEV=device):
+      rng = np.random.default_rng(seed)
+      inp = nblocks * (256 if qtype.endswith("_K") else 32)
+      w = quantized(rng, (out, inp), qtype, device)
+      x = Tensor(rng.uniform(-1, 1, (1, inp)).astype(np.float16), device=device).realize()
+      make = (lambda: (x @ w.T).float()) if matvec else (lambda: w.float() * 1)  # a fused matvec, or the dequant alone
+      with tinygrad_ext.only(*[p for p in tinygrad_ext.PASSES if p != "packed_loads"]): ref = make().numpy()
+      np.testing.assert_array_equal(make().numpy(), ref)
+  prop()
+
+def q4_0_matvec_ast(rows=256, inp=2048):
+  raw = Tensor.empty(rows * inp // 32 * 18, dtype=dtypes.uint8)
+  x = Tensor.empty(1, inp, dtype=dtypes.float16)
+  return kernel_asts(lambda: x @ ggml_data_to_tensor(raw, rows * inp, 2).reshape(rows, inp).cast(dtypes.float16).T)[0]
+
+def test_q4_0_matvec_reads_ushorts_with_the_pass_and_bytes_without():
+  ast = q4_0_matvec_ast()
+  for ren, word, byte in ((cuda_renderer(), "*((unsigned short*)", "unsigned char val"), (metal_renderer(), "*((device unsigned short*)", "unsigned char val")):
+    on = render(ast, ren)
+    with tinygrad_ext.only(*[p for p in tinygrad_ext.PASSES if p != "packed_loads"]): off = render(ast, ren)
+    assert on.count(word) == 9 and byte not in on, on  # 18-byte block: the fp16 scale and 16 nibble bytes in 9 words
+    assert word not in off and off.count(byte) >= 18, off
+  from tinygrad.codegen import full_rewrite_to_sink
+  assert any(u.op.name == "LOAD" and u.dtype == dtypes.uint16 for u in full_rewrite_to_sink(ast, cuda_renderer()).toposort())
+
+def test_unprovable_alignment_keeps_byte_loads():
+  # MXFP4 blocks are 17 bytes: a block starts at an odd byte as often as not, so no run can be proven aligned
+  raw = Tensor.empty(64 * 256 // 32 * 17, dtype=dtypes.uint8)
+  x = Tensor.empty(1, 256, dtype=dtypes.float16)
+  ast = kernel_asts(lambda: x @ ggml_data_to_tensor(raw, 64 * 256, 39).reshape(64, 256).cast(dtypes.float16).T)[-1]
+  src = render(ast, cuda_renderer())
+  assert "unsigned short*" not in src and "unsigned int*" not in src and "unsigned char val" in src, src
