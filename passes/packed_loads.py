@@ -45,7 +45,7 @@ def packed_byte_loads(sink:UOp, ren:Renderer) -> UOp:
         if width > 1:
           word = buf.index(start).cast(WORDS[width]).load()
           for i, off in enumerate(offsets[:width]):
-            byte = ((word >> (8*i)) & 0xff).cast(dtypes.uint8) if i else (word & 0xff).cast(dtypes.uint8)
+            byte = ((word >> (8*i)) & 0xff).cast(dtypes.uint8)
             for ld in by_offset[off]: subs[ld] = byte if buf.dtype == dtypes.uint8 else byte.bitcast(buf.dtype)
         offsets = offsets[width:]
   return sink.substitute(subs, name="packed_loads") if subs else sink
