@@ -25,9 +25,8 @@ import tinygrad.codegen.opt.search as search
 import tinygrad.schedule as schedule
 from tinygrad.codegen.opt import KernelOptError
 from tinygrad.codegen.opt.postrange import Scheduler
-from tinygrad.uop.ops import Ops
+from tinygrad.uop.ops import Ops, UOp
 from tinygrad.helpers import NOOPT
-from tinygrad.uop.ops import UOp
 from tinygrad.renderer import Renderer
 from tinygrad_ext.registry import PASSES, CodegenStep, SchedulerOpt, OptHeuristic, MatcherRules, on_change
 from tinygrad_ext.config import SWITCHES, is_active, cache_id
@@ -46,12 +45,15 @@ def hook_points() -> list[str]:
   return [f"{m.__module__}.{m.__qualname__}.{a}" if isinstance(m, type) else f"{m.__name__}.{a}" for m, a in _originals] + \
          (["tinygrad.codegen.opt.search.actions"] if _beam_actions else [])
 
+def registered_hooks(kind:type, active_only:bool=False) -> list:
+  """Every registered pass's hooks of this kind, in registration order (only those of active passes, if asked)."""
+  return [h for p in PASSES.values() if not active_only or is_active(p.name) for h in p.hooks if isinstance(h, kind)]
+
 # *** codegen steps ***
 
 _current_renderer: contextvars.ContextVar[Renderer|None] = contextvars.ContextVar("tinygrad_ext_renderer", default=None)
 
-def active_codegen_steps(step:str) -> list[CodegenStep]:
-  return [h for p in PASSES.values() if is_active(p.name) for h in p.hooks if isinstance(h, CodegenStep) and h.step == step]
+def active_codegen_steps(step:str) -> list[CodegenStep]: return [h for h in registered_hooks(CodegenStep, True) if h.step == step]
 
 def _graph_rewrite_with_steps(sink:UOp, pm, *args, name:str|None=None, **kwargs) -> UOp:
   ret = _originals[(codegen, "graph_rewrite")](sink, pm, *args, name=name, **kwargs)
@@ -84,7 +86,7 @@ def _heuristic_may_choose(ast:UOp, beam:int) -> bool:
 
 def _apply_opts(ast:UOp, ren:Renderer, beam:int=0) -> UOp:
   if _heuristic_may_choose(ast, beam):
-    for h in [h for p in PASSES.values() if is_active(p.name) for h in p.hooks if isinstance(h, OptHeuristic)]:
+    for h in registered_hooks(OptHeuristic, True):
       k = Scheduler(ast, ren)
       k.convert_loop_to_global()
       try: chosen = h.choose(k)
@@ -97,9 +99,9 @@ def _sync_registered() -> None:
   """Follows the registry: BEAM's action list holds the opts of every registered SchedulerOpt (an opt of a pass that
   is off is refused), and each extended codegen matcher is tinygrad's plus every registered MatcherRules for it."""
   for a in _beam_actions: search.actions.remove(a)
-  _beam_actions[:] = [a for p in PASSES.values() for h in p.hooks if isinstance(h, SchedulerOpt) for a in h.beam_actions]
+  _beam_actions[:] = [a for h in registered_hooks(SchedulerOpt) for a in h.beam_actions]
   search.actions.extend(_beam_actions)
-  rules = [h for p in PASSES.values() for h in p.hooks if isinstance(h, MatcherRules)]
+  rules = registered_hooks(MatcherRules)
   for attr in {h.attr for h in rules} | {a for m, a in _originals if m is codegen and a.startswith("pm_")}:
     if (codegen, attr) not in _originals: _originals[(codegen, attr)] = getattr(codegen, attr)
     setattr(codegen, attr, sum((h.matcher for h in rules if h.attr == attr), _originals[(codegen, attr)]))
