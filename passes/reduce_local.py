@@ -118,19 +118,22 @@ def lanes_map_to_hardware(sink:UOp, ren:Renderer) -> bool:
   if not dims or dims[0][0][0] != LANE_ID or ren.local_max is None: return False
   return len(dims) <= len(ren.local_max) and all(isinstance(s, int) and s <= m for (_, s), m in zip(dims, ren.local_max))
 
+def reduce_range(r:UOp, range_id:int) -> UOp|None:
+  """The range of REDUCE r with this id (the lanes' or the warps'), if r reduces over it."""
+  return next((x for x in r.src[1:] if x.op is Ops.RANGE and x.arg[0] == range_id), None)
+
 def combine_lanes(ctx:tuple[Callable, dict]|None, r:UOp) -> UOp|None:
-  lanes = [x for x in r.src[1:] if x.op is Ops.RANGE and x.arg[0] == LANE_ID]
-  if not lanes: return None
-  warps = tuple(x for x in r.src[1:] if x.op is Ops.RANGE and x.arg[0] == WARP_ID)
-  rest = tuple(x for x in r.src[1:] if x not in lanes and x not in warps)
+  if (lane:=reduce_range(r, LANE_ID)) is None: return None
+  warps = tuple(w for w in (reduce_range(r, WARP_ID),) if w is not None)
+  rest = tuple(x for x in r.src[1:] if x is not lane and x not in warps)
   v = r.src[0] if not rest and r.arg[1] == 0 else r.replace(src=(r.src[0],)+rest)
   if ctx is None:
     # no register shuffles: a butterfly through local memory, indexed by the other local dims too; a whole (upcast)
     # vector goes through one buffer per step
-    others = tuple(sorted([u for u in v.toposort() if u.op is Ops.RANGE and u.arg[-1] in LOCAL_AXES and u is not lanes[0]], key=lambda u: u.arg))
-    shuffle, whole_warp, per_element = smem_shuffle(lanes[0], warps + tuple(u for u in others if u not in warps)), {}, False
+    others = tuple(sorted([u for u in v.toposort() if u.op is Ops.RANGE and u.arg[-1] in LOCAL_AXES and u is not lane], key=lambda u: u.arg))
+    shuffle, whole_warp, per_element = smem_shuffle(lane, warps + tuple(u for u in others if u not in warps)), {}, False
   else: (shuffle, whole_warp), per_element = ctx, True
-  op, width = r.arg[0], lanes[0].vmax+1
+  op, width = r.arg[0], lane.vmax+1
   if width == SHUFFLE_WIDTH and op in whole_warp:
     v = _elementwise(v, lambda x: intrinsic(whole_warp[op], x))
   else:
@@ -143,11 +146,10 @@ def combine_lanes(ctx:tuple[Callable, dict]|None, r:UOp) -> UOp|None:
 def smem_tree_bytes(sink:UOp, reduces:list[UOp]) -> int:
   """Local memory the butterfly through memory takes: a buffer per step, each a value per thread."""
   threads = prod(r.vmax+1 for r in sink.toposort() if r.op is Ops.RANGE and r.arg[-1] in LOCAL_AXES)
-  return sum(prod(r.shape) * r.dtype.itemsize * threads * (next(x for x in r.src[1:] if x.op is Ops.RANGE and x.arg[0] == LANE_ID).vmax+1).bit_length()
-             for r in reduces)
+  return sum(prod(r.shape) * r.dtype.itemsize * threads * (reduce_range(r, LANE_ID).vmax+1).bit_length() for r in reduces)
 
 def reduce_local_epilogue(sink:UOp, ren:Renderer) -> UOp:
-  reduces = [u for u in sink.toposort() if u.op is Ops.REDUCE and any(x.op is Ops.RANGE and x.arg[0] == LANE_ID for x in u.src[1:])]
+  reduces = [u for u in sink.toposort() if u.op is Ops.REDUCE and reduce_range(u, LANE_ID) is not None]
   if not reduces: return sink
   # register shuffles need the lanes to be consecutive hardware threads; local memory works whatever the mapping
   epilogue = warp_epilogue(ren, reduces[0].dtype) if lanes_map_to_hardware(sink, ren) else None
