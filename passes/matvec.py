@@ -73,12 +73,13 @@ def choose_matvec_opts(k):
   if not outs or any(not isinstance(s, int) for s in k.full_shape): return None
   out = max(outs, key=lambda i: k.full_shape[i])
   pol, red = policy_for(k.ren.target.device), k.axes_of(AxisType.REDUCE)
+  if not red: return None  # reduce axes of size 1 are no opt axes: nothing to spread over lanes
   weight_elements, rows = prod(k.full_shape[i] for i in k.axes_of(AxisType.GLOBAL) + red), k.full_shape[out]
   if len(red) >= 2:
     # a dequant chain splits the reduce: the axes after the first are inside a quant block, unrolled so each lane
     # reads whole blocks
     for i in reversed(range(1, len(red))): k.apply_opt(Opt(OptOps.UNROLL, i, k.full_shape[red[i]]))
-  elif len(red) == 1 and k.full_shape[red[0]] % (pol.float_unroll * 2) == 0:
+  elif k.full_shape[red[0]] % (pol.float_unroll * 2) == 0:
     k.apply_opt(Opt(OptOps.UNROLL, 0, pol.float_unroll))
   if (lanes:=_pow2_divisor(k.full_shape[k.axes_of(AxisType.REDUCE)[0]], pol.lanes)) < 4: return None
   k.apply_opt(Opt(OptOpsExt.REDUCE_LOCAL, 0, lanes))
