@@ -1,7 +1,10 @@
 """Helpers for tests: the kernels a Tensor expression compiles to, and their rendered source."""
+import sys, types
 from typing import Callable
+from dataclasses import replace
 from tinygrad import Tensor, Device
-from tinygrad.uop.ops import Ops, UOp
+from tinygrad.uop.ops import Ops, UOp, ProgramInfo
+from tinygrad.helpers import Target
 import tinygrad.codegen as codegen
 
 def kernel_asts(make:Callable[[], Tensor]) -> list[UOp]:
@@ -15,10 +18,6 @@ def kernel_sources(make:Callable[[], Tensor], device:str|None=None) -> list[str]
   return [program(ast, device).src[2].arg for ast in kernel_asts(make)]
 
 # *** rendering for backends this machine cannot run ***
-import sys, types
-from dataclasses import replace
-from tinygrad.uop.ops import ProgramInfo
-from tinygrad.helpers import Target
 
 def with_opts(ast:UOp, *opts) -> UOp:
   """The kernel with these opts forced (tinygrad's KernelInfo.opts_to_apply), instead of the heuristic's."""
