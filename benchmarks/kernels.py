@@ -335,6 +335,8 @@ def parse_args(argv:list[str]|None=None):
   p.add_argument("--no-torch", action="store_true", help="skip the torch fp16 column")
   p.add_argument("--json", type=str, default=None, help="write all results here")
   p.add_argument("--without", type=str, default="", help="comma-separated passes: also time passes on without each, in the same run")
+  p.add_argument("--policy", action="append", default=[], metavar="NAME=FIELD=V,...",
+                 help="also time passes on with this matvec policy override (TINYGRAD_EXT_MATVEC_POLICY), e.g. l64=lanes=64; repeatable")
   args = p.parse_args(argv)
   defaults = dict(iters=3, budget=0.05, rounds=1, rotate_mb=0.25, call_mb=0, ceiling_mb=16) if args.small else \
              dict(iters=100, budget=0.5, rounds=2, rotate_mb=256, call_mb=1024, ceiling_mb=1024)
@@ -355,6 +357,13 @@ def main(argv:list[str]|None=None) -> dict:
   without = [n for n in args.without.split(",") if n]
   for n in tinygrad_ext.check_pass_names(without):
     SETTINGS[f"without_{n}"] = lambda n=n: tinygrad_ext.only(*[p for p in tinygrad_ext.PASSES if p != n])
+  # each --policy: one more setting, every pass on with the matvec policy overridden
+  from passes.matvec import parse_override
+  policies = dict(p.split("=", 1) for p in args.policy)
+  for name, spec in policies.items():
+    parse_override(spec)  # a bad field fails here, before any compile
+    SETTINGS[f"policy_{name}"] = lambda spec=spec: Context(TINYGRAD_EXT_MATVEC_POLICY=spec)
+  extra = [f"without_{n}" for n in without] + [f"policy_{n}" for n in policies]
   rows, st = select_rows(args.rows, args.small), time.perf_counter()
   # torch first: once tinygrad's CUDA context is current, the CUDA runtime would run torch in it
   args.torch_us = {}
@@ -374,11 +383,12 @@ def main(argv:list[str]|None=None) -> dict:
     print(f"  {r.name}: off {res['off']['us']:.1f} us, on {res['on']['us']:.1f} us, "
           f"rel err {max(res['off']['rel_err'], res['on']['rel_err']):.1e} ({res['wall_s']:.1f} s)", flush=True)
   print(table(results, ceiling))
-  if without:
-    print("| kernel | on us | " + " | ".join(f"without {n} us | on speedup vs without {n}" for n in without) + " |")
-    print("|" + "---|" * (2 + 2 * len(without)))
+  if extra:
+    # without_X: every pass on but X; policy_X: every pass on, matvec policy X (its spec is in the JSON's args)
+    print("| kernel | on us | " + " | ".join(f"{e.replace('_', ' ', 1)} us | on speedup vs {e.replace('_', ' ', 1)}" for e in extra) + " |")
+    print("|" + "---|" * (2 + 2 * len(extra)))
     for r in results:
-      print(f"| {r['desc']} | {r['on']['us']:.1f} | " + " | ".join(f"{r['without_'+n]['us']:.1f} | {r['without_'+n]['us']/r['on']['us']:.2f}" for n in without) + " |")
+      print(f"| {r['desc']} | {r['on']['us']:.1f} | " + " | ".join(f"{r[e]['us']:.1f} | {r[e]['us']/r['on']['us']:.2f}" for e in extra) + " |")
   out = {"device": device_name(), "dev": Device.DEFAULT, "small": args.small, "tinygrad": importlib.metadata.version("tinygrad"),
          "tinygrad_ext": tinygrad_ext.__version__, "active_passes": active, "cache_id": cid, "tolerance": TOL,
          "torch": torch.__version__ if args.torch_us else None, "ceiling": ceiling, "rows": results,

@@ -16,7 +16,8 @@ POLICIES below; DESIGN.md has the measurements behind them.
 Hook: an OptHeuristic (tinygrad.codegen.apply_opts, before hand_coded_optimizations).
 """
 from __future__ import annotations
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
+from tinygrad.helpers import ContextVar
 from tinygrad.uop.ops import UOp, Ops, AxisType, PatternMatcher, UPat
 from tinygrad.dtype import dtypes
 from tinygrad.helpers import prod
@@ -41,7 +42,19 @@ POLICIES = {
   "METAL": MatvecPolicy(lanes=32, rows_per_block=4, upcast_rows=1, upcast_min_elements=0, float_unroll=8),
   "generic": MatvecPolicy(lanes=16, rows_per_block=4, upcast_rows=1, upcast_min_elements=0, float_unroll=4),
 }
-def policy_for(device:str) -> MatvecPolicy: return POLICIES.get(device.split(":")[0], POLICIES["generic"])
+# "field=value,...": overrides fields of the backend's policy, for A/B runs of the table (part of the cache id)
+POLICY_OVERRIDE = ContextVar("TINYGRAD_EXT_MATVEC_POLICY", "")
+
+def parse_override(spec:str) -> dict[str, int]:
+  names, out = {f.name for f in fields(MatvecPolicy)}, {}
+  for item in filter(None, spec.split(",")):
+    key, _, val = item.partition("=")
+    if key not in names or not val.isdigit(): raise ValueError(f"TINYGRAD_EXT_MATVEC_POLICY: bad item {item!r} (fields: {', '.join(sorted(names))})")
+    out[key] = int(val)
+  return out
+
+def policy_for(device:str) -> MatvecPolicy:
+  return replace(POLICIES.get(device.split(":")[0], POLICIES["generic"]), **parse_override(POLICY_OVERRIDE.value))
 
 @dataclass(frozen=True)
 class Matvec:
@@ -89,4 +102,4 @@ def choose_matvec_opts(k):
   return k
 
 MATVEC = register(Pass("matvec", "picks REDUCE_LOCAL/UNROLL/UPCAST/LOCAL for GEMV and MoE matvecs over GGML dequant chains",
-                       (OptHeuristic(choose_matvec_opts),)))
+                       (OptHeuristic(choose_matvec_opts),), settings=(POLICY_OVERRIDE,)))

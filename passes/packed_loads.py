@@ -27,23 +27,29 @@ def _root_and_offset(idx:UOp) -> tuple[UOp, int]:
   return idx, 0
 
 def packed_byte_loads(sink:UOp, ren:Renderer) -> UOp:
-  runs: defaultdict[tuple[UOp, UOp], dict[int, list[UOp]]] = defaultdict(dict)
+  # (buffer, gate, root) -> offset -> loads; a gated load (MoE: the expert id is checked against the expert count) joins
+  # runs of the same gate only, and its word is loaded under that gate
+  runs: defaultdict[tuple[UOp, UOp|None, UOp], dict[int, list[UOp]]] = defaultdict(dict)
   for u in sink.toposort():
     if u.op is not Ops.LOAD or len(u.src) != 1 or u.src[0].op is not Ops.INDEX or len(u.src[0].src) != 2: continue
     buf, idx = u.src[0].src
     if buf.op is not Ops.PARAM or buf.dtype not in BYTE_DTYPES or buf.addrspace is not AddrSpace.GLOBAL or u.shape != (): continue
-    if idx.op is Ops.CONST or idx.get_valid().op is not Ops.CONST: continue  # gated loads keep their bytes
-    root, off = _root_and_offset(idx)
-    runs[(buf, root)].setdefault(off, []).append(u)
+    if (gate:=idx.get_valid()).op is Ops.CONST: gate = None if gate.arg else gate
+    if gate is not None and gate.op is Ops.CONST or idx.get_idx().op is Ops.CONST: continue
+    root, off = _root_and_offset(idx.get_idx())
+    runs[(buf, gate, root)].setdefault(off, []).append(u)
   subs: dict[UOp, UOp] = {}
-  for (buf, root), by_offset in runs.items():
+  for (buf, gate, root), by_offset in runs.items():
     for _, grp in itertools.groupby(enumerate(sorted(by_offset)), lambda x: x[1]-x[0]):
       offsets = [o for _, o in grp]
       while offsets:
         start = root + offsets[0]
         width = next((w for w in WORDS if w <= len(offsets) and start.divides(w) is not None), 1)
         if width > 1:
-          word = buf.index(start).cast(WORDS[width]).load()
+          word = buf.index(start if gate is None else start.valid(gate)).cast(WORDS[width]).load()
+          # tinygrad gates a load through its INDEX, a pointer cast hides that: the invalid index is clamped to a valid
+          # address and the gate selects 0 here, as a gated byte load yields
+          if gate is not None: word = gate.where(word, word.const_like(0))
           for i, off in enumerate(offsets[:width]):
             byte = ((word >> (8*i)) & 0xff).cast(dtypes.uint8)
             for ld in by_offset[off]: subs[ld] = byte if buf.dtype == dtypes.uint8 else byte.bitcast(buf.dtype)

@@ -17,14 +17,19 @@ EXAMPLES = {"CPU": 8}
 def test_packed_loads_are_bit_identical(device):
   @settings(max_examples=EXAMPLES.get(device, 20), deadline=None, suppress_health_check=[HealthCheck.too_slow])
   @given(st.sampled_from(["Q4_0", "Q8_0", "Q4_K", "Q6_K"]), st.sampled_from([1, 2, 3]), st.sampled_from([4, 8, 12]), st.integers(0, 2**16),
-         st.booleans())
-  def prop(qtype, nblocks, out, seed, matvec):
+         st.sampled_from(["dequant", "matvec", "moe"]))
+  def prop(qtype, nblocks, out, seed, kind):
     with Context(DEV=device):
       rng = np.random.default_rng(seed)
       inp = nblocks * (256 if qtype.endswith("_K") else 32)
-      w = quantized(rng, (out, inp), qtype, device)
       x = Tensor(rng.uniform(-1, 1, (1, inp)).astype(np.float16), device=device).realize()
-      make = (lambda: (x @ w.T).float()) if matvec else (lambda: w.float() * 1)  # a fused matvec, or the dequant alone
+      if kind == "moe":  # the expert id gates the weight's loads
+        w = quantized(rng, (4, out, inp), qtype, device)
+        sel = Tensor(rng.permutation(4)[:2].astype(np.int32).reshape(1, 1, 2), device=device).realize()
+        make = lambda: (x.reshape(1, 1, 1, inp).unsqueeze(-2) @ w[sel].transpose(-1, -2)).float()
+      else:
+        w = quantized(rng, (out, inp), qtype, device)
+        make = (lambda: (x @ w.T).float()) if kind == "matvec" else (lambda: w.float() * 1)  # a fused matvec, or the dequant alone
       with tinygrad_ext.only(*[p for p in tinygrad_ext.PASSES if p != "packed_loads"]): ref = make().numpy()
       np.testing.assert_array_equal(make().numpy(), ref)
   prop()
@@ -43,6 +48,19 @@ def test_q4_0_matvec_reads_ushorts_with_the_pass_and_bytes_without():
     assert word not in off and off.count(byte) >= 18, off
   from tinygrad.codegen import full_rewrite_to_sink
   assert any(u.op.name == "LOAD" and u.dtype == dtypes.uint16 for u in full_rewrite_to_sink(ast, cuda_renderer()).toposort())
+
+def test_gated_moe_loads_are_packed_under_their_gate():
+  # MoE: the expert id is checked against the expert count, so every weight load is gated; the words are loaded under
+  # that gate and select 0 where it fails, as the gated byte loads did
+  raw = Tensor.empty(8 * 256 * 2048 // 32 * 18, dtype=dtypes.uint8)
+  x, sel = Tensor.empty(1, 1, 1, 2048, dtype=dtypes.float16), Tensor.empty(1, 1, 4, dtype=dtypes.int32)
+  w = ggml_data_to_tensor(raw, 8 * 256 * 2048, 2).reshape(8, 256, 2048)
+  ast = kernel_asts(lambda: (x.unsqueeze(-2) @ w[sel].cast(dtypes.float16).transpose(-1, -2)).contiguous())[0]
+  on = render(ast, cuda_renderer())
+  with tinygrad_ext.only(*[p for p in tinygrad_ext.PASSES if p != "packed_loads"]): off = render(ast, cuda_renderer())
+  assert on.count("*((unsigned short*)") >= 9 and "unsigned char val" not in on, on
+  assert on.count("?val") == on.count("*((unsigned short*)"), on  # each word is selected by the gate
+  assert "*((unsigned short*)" not in off and off.count("unsigned char val") >= 18, off
 
 def test_unprovable_alignment_keeps_byte_loads():
   # MXFP4 blocks are 17 bytes: a block starts at an odd byte as often as not, so no run can be proven aligned

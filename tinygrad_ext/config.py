@@ -18,8 +18,10 @@ def is_active(name:str) -> bool: return enabled() and name not in disabled_names
 def active_passes() -> tuple[str, ...]: return tuple(n for n in PASSES if is_active(n))
 
 def cache_id() -> str:
-  """Identifies the code the active passes produce: '' when none is active (programs are stock tinygrad's)."""
-  return f"tinygrad_ext-{__version__}:{'+'.join(act)}" if (act:=active_passes()) else ""
+  """Identifies the code the active passes produce: '' when none is active (programs are stock tinygrad's). A pass's
+  setting that is set (non-empty) is part of it: name[KEY=value]."""
+  def ident(n:str) -> str: return n + "".join(f"[{v.key}={v.value}]" for v in PASSES[n].settings if v.value)
+  return f"tinygrad_ext-{__version__}:{'+'.join(map(ident, act))}" if (act:=active_passes()) else ""
 
 def enable() -> None:
   from tinygrad_ext import hooks

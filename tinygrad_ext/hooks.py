@@ -10,7 +10,7 @@ Hook points (tinygrad 0.14.0):
   tinygrad.codegen.<PatternMatcher>          MatcherRules passes append rules to a codegen matcher (e.g. pm_add_loads)
   tinygrad.codegen.to_program_key           the in-memory program cache key gets the active passes' cache_id()
   tinygrad.engine.realize.to_program_key    (realize imported it by name)
-  tinygrad.codegen.to_program_context       the pass switches travel with every kernel to the compile workers
+  tinygrad.codegen.to_program_context       the switches and pass settings travel with every kernel to the compile workers
   tinygrad.engine.realize.to_program_context
   tinygrad.engine.worker._init_worker       compile workers install these hooks before compiling anything
   tinygrad.codegen.opt.search.diskcache_get/put   BEAM results are stored on disk per cache_id()
@@ -97,7 +97,10 @@ def _apply_opts(ast:UOp, ren:Renderer, beam:int=0) -> UOp:
 _beam_actions: list = []
 def _sync_registered() -> None:
   """Follows the registry: BEAM's action list holds the opts of every registered SchedulerOpt (an opt of a pass that
-  is off is refused), and each extended codegen matcher is tinygrad's plus every registered MatcherRules for it."""
+  is off is refused), each extended codegen matcher is tinygrad's plus every registered MatcherRules for it, and the
+  compile workers receive the switches and every registered pass's settings."""
+  for m in (codegen, realize):
+    m.to_program_context = (*_originals[(m, "to_program_context")], *SWITCHES, *(v for p in PASSES.values() for v in p.settings))
   for a in _beam_actions: search.actions.remove(a)
   _beam_actions[:] = [a for h in registered_hooks(SchedulerOpt) for a in h.beam_actions]
   search.actions.extend(_beam_actions)
@@ -137,9 +140,8 @@ def install() -> None:
   _replace(codegen, "full_rewrite_to_sink", _full_rewrite_to_sink)
   _replace(codegen, "to_program_key", _to_program_key)
   _replace(realize, "to_program_key", _to_program_key)
-  ctx_vars = (*codegen.to_program_context, *SWITCHES)
-  _replace(codegen, "to_program_context", ctx_vars)
-  _replace(realize, "to_program_context", ctx_vars)
+  _replace(codegen, "to_program_context", codegen.to_program_context)
+  _replace(realize, "to_program_context", realize.to_program_context)
   _replace(worker, "_init_worker", _init_worker_with_ext)
   _replace(search, "diskcache_get", _diskcache_get)
   _replace(search, "diskcache_put", _diskcache_put)

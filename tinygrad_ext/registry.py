@@ -44,10 +44,13 @@ Hook = Union[CodegenStep, SchedulerOpt, OptHeuristic, MatcherRules]
 
 @dataclass(frozen=True)
 class Pass:
-  """A named compiler pass. `doc` says what it rewrites and why; `hooks` say where it enters tinygrad."""
+  """A named compiler pass. `doc` says what it rewrites and why; `hooks` say where it enters tinygrad. `settings` are
+  tinygrad ContextVars that tune it (e.g. a policy override for A/B runs): they travel to the compile workers with every
+  kernel, and a set one is part of cache_id(), so programs compiled under different settings are never confused."""
   name: str
   doc: str
   hooks: tuple[Hook, ...]
+  settings: tuple = ()
   def where(self) -> list[str]: return [h.where() for h in self.hooks]
 
 # name -> Pass, in registration order (the order their hooks run in at a shared hook point)

@@ -1,0 +1,115 @@
+"""hoist and int_to_float: a quant block's scale leaves the per-element sum, small integers convert through the exponent
+bits; results equal the passes off (bit-identical for the conversions, within float rounding for the reassociation)."""
+import os
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st, HealthCheck
+from tinygrad import Tensor, dtypes
+from tinygrad.helpers import Context
+from tinygrad.uop.ops import Ops, UOp
+from tinygrad.codegen import full_rewrite_to_sink
+from tinygrad.codegen.late.linearizer import linearize
+from tinygrad.codegen.opt import Opt, OptOps
+import tinygrad_ext
+from passes.hoist import split_invariant
+from kernels import with_opts, render, cuda_renderer, metal_renderer
+from test_matvec import quantized, matvecs
+from test_packed_loads import q4_0_matvec_ast
+
+DEVICES = os.getenv("TINYGRAD_EXT_TEST_DEVICES", "CL,CPU").split(",")
+EXAMPLES = {"CPU": 8, "CL": 15}
+
+def without(name:str): return tinygrad_ext.only(*[p for p in tinygrad_ext.PASSES if p != name])
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_hoist_equals_hoist_off(device):
+  @settings(max_examples=EXAMPLES.get(device, 25), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+  @given(st.data())
+  def prop(data):
+    with Context(DEV=device):
+      make = data.draw(matvecs(device))
+      with without("hoist"): ref = make().numpy()
+      np.testing.assert_allclose(make().numpy(), ref, rtol=2e-3, atol=2e-3 * max(1.0, float(np.abs(ref).max())))
+  prop()
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_int_to_float_is_bit_identical(device):
+  @settings(max_examples=EXAMPLES.get(device, 20), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+  @given(st.sampled_from(["Q4_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]), st.sampled_from([1, 2, 3]), st.sampled_from([4, 8]), st.integers(0, 2**16))
+  def prop(qtype, nblocks, out, seed):
+    with Context(DEV=device):
+      rng = np.random.default_rng(seed)
+      w = quantized(rng, (out, nblocks * (256 if qtype.endswith("_K") else 32)), qtype, device)
+      make = lambda: w.float() * 1  # the dequant alone: every element converted from its integer
+      with without("int_to_float"): ref = make().numpy()
+      np.testing.assert_array_equal(make().numpy(), ref)
+  prop()
+
+def test_int_to_float_covers_every_int8_and_nibble():
+  # the identities the pass relies on, over their whole domains: signed bytes (b ^ 0x80) - 128, nibbles - 8
+  b = Tensor(np.arange(256, dtype=np.uint8))
+  np.testing.assert_array_equal(b.bitcast(dtypes.int8).float().numpy(), np.arange(256, dtype=np.uint8).view(np.int8).astype(np.float32))
+  np.testing.assert_array_equal(((b & 15).bitcast(dtypes.int8) - 8).float().numpy(), (np.arange(256) & 15).astype(np.float32) - 8)
+
+def lowered(ast:UOp, ren) -> list[UOp]: return list(linearize(full_rewrite_to_sink(ast, ren)))
+
+def scale_users(ast:UOp, ren) -> list[tuple[UOp, int]]:
+  """Each use of the Q4_0 block scale (the fp16 read from the block's first two bytes, as float), with its loop depth."""
+  prog, depth, at = lowered(ast, ren), 0, {}
+  for u in prog:
+    if u.op is Ops.RANGE: depth += 1
+    if u.op is Ops.END: depth -= 1
+    at[u] = depth
+  scales = [u for u in prog if u.op is Ops.CAST and u.dtype == dtypes.float32 and u.src[0].op is Ops.BITCAST and u.src[0].dtype == dtypes.half]
+  assert len(scales) >= 1, "no fp16 scale read in the kernel"
+  return [(u, at[u]) for s in scales for u in prog if s in u.src]
+
+def test_scale_is_applied_once_per_block():
+  # the matvec heuristic unrolls a block per lane: the 32 products of a block are summed, then scaled once
+  ast = q4_0_matvec_ast()
+  assert len(scale_users(ast, cuda_renderer())) == 1
+  with without("hoist"): assert len(scale_users(ast, cuda_renderer())) == 32
+
+def test_scale_leaves_the_inner_loop():
+  # without unrolling (tinygrad's own opts: a loop over the 16 bytes inside a loop over the blocks), the scale's
+  # multiply runs in the block loop, not in the loop over the block's elements
+  ast = with_opts(q4_0_matvec_ast(64, 256))
+  def depths(): return [d for _, d in scale_users(ast, cuda_renderer())]
+  innermost = max(d for d in (depth_of_loads(ast),))
+  assert depths() and all(d < innermost for d in depths()), (depths(), innermost)
+  with without("hoist"): assert all(d == innermost for d in depths())
+
+def depth_of_loads(ast:UOp) -> int:
+  """The loop depth of the weight's nibble loads (the innermost loop of the kernel)."""
+  prog, depth, out = lowered(ast, cuda_renderer()), 0, 0
+  for u in prog:
+    if u.op is Ops.RANGE: depth += 1
+    if u.op is Ops.END: depth -= 1
+    if u.op is Ops.LOAD and u.dtype in (dtypes.uint8, dtypes.uint16): out = max(out, depth)
+  return out
+
+def test_rendered_cuda_and_metal_convert_nibbles_through_the_exponent():
+  ast = q4_0_matvec_ast()
+  for ren in (cuda_renderer(), metal_renderer()):
+    on = render(ast, ren)
+    with without("int_to_float"): off = render(ast, ren)
+    assert on.count("1258291200u") == 32 and "(float)((tg_bitcast<signed char>" not in on.replace("as_type<signed char>", "tg_bitcast<signed char>"), on
+    assert "1258291200u" not in off, off
+
+def test_a_factor_read_from_a_stored_buffer_stays():
+  # the factor s reads the buffer the kernel stores to: a store inside the loop could change it, so it is not moved
+  out, w = UOp.placeholder((4,), dtypes.float32, 0), UOp.placeholder((4, 8), dtypes.float32, 1)
+  b, j = UOp.range(4, 0), UOp.range(8, 1)
+  s, x = out.index(b), w.index(b, j)
+  assert split_invariant([x, s], {j}, set()) is not None
+  assert split_invariant([x, s], {j}, {out}) is None
+  assert split_invariant([x, w.index(b, 0)], {j}, {out}) is not None
+
+def test_plain_float_matvec_keeps_its_casts():
+  # no factor to hoist (an fp16 weight): the half products are not widened, the kernel is unchanged
+  w, x = Tensor.empty(256, 2048, dtype=dtypes.half), Tensor.empty(1, 2048, dtype=dtypes.half)
+  from kernels import kernel_asts
+  ast = kernel_asts(lambda: x @ w.T)[0]
+  on = render(ast, cuda_renderer())
+  with without("hoist"): off = render(ast, cuda_renderer())
+  assert on == off
