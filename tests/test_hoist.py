@@ -53,16 +53,30 @@ def test_int_to_float_covers_every_int8_and_nibble():
 
 def lowered(ast:UOp, ren) -> list[UOp]: return list(linearize(full_rewrite_to_sink(ast, ren)))
 
-def scale_users(ast:UOp, ren) -> list[tuple[UOp, int]]:
-  """Each use of the Q4_0 block scale (the fp16 read from the block's first two bytes, as float), with its loop depth."""
-  prog, depth, at = lowered(ast, ren), 0, {}
+def loop_depths(prog:list[UOp]) -> dict[UOp, int]:
+  depth, at = 0, {}
   for u in prog:
     if u.op is Ops.RANGE: depth += 1
     if u.op is Ops.END: depth -= 1
     at[u] = depth
+  return at
+
+def block_scales(prog:list[UOp]) -> list[UOp]:
+  """The Q4_0 block scales: the fp16 read from the block's first two bytes, as float."""
   scales = [u for u in prog if u.op is Ops.CAST and u.dtype == dtypes.float32 and u.src[0].op is Ops.BITCAST and u.src[0].dtype == dtypes.half]
   assert len(scales) >= 1, "no fp16 scale read in the kernel"
-  return [(u, at[u]) for s in scales for u in prog if s in u.src]
+  return scales
+
+def scale_users(ast:UOp, ren) -> list[tuple[UOp, int]]:
+  """Each use of a Q4_0 block scale, with its loop depth."""
+  prog = lowered(ast, ren)
+  at = loop_depths(prog)
+  return [(u, at[u]) for s in block_scales(prog) for u in prog if s in u.src]
+
+def scale_load_depths(ast:UOp, ren) -> list[int]:
+  prog = lowered(ast, ren)
+  at = loop_depths(prog)
+  return [at[x] for s in block_scales(prog) for x in s.toposort() if x.op is Ops.LOAD]
 
 def test_scale_is_applied_once_per_block():
   # the matvec heuristic unrolls a block per lane: the 32 products of a block are summed, then scaled once
@@ -75,8 +89,9 @@ def test_scale_leaves_the_inner_loop():
   # multiply runs in the block loop, not in the loop over the block's elements
   ast = with_opts(q4_0_matvec_ast(64, 256))
   def depths(): return [d for _, d in scale_users(ast, cuda_renderer())]
-  innermost = max(d for d in (depth_of_loads(ast),))
+  innermost = depth_of_loads(ast)
   assert depths() and all(d < innermost for d in depths()), (depths(), innermost)
+  assert all(d < innermost for d in scale_load_depths(ast, cuda_renderer()))  # the scale is read once per block
   with without("hoist"): assert all(d == innermost for d in depths())
 
 def depth_of_loads(ast:UOp) -> int:
