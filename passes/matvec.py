@@ -32,6 +32,7 @@ class MatvecPolicy:
   upcast_rows: int        # UPCAST on the output axis (rows per lane) for matrices of at least upcast_min_elements
   upcast_min_elements: int
   float_unroll: int       # elements per lane per step for plain float weights (8 halves = one 16-byte load)
+  lanes_per_block: int = 1  # lanes sharing one quant block, each reading a contiguous run of its bytes
 
 POLICIES = {
   # H200 (benchmarks/results/h200-2026-11-22-q4-reduce-local-variants.txt): 32 lanes and 4 rows per block were best or
@@ -88,14 +89,19 @@ def choose_matvec_opts(k):
   pol, red = policy_for(k.ren.target.device), k.axes_of(AxisType.REDUCE)
   if not red: return None  # reduce axes of size 1 are no opt axes: nothing to spread over lanes
   weight_elements, rows = prod(k.full_shape[i] for i in k.axes_of(AxisType.GLOBAL) + red), k.full_shape[out]
+  block_lanes = 1
   if len(red) >= 2:
-    # a dequant chain splits the reduce: the axes after the first are inside a quant block, unrolled so each lane
-    # reads whole blocks
-    for i in reversed(range(1, len(red))): k.apply_opt(Opt(OptOps.UNROLL, i, k.full_shape[red[i]]))
+    # a dequant chain splits the reduce: the axes after the first are inside a quant block. They are unrolled, but for
+    # the last (the block's contiguous bytes), which is split over lanes_per_block lanes, each reading a contiguous run
+    if k.full_shape[red[-1]] % pol.lanes_per_block == 0 and k.full_shape[red[-1]] >= 4 * pol.lanes_per_block: block_lanes = pol.lanes_per_block
+    for i in reversed(range(1, len(red))):
+      if (amt:=k.full_shape[red[i]] // (block_lanes if i == len(red) - 1 else 1)) > 1: k.apply_opt(Opt(OptOps.UNROLL, i, amt))
   elif k.full_shape[red[0]] % (pol.float_unroll * 2) == 0:
     k.apply_opt(Opt(OptOps.UNROLL, 0, pol.float_unroll))
-  if (lanes:=_pow2_divisor(k.full_shape[k.axes_of(AxisType.REDUCE)[0]], pol.lanes)) < 4: return None
-  k.apply_opt(Opt(OptOpsExt.REDUCE_LOCAL, 0, lanes))
+  if (lanes:=_pow2_divisor(k.full_shape[k.axes_of(AxisType.REDUCE)[0]], pol.lanes // block_lanes)) * block_lanes < 4: return None
+  # the block's lanes first: they are the fastest, adjacent lanes read adjacent bytes of a block, then adjacent blocks
+  if block_lanes > 1: k.apply_opt(Opt(OptOpsExt.REDUCE_LOCAL, 1, block_lanes))
+  if lanes > 1: k.apply_opt(Opt(OptOpsExt.REDUCE_LOCAL, 0, lanes))
   if pol.upcast_rows > 1 and weight_elements >= pol.upcast_min_elements and rows % (pol.upcast_rows * pol.rows_per_block) == 0:
     k.apply_opt(Opt(OptOps.UPCAST, out, pol.upcast_rows))
   if k.full_shape[out] % pol.rows_per_block == 0: k.apply_opt(Opt(OptOps.LOCAL, out, pol.rows_per_block))

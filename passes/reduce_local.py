@@ -49,24 +49,38 @@ LOCAL_AXES = (AxisType.WARP, AxisType.LOCAL, AxisType.GROUP_REDUCE)
 
 def apply_reduce_local(k, opt:Opt) -> tuple[UOp, UOp]:
   check(k.ren.has_local and not k.dont_use_locals, "REDUCE_LOCAL needs local threads: the renderer has no local memory, or NOLOCALS")
-  check(not any(r.arg[0] in (LANE_ID, WARP_ID) for r in k.rngs), "one REDUCE_LOCAL per kernel")
   check(not any(o.op is OptOps.TC for o in k.applied_opts), "REDUCE_LOCAL does not combine with tensor cores")
   amount = opt.arg
   check(isinstance(amount, int) and amount >= 2 and amount & (amount-1) == 0, f"REDUCE_LOCAL amount must be a power of two >= 2, not {amount}")
   try: rng = k.rngs[k.axes_of(AxisType.REDUCE)[opt.axis]]
   except (IndexError, TypeError): raise KernelOptError(f"REDUCE_LOCAL: no reduce axis {opt.axis}") from None
   check(rng.src[0].divides(amount) is not None, f"REDUCE_LOCAL: {amount} does not divide the reduce axis of size {rng.src[0].render()}")
+  if (prior:=[r for r in k.rngs if r.arg[0] in (LANE_ID, WARP_ID)]):
+    # a second REDUCE_LOCAL composes: its lanes are the slower bits of one lane range, so adjacent lanes still read
+    # adjacent elements of the first split (a quant block split over 2 lanes, 16 blocks per warp)
+    check(len(prior) == 1 and prior[0].arg[0] == LANE_ID and (width:=prior[0].vmax+1) * amount <= SHUFFLE_WIDTH,
+          f"a second REDUCE_LOCAL composes lanes within one warp ({SHUFFLE_WIDTH} lanes), without warps")
+  check_reduce_local_legal(k, rng)
+  local_sizes = [k.full_shape[a] for a in k.axes_of(*LOCAL_AXES)]
+  check(all(isinstance(s, int) for s in local_sizes), "REDUCE_LOCAL needs static local sizes")
+  threads = prod(local_sizes) * amount
+  check(threads <= MAX_LOCAL_THREADS, f"REDUCE_LOCAL: {threads} threads exceed the local size limit {MAX_LOCAL_THREADS}")
+  if prior:
+    lane = UOp.range(width * amount, LANE_ID, AxisType.GROUP_REDUCE, dtype=rng.dtype)
+    k.ast = k.ast.substitute({prior[0]: lane % width}, name="reduce_local: compose lanes")
+    return k.shift_to(rng, amount, AxisType.GROUP_REDUCE, top=False, input_new_rng=lane // width)
+  return split_over_lanes(k, rng, amount)
+
+def check_reduce_local_legal(k, rng:UOp) -> None:
   for red in [u for u in k.ast.backward_slice if u.op is Ops.REDUCE and rng in merge_dicts([r.ranges for r in u.src[1:]])]:
     check(red.arg[0] in COMBINES, f"REDUCE_LOCAL combines ADD and MAX reduces, not {red.arg[0]}")
     check(red.dtype in ACC_DTYPES, f"REDUCE_LOCAL needs a float32/float16/bfloat16 accumulator, not {red.dtype}")
     check(not any(u.arg[-1] in (AxisType.REDUCE, AxisType.UNROLL, AxisType.GROUP_REDUCE) for u in red.ranges),
           "REDUCE_LOCAL cannot split a reduce nested inside another reduce")
+
+def split_over_lanes(k, rng:UOp, amount:int) -> tuple[UOp, UOp]:
   width = min(amount, SHUFFLE_WIDTH)
   warps = amount // width
-  local_sizes = [k.full_shape[a] for a in k.axes_of(*LOCAL_AXES)]
-  check(all(isinstance(s, int) for s in local_sizes), "REDUCE_LOCAL needs static local sizes")
-  threads = prod(local_sizes) * amount
-  check(threads <= MAX_LOCAL_THREADS, f"REDUCE_LOCAL: {threads} threads exceed the local size limit {MAX_LOCAL_THREADS}")
   if warps > 1:
     smem = warps * prod(k.full_shape[a] for a in k.axes_of(AxisType.UPCAST, AxisType.LOCAL)) * k.reduceop.dtype.itemsize
     check(smem <= k.ren.shared_max, f"REDUCE_LOCAL: combining {warps} warps needs {smem} bytes of shared memory, max {k.ren.shared_max}")

@@ -47,9 +47,12 @@ def amounts_for(draw, red): return draw(st.sampled_from([a for a in (2, 4, 8, 16
 def check_against_noopt(data, device):
   make, make_reference, red, dtype = data.draw(reduce_kernels(device))
   amount = amounts_for(data.draw, red)
+  # a second REDUCE_LOCAL on the rest of the axis composes its lanes with the first (slower lane bits)
+  more = [a for a in (2, 4, 8, 16) if (red // amount) % a == 0 and amount * a <= 32]
+  compose = data.draw(st.sampled_from([(), *[(REDUCE_LOCAL(0, a),) for a in more]]))
   upcast = data.draw(st.sampled_from([(), (Opt(OptOps.UPCAST, 0, 2),)]))
   ref = reference(make_reference)
-  try: got = realize_with_opts(make, REDUCE_LOCAL(0, amount), *upcast)
+  try: got = realize_with_opts(make, REDUCE_LOCAL(0, amount), *compose, *upcast)
   except KernelOptError as e:
     # the only legal refusal here: the upcast does not divide the output axis
     assert upcast and "divide" in str(e), e
@@ -86,8 +89,10 @@ def test_reduce_local_refuses_what_it_cannot_combine():
   with pytest.raises(KernelOptError, match="accumulator"): render(with_opts(kernel_asts(lambda: i.sum(axis=1))[0], REDUCE_LOCAL(0, 16)), ren)
   with pytest.raises(KernelOptError, match="threads"):
     render(with_opts(matvec_ast(4, 4096), Opt(OptOps.LOCAL, 0, 4), REDUCE_LOCAL(0, 512)), ren)
-  with pytest.raises(KernelOptError, match="one REDUCE_LOCAL"):
+  with pytest.raises(KernelOptError, match="composes lanes within one warp"):
     render(with_opts(matvec_ast(4, 4096), REDUCE_LOCAL(0, 16), REDUCE_LOCAL(0, 16)), ren)
+  with pytest.raises(KernelOptError, match="composes lanes within one warp"):
+    render(with_opts(matvec_ast(4, 4096), REDUCE_LOCAL(0, 64), REDUCE_LOCAL(0, 2)), ren)
   from tinygrad.renderer.cstyle import ClangRenderer
   with pytest.raises(KernelOptError, match="local"): render(with_opts(matvec_ast(), REDUCE_LOCAL(0, 16)), Device["CPU"].renderer)
   with tinygrad_ext.passes_off(), pytest.raises(KernelOptError, match="reduce_local pass, which is off"):
@@ -104,6 +109,15 @@ def test_reduce_local_cuda_source_has_the_shuffle_butterfly_and_compiles(dtype):
   assert src.index("__shfl_xor_sync") < src.index("if (") and "__shfl" not in src[src.index("if ("):]
   if shutil.which("nvcc") is None: pytest.fail("nvcc is needed to compile the rendered CUDA")
   assert len(cuda_renderer().compiler.compile(src)) > 0
+
+def test_composed_lanes_read_adjacent_bytes_of_a_block_and_share_one_butterfly():
+  # a Q4_0 block over 2 lanes (8 contiguous bytes each), 16 blocks per warp: one 32-lane butterfly combines them all
+  from test_packed_loads import q4_0_matvec_ast
+  opts = (Opt(OptOps.UNROLL, 1, 2), Opt(OptOps.UNROLL, 1, 8), REDUCE_LOCAL(1, 2), REDUCE_LOCAL(0, 16))
+  src = render(with_opts(q4_0_matvec_ast(), *opts), cuda_renderer())
+  assert sorted(set(shuffle_offsets(src)), reverse=True) == [16, 8, 4, 2, 1] and "__shared__" not in src, src
+  assert "(lidx0>>1)" in src and "((lidx0&1)<<3)" in src, src  # lane = block-in-warp * 2 + half of the block
+  assert src.count("*((unsigned short*)") == 5, src  # 8 nibble bytes in 4 words, and the block's scale
 
 def test_reduce_local_cuda_wider_than_a_warp_combines_warps_through_shared_memory():
   src = render(with_opts(matvec_ast(8, 1024), REDUCE_LOCAL(0, 128)), cuda_renderer())
