@@ -32,13 +32,18 @@ class MatvecPolicy:
   upcast_rows: int        # UPCAST on the output axis (rows per lane) for matrices of at least upcast_min_elements
   upcast_min_elements: int
   float_unroll: int       # elements per lane per step for plain float weights (8 halves = one 16-byte load)
-  lanes_per_block: int = 1  # lanes sharing one quant block, each reading a contiguous run of its bytes
+  # lanes sharing one quant block, each reading a contiguous run of its bytes (twice this where the blocks would not fill
+  # all the lanes otherwise), for matrices with at least as many rows as inputs (1: a whole block per lane)
+  lanes_per_block: int = 1
 
 POLICIES = {
   # H200 (benchmarks/results/h200-2026-11-22-q4-reduce-local-variants.txt): 32 lanes and 4 rows per block were best or
   # within 3% on every GLM row; 2 rows per lane won from 6.3M elements (shexp gate+up 6.1 -> 5.4 us, ffn up 16.2 -> 11.8,
   # output head 214 -> 139, MoE gate+up 21.2 -> 15.9) and lost below 4M (attn_q_b 4.3 -> 5.0, shexp down 4.4 -> 5.0)
-  "CUDA": MatvecPolicy(lanes=32, rows_per_block=4, upcast_rows=2, upcast_min_elements=5 << 20, float_unroll=8),
+  # 2 lanes per block (h200-2026-11-23-kernels-lanes-per-block.txt): ffn up 9.9 -> 7.0 us, output head 113 -> 74,
+  # MoE gate+up 14.2 -> 12.0, MoE down 8.4 -> 7.1, shexp down 3.9 -> 3.1; 4 lanes where 2 leave lanes idle (attn_q_b,
+  # 24 blocks a row: 3.6 -> 2.6); it lost where rows < inputs (attn_output 6.2 -> 7.8, attn_q_a 2.9 -> 3.3)
+  "CUDA": MatvecPolicy(lanes=32, rows_per_block=4, upcast_rows=2, upcast_min_elements=5 << 20, float_unroll=8, lanes_per_block=2),
   # a simdgroup is 32 wide; not measured (no Apple hardware here), so no row upcast until it is
   "METAL": MatvecPolicy(lanes=32, rows_per_block=4, upcast_rows=1, upcast_min_elements=0, float_unroll=8),
   "generic": MatvecPolicy(lanes=16, rows_per_block=4, upcast_rows=1, upcast_min_elements=0, float_unroll=4),
@@ -79,6 +84,12 @@ pm_matvec = PatternMatcher([
 def _pow2_divisor(n:int, most:int) -> int:
   return next((a for a in (256, 128, 64, 32, 16, 8, 4, 2) if a <= most and n % a == 0), 1)
 
+def lanes_per_block(pol:MatvecPolicy, blocks:int, block_bytes:int, rows:int, inputs:int) -> int:
+  if pol.lanes_per_block == 1 or rows < inputs: return 1
+  fits = [n for n in (pol.lanes_per_block, 2 * pol.lanes_per_block) if block_bytes % n == 0 and block_bytes >= 4 * n]
+  # the smallest split whose blocks fill every lane, else the smallest legal one
+  return next((n for n in fits if _pow2_divisor(blocks, pol.lanes // n) * n == pol.lanes), fits[0] if fits else 1)
+
 def choose_matvec_opts(k):
   if len(reds:=k.reduceops) != 1 or (m:=pm_matvec.rewrite(reds[0])) is None: return None
   act_ranges, w_ranges = set(m.activation.ranges), set(m.weight.ranges)
@@ -93,7 +104,8 @@ def choose_matvec_opts(k):
   if len(red) >= 2:
     # a dequant chain splits the reduce: the axes after the first are inside a quant block. They are unrolled, but for
     # the last (the block's contiguous bytes), which is split over lanes_per_block lanes, each reading a contiguous run
-    if k.full_shape[red[-1]] % pol.lanes_per_block == 0 and k.full_shape[red[-1]] >= 4 * pol.lanes_per_block: block_lanes = pol.lanes_per_block
+    block_lanes = lanes_per_block(pol, blocks=k.full_shape[red[0]], block_bytes=k.full_shape[red[-1]],
+                                  rows=weight_elements // prod(k.full_shape[i] for i in red), inputs=prod(k.full_shape[i] for i in red))
     for i in reversed(range(1, len(red))):
       if (amt:=k.full_shape[red[i]] // (block_lanes if i == len(red) - 1 else 1)) > 1: k.apply_opt(Opt(OptOps.UNROLL, i, amt))
   elif k.full_shape[red[0]] % (pol.float_unroll * 2) == 0:
