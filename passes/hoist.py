@@ -35,7 +35,7 @@ pm_widen = PatternMatcher([
   # a gated weight (MoE: the expert id is checked against the expert count): the cast moves inside the select
   (UPat(Ops.CAST, dtypes.float32, src=(UPat(Ops.WHERE, src=(UPat.var("c"), UPat.var("t"), UPat.var("f"))),)),
    lambda c, t, f: c.where(t.cast(dtypes.float32), f.cast(dtypes.float32))),
-  (UPat(Ops.CAST, dtypes.float32, src=(UPat(Ops.CONST, NARROW_FLOATS, name="k"),)), lambda k: UOp.const(k.arg, dtypes.float32)),
+  (UPat(Ops.CAST, dtypes.float32, src=(UPat(Ops.CONST, name="k"),)), lambda k: UOp.const(k.arg, dtypes.float32)),
 ])
 
 def factors(v:UOp) -> list[UOp]:

@@ -128,3 +128,19 @@ def test_plain_float_matvec_keeps_its_casts():
   on = render(ast, cuda_renderer())
   with without("hoist"): off = render(ast, cuda_renderer())
   assert on == off
+
+def test_moe_scale_is_applied_once_per_block():
+  # MoE: the expert id gates every weight load, and a select wraps the dequantized weight; as ExpertWeights builds it
+  # (contiguous) and as a kernel that assigns into an existing buffer (the select's 0 is then a weak float)
+  raw = Tensor.empty(8 * 256 * 2048 // 32 * 18, dtype=dtypes.uint8)
+  x, sel = Tensor.empty(1, 1, 1, 2048, dtype=dtypes.float16), Tensor.empty(1, 1, 4, dtype=dtypes.int32)
+  out = Tensor.empty(1, 1, 4, 1, 256, dtype=dtypes.float16)
+  from tinygrad.llm.gguf import ggml_data_to_tensor
+  from kernels import kernel_asts
+  w = ggml_data_to_tensor(raw, 8 * 256 * 2048, 2).reshape(8, 256, 2048)
+  y = lambda: x.unsqueeze(-2) @ w[sel].cast(dtypes.float16).transpose(-1, -2)
+  for make in (lambda: y().contiguous(), lambda: out.assign(y())):
+    ast = kernel_asts(make)[-1]
+    on = [u for u, _ in scale_users(ast, cuda_renderer())]
+    with without("hoist"): off = [u for u, _ in scale_users(ast, cuda_renderer())]
+    assert len(on) == 1 and len(off) == 32, (len(on), len(off))  # a block per lane (4x256 rows < 2048 inputs): 32 products
