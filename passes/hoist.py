@@ -69,10 +69,9 @@ def hoist_factors(ctx:set[UOp], r:UOp) -> UOp|None:
   rngs = [x for x in r.src[1:] if x.op is Ops.RANGE]
   if len(rngs) != len(r.src) - 1: return None
   candidates = {x for x in rngs if x.arg[-1] in INNER_AXES}
-  value = r.src[0]
-  for v in (value, graph_rewrite(value, pm_widen, name="hoist: widen half products")):
-    if (split:=split_invariant(factors(v), candidates, ctx)) is not None: break
-  else: return None
+  # the value as it is, else with its half products widened (only when that exposes a factor)
+  if (split:=split_invariant(factors(r.src[0]), candidates, ctx)) is None and \
+     (split:=split_invariant(factors(graph_rewrite(r.src[0], pm_widen, name="hoist: widen half products")), candidates, ctx)) is None: return None
   inv, rest, inner = split
   # rest is never empty: some factor reads the inner ranges (that is how they were chosen)
   inner_sum = functools.reduce(UOp.__mul__, rest).reduce(*[x for x in rngs if x in inner], arg=(Ops.ADD, 0))

@@ -17,10 +17,9 @@ Hook: an OptHeuristic (tinygrad.codegen.apply_opts, before hand_coded_optimizati
 """
 from __future__ import annotations
 from dataclasses import dataclass, fields, replace
-from tinygrad.helpers import ContextVar
 from tinygrad.uop.ops import UOp, Ops, AxisType, PatternMatcher, UPat
 from tinygrad.dtype import dtypes
-from tinygrad.helpers import prod
+from tinygrad.helpers import prod, ContextVar
 from tinygrad.codegen.opt import Opt, OptOps
 from tinygrad_ext import Pass, OptHeuristic, register
 from passes.reduce_local import OptOpsExt
@@ -99,13 +98,13 @@ def choose_matvec_opts(k):
   out = max(outs, key=lambda i: k.full_shape[i])
   pol, red = policy_for(k.ren.target.device), k.axes_of(AxisType.REDUCE)
   if not red: return None  # reduce axes of size 1 are no opt axes: nothing to spread over lanes
-  weight_elements, rows = prod(k.full_shape[i] for i in k.axes_of(AxisType.GLOBAL) + red), k.full_shape[out]
+  inputs, rows = prod(k.full_shape[i] for i in red), k.full_shape[out]
+  weight_elements = prod(k.full_shape[i] for i in k.axes_of(AxisType.GLOBAL)) * inputs
   block_lanes = 1
   if len(red) >= 2:
     # a dequant chain splits the reduce: the axes after the first are inside a quant block. They are unrolled, but for
     # the last (the block's contiguous bytes), which is split over lanes_per_block lanes, each reading a contiguous run
-    block_lanes = lanes_per_block(pol, blocks=k.full_shape[red[0]], block_bytes=k.full_shape[red[-1]],
-                                  rows=weight_elements // prod(k.full_shape[i] for i in red), inputs=prod(k.full_shape[i] for i in red))
+    block_lanes = lanes_per_block(pol, blocks=k.full_shape[red[0]], block_bytes=k.full_shape[red[-1]], rows=weight_elements // inputs, inputs=inputs)
     for i in reversed(range(1, len(red))):
       if (amt:=k.full_shape[red[i]] // (block_lanes if i == len(red) - 1 else 1)) > 1: k.apply_opt(Opt(OptOps.UNROLL, i, amt))
   elif k.full_shape[red[0]] % (pol.float_unroll * 2) == 0:

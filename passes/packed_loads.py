@@ -34,8 +34,9 @@ def packed_byte_loads(sink:UOp, ren:Renderer) -> UOp:
     if u.op is not Ops.LOAD or len(u.src) != 1 or u.src[0].op is not Ops.INDEX or len(u.src[0].src) != 2: continue
     buf, idx = u.src[0].src
     if buf.op is not Ops.PARAM or buf.dtype not in BYTE_DTYPES or buf.addrspace is not AddrSpace.GLOBAL or u.shape != (): continue
-    if (gate:=idx.get_valid()).op is Ops.CONST: gate = None if gate.arg else gate
-    if gate is not None and gate.op is Ops.CONST or idx.get_idx().op is Ops.CONST: continue
+    gate = idx.get_valid()
+    if (gate.op is Ops.CONST and not gate.arg) or idx.get_idx().op is Ops.CONST: continue  # never valid, or a constant index
+    if gate.op is Ops.CONST: gate = None
     root, off = _root_and_offset(idx.get_idx())
     runs[(buf, gate, root)].setdefault(off, []).append(u)
   subs: dict[UOp, UOp] = {}

@@ -9,10 +9,10 @@ from tinygrad.helpers import Context
 from tinygrad.uop.ops import Ops, UOp
 from tinygrad.codegen import full_rewrite_to_sink
 from tinygrad.codegen.late.linearizer import linearize
-from tinygrad.codegen.opt import Opt, OptOps
 import tinygrad_ext
 from passes.hoist import split_invariant
-from kernels import with_opts, render, cuda_renderer, metal_renderer
+from tinygrad.llm.gguf import ggml_data_to_tensor
+from kernels import with_opts, render, cuda_renderer, metal_renderer, kernel_asts
 from test_matvec import quantized, matvecs
 from test_packed_loads import q4_0_matvec_ast
 
@@ -123,7 +123,6 @@ def test_a_factor_read_from_a_stored_buffer_stays():
 def test_plain_float_matvec_keeps_its_casts():
   # no factor to hoist (an fp16 weight): the half products are not widened, the kernel is unchanged
   w, x = Tensor.empty(256, 2048, dtype=dtypes.half), Tensor.empty(1, 2048, dtype=dtypes.half)
-  from kernels import kernel_asts
   ast = kernel_asts(lambda: x @ w.T)[0]
   on = render(ast, cuda_renderer())
   with without("hoist"): off = render(ast, cuda_renderer())
@@ -135,8 +134,6 @@ def test_moe_scale_is_applied_once_per_block():
   raw = Tensor.empty(8 * 256 * 2048 // 32 * 18, dtype=dtypes.uint8)
   x, sel = Tensor.empty(1, 1, 1, 2048, dtype=dtypes.float16), Tensor.empty(1, 1, 4, dtype=dtypes.int32)
   out = Tensor.empty(1, 1, 4, 1, 256, dtype=dtypes.float16)
-  from tinygrad.llm.gguf import ggml_data_to_tensor
-  from kernels import kernel_asts
   w = ggml_data_to_tensor(raw, 8 * 256 * 2048, 2).reshape(8, 256, 2048)
   y = lambda: x.unsqueeze(-2) @ w[sel].cast(dtypes.float16).transpose(-1, -2)
   for make in (lambda: y().contiguous(), lambda: out.assign(y())):

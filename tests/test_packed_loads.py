@@ -3,12 +3,12 @@ import os
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st, HealthCheck
-from tinygrad import Tensor, dtypes, Device
+from tinygrad import Tensor, dtypes
 from tinygrad.helpers import Context
 from tinygrad.llm.gguf import ggml_data_to_tensor
 import tinygrad_ext
 from kernels import kernel_asts, render, cuda_renderer, metal_renderer
-from test_matvec import quantized, QTYPES
+from test_matvec import quantized
 
 DEVICES = os.getenv("TINYGRAD_EXT_TEST_DEVICES", "CL,CPU").split(",")
 EXAMPLES = {"CPU": 8}

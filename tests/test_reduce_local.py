@@ -93,7 +93,6 @@ def test_reduce_local_refuses_what_it_cannot_combine():
     render(with_opts(matvec_ast(4, 4096), REDUCE_LOCAL(0, 16), REDUCE_LOCAL(0, 16)), ren)
   with pytest.raises(KernelOptError, match="composes lanes within one warp"):
     render(with_opts(matvec_ast(4, 4096), REDUCE_LOCAL(0, 64), REDUCE_LOCAL(0, 2)), ren)
-  from tinygrad.renderer.cstyle import ClangRenderer
   with pytest.raises(KernelOptError, match="local"): render(with_opts(matvec_ast(), REDUCE_LOCAL(0, 16)), Device["CPU"].renderer)
   with tinygrad_ext.passes_off(), pytest.raises(KernelOptError, match="reduce_local pass, which is off"):
     render(with_opts(matvec_ast(), REDUCE_LOCAL(0, 16)), ren)
