@@ -356,7 +356,7 @@ def main(argv:list[str]|None=None) -> dict:
   # each --without pass: one more setting, every pass on but that one
   without = [n for n in args.without.split(",") if n]
   for n in tinygrad_ext.check_pass_names(without):
-    SETTINGS[f"without_{n}"] = lambda n=n: tinygrad_ext.only(*[p for p in tinygrad_ext.PASSES if p != n])
+    SETTINGS[f"without_{n}"] = lambda n=n: tinygrad_ext.without(n)
   # each --policy: one more setting, every pass on with the matvec policy overridden
   from passes.matvec import parse_override
   policies = dict(p.split("=", 1) for p in args.policy)

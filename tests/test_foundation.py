@@ -75,8 +75,12 @@ def test_only_and_disable_env_select_single_passes(double_to_add):
     assert "*2" in kernel_sources(KERNELS["elementwise"])[0].replace(" ", "")
   with tinygrad_ext.only("test_double_to_add"): assert tinygrad_ext.active_passes() == ("test_double_to_add",)
   with tinygrad_ext.only(): assert tinygrad_ext.active_passes() == ()
+  with tinygrad_ext.without("test_double_to_add"):
+    assert tinygrad_ext.active_passes() == tuple(n for n in tinygrad_ext.PASSES if n != "test_double_to_add")
   with pytest.raises(ValueError, match="unknown tinygrad_ext pass"):
     with tinygrad_ext.only("no_such_pass"): pass
+  with pytest.raises(ValueError, match="unknown tinygrad_ext pass"):
+    with tinygrad_ext.without("no_such_pass"): pass
 
 def test_register_rejects_duplicates_and_bad_names(double_to_add):
   with pytest.raises(ValueError, match="already registered"): tinygrad_ext.register(double_to_add)

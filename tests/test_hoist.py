@@ -9,17 +9,15 @@ from tinygrad.helpers import Context
 from tinygrad.uop.ops import Ops, UOp
 from tinygrad.codegen import full_rewrite_to_sink
 from tinygrad.codegen.late.linearizer import linearize
-import tinygrad_ext
+from tinygrad_ext import without
 from passes.hoist import split_invariant
 from tinygrad.llm.gguf import ggml_data_to_tensor
 from kernels import with_opts, render, cuda_renderer, metal_renderer, kernel_asts
-from test_matvec import quantized, matvecs
+from test_matvec import quantized, matvecs, assert_close_fp16
 from test_packed_loads import q4_0_matvec_ast
 
 DEVICES = os.getenv("TINYGRAD_EXT_TEST_DEVICES", "CL,CPU").split(",")
 EXAMPLES = {"CPU": 8, "CL": 15}
-
-def without(name:str): return tinygrad_ext.only(*[p for p in tinygrad_ext.PASSES if p != name])
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_hoist_equals_hoist_off(device):
@@ -29,7 +27,7 @@ def test_hoist_equals_hoist_off(device):
     with Context(DEV=device):
       make = data.draw(matvecs(device))
       with without("hoist"): ref = make().numpy()
-      np.testing.assert_allclose(make().numpy(), ref, rtol=2e-3, atol=2e-3 * max(1.0, float(np.abs(ref).max())))
+      assert_close_fp16(make().numpy(), ref)
   prop()
 
 @pytest.mark.parametrize("device", DEVICES)

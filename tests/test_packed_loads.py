@@ -30,7 +30,7 @@ def test_packed_loads_are_bit_identical(device):
       else:
         w = quantized(rng, (out, inp), qtype, device)
         make = (lambda: (x @ w.T).float()) if kind == "matvec" else (lambda: w.float() * 1)  # a fused matvec, or the dequant alone
-      with tinygrad_ext.only(*[p for p in tinygrad_ext.PASSES if p != "packed_loads"]): ref = make().numpy()
+      with tinygrad_ext.without("packed_loads"): ref = make().numpy()
       np.testing.assert_array_equal(make().numpy(), ref)
   prop()
 
@@ -43,7 +43,7 @@ def test_q4_0_matvec_reads_ushorts_with_the_pass_and_bytes_without():
   ast = q4_0_matvec_ast()
   for ren, word, byte in ((cuda_renderer(), "*((unsigned short*)", "unsigned char val"), (metal_renderer(), "*((device unsigned short*)", "unsigned char val")):
     on = render(ast, ren)
-    with tinygrad_ext.only(*[p for p in tinygrad_ext.PASSES if p != "packed_loads"]): off = render(ast, ren)
+    with tinygrad_ext.without("packed_loads"): off = render(ast, ren)
     assert on.count(word) == 9 and byte not in on, on  # 18-byte block: the fp16 scale and 16 nibble bytes in 9 words
     assert word not in off and off.count(byte) >= 18, off
   from tinygrad.codegen import full_rewrite_to_sink
@@ -57,7 +57,7 @@ def test_gated_moe_loads_are_packed_under_their_gate():
   w = ggml_data_to_tensor(raw, 8 * 256 * 2048, 2).reshape(8, 256, 2048)
   ast = kernel_asts(lambda: (x.unsqueeze(-2) @ w[sel].cast(dtypes.float16).transpose(-1, -2)).contiguous())[0]
   on = render(ast, cuda_renderer())
-  with tinygrad_ext.only(*[p for p in tinygrad_ext.PASSES if p != "packed_loads"]): off = render(ast, cuda_renderer())
+  with tinygrad_ext.without("packed_loads"): off = render(ast, cuda_renderer())
   assert on.count("*((unsigned short*)") >= 9 and "unsigned char val" not in on, on
   assert on.count("?val") == on.count("*((unsigned short*)"), on  # each word is selected by the gate
   assert "*((unsigned short*)" not in off and off.count("unsigned char val") >= 18, off

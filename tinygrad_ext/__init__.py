@@ -4,13 +4,14 @@
   tinygrad_ext.disable() / enable()   # all passes off / on for what compiles next
   with tinygrad_ext.passes_off(): ... # a block compiled as plain tinygrad
   with tinygrad_ext.only("name"): ... # a block with exactly these passes on
+  with tinygrad_ext.without("name"):  # a block with every pass on but these
   tinygrad_ext.PASSES                 # name -> Pass; TINYGRAD_EXT_DISABLE=name,name switches single passes off
 """
 from tinygrad_ext._version import check_tinygrad_version, SUPPORTED_TINYGRAD
 check_tinygrad_version()
 
 from tinygrad_ext.registry import Pass, CodegenStep, SchedulerOpt, OptHeuristic, MatcherRules, PASSES, register, unregister, check_pass_names  # noqa: E402
-from tinygrad_ext.config import __version__, enable, disable, enabled, passes_off, only, is_active, active_passes, cache_id  # noqa: E402
+from tinygrad_ext.config import __version__, enable, disable, enabled, passes_off, only, without, is_active, active_passes, cache_id  # noqa: E402
 from tinygrad_ext.config import EXT as _EXT, disabled_names as _disabled_names  # noqa: E402
 from tinygrad_ext import hooks  # noqa: E402
 import passes  # noqa: E402,F401  # registers every pass of the library
@@ -18,5 +19,5 @@ import passes  # noqa: E402,F401  # registers every pass of the library
 check_pass_names(_disabled_names())  # a typo in TINYGRAD_EXT_DISABLE fails here, not silently
 if _EXT.value: hooks.install()
 
-__all__ = ["Pass", "CodegenStep", "SchedulerOpt", "OptHeuristic", "MatcherRules", "PASSES", "register", "unregister", "enable", "disable", "enabled", "passes_off", "only",
+__all__ = ["Pass", "CodegenStep", "SchedulerOpt", "OptHeuristic", "MatcherRules", "PASSES", "register", "unregister", "enable", "disable", "enabled", "passes_off", "only", "without",
            "is_active", "active_passes", "cache_id", "hooks", "SUPPORTED_TINYGRAD", "__version__"]

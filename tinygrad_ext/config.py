@@ -41,3 +41,8 @@ def only(*names:str):
   from tinygrad_ext import hooks
   hooks.install()
   with Context(TINYGRAD_EXT=1, TINYGRAD_EXT_DISABLE=",".join(n for n in PASSES if n not in keep)): yield
+
+def without(*names:str) -> contextlib.AbstractContextManager:
+  """`with without("a"):` compiles the block with every registered pass on but these (A/B runs of one pass)."""
+  drop = set(check_pass_names(names))
+  return only(*[n for n in PASSES if n not in drop])
