@@ -1,6 +1,7 @@
 """The pass library. Each module defines one pass and registers it with tinygrad_ext.register(); importing this package
 registers them all, in the order listed here."""
 from passes import reduce_local  # noqa: F401,E402
+from passes import fusion  # noqa: F401,E402
 from passes import matvec  # noqa: F401,E402
 from passes import packed_loads  # noqa: F401,E402
 from passes import hoist  # noqa: F401,E402

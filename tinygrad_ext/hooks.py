@@ -8,6 +8,7 @@ Hook points (tinygrad 0.14.0):
   tinygrad.codegen.opt.postrange.Scheduler.apply_opt   SchedulerOpt passes apply their own opts (refused while off)
   tinygrad.codegen.opt.search.actions       BEAM can choose those opts (a list: extended, then shrunk back)
   tinygrad.codegen.<PatternMatcher>          MatcherRules passes append rules to a codegen matcher (e.g. pm_add_loads)
+  tinygrad.schedule.rangeify.<PatternMatcher>   ... or to a scheduler matcher (e.g. pm_remove_bufferize)
   tinygrad.codegen.to_program_key           the in-memory program cache key gets the active passes' cache_id()
   tinygrad.engine.realize.to_program_key    (realize imported it by name)
   tinygrad.codegen.to_program_context       the switches and pass settings travel with every kernel to the compile workers
@@ -17,7 +18,7 @@ Hook points (tinygrad 0.14.0):
   tinygrad.schedule.schedule_cache          the in-memory schedule cache is keyed per cache_id()
 """
 from __future__ import annotations
-import contextvars, hashlib
+import contextvars, hashlib, importlib
 import tinygrad.codegen as codegen
 import tinygrad.engine.realize as realize
 import tinygrad.engine.worker as worker
@@ -105,9 +106,9 @@ def _sync_registered() -> None:
   _beam_actions[:] = [a for h in registered_hooks(SchedulerOpt) for a in h.beam_actions]
   search.actions.extend(_beam_actions)
   rules = registered_hooks(MatcherRules)
-  for attr in {h.attr for h in rules} | {a for m, a in _originals if m is codegen and a.startswith("pm_")}:
-    if (codegen, attr) not in _originals: _originals[(codegen, attr)] = getattr(codegen, attr)
-    setattr(codegen, attr, sum((h.matcher for h in rules if h.attr == attr), _originals[(codegen, attr)]))
+  for module, attr in {(importlib.import_module(h.module), h.attr) for h in rules} | {k for k in _originals if k[1].startswith("pm_")}:
+    if (module, attr) not in _originals: _originals[(module, attr)] = getattr(module, attr)
+    setattr(module, attr, sum((h.matcher for h in rules if h.attr == attr and h.module == module.__name__), _originals[(module, attr)]))
 
 # *** cache isolation ***
 

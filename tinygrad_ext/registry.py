@@ -34,11 +34,14 @@ class OptHeuristic:
 
 @dataclass(frozen=True)
 class MatcherRules:
-  """Rules appended to one of tinygrad's codegen PatternMatchers, `tinygrad.codegen.<attr>` (looked up by
-  full_rewrite_to_sink at every call). They must match only UOps their own pass creates, so they are inert while it is off."""
+  """Rules appended to one of tinygrad's PatternMatchers, `<module>.<attr>`, that its module looks up at every call
+  (e.g. tinygrad.codegen's pm_add_loads in full_rewrite_to_sink, tinygrad.schedule.rangeify's pm_remove_bufferize in
+  get_kernel_graph). They stay installed while their pass is off, so they must be inert then: match only UOps their own
+  pass creates, or check is_active(pass) before rewriting."""
   attr: str
   matcher: object
-  def where(self) -> str: return f"tinygrad.codegen.{self.attr}: +{len(self.matcher.patterns)} rule(s)"
+  module: str = "tinygrad.codegen"
+  def where(self) -> str: return f"{self.module}.{self.attr}: +{len(self.matcher.patterns)} rule(s)"
 
 Hook = Union[CodegenStep, SchedulerOpt, OptHeuristic, MatcherRules]
 

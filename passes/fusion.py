@@ -1,0 +1,160 @@
+"""fusion: a row's reduces (RMSNorm's sum of squares, softmax's max and sum of exps) run inside the kernel that uses them.
+
+Stock tinygrad gives a reduce whose result is broadcast back over the row it reduced a kernel (and a buffer) of its own:
+RMSNorm is the sum-of-squares kernel and the normalize kernel, softmax the max kernel, the sum-of-exps kernel and the
+divide kernel. Each extra kernel costs a launch and a round trip through memory.
+
+Scheduler rule (appended to tinygrad.schedule.rangeify.pm_remove_bufferize, the step that decides which realized
+intermediates are recomputed in their consumer instead): the buffer of a row reduce is removed, and its reduce inlined,
+when the consuming kernel is elementwise (no reduce of its own) and loops over an axis the reduce does not depend on (the
+row). Reduces nested in an inlined one (softmax's max inside its sum) follow, if they too do not depend on the reduce
+they sit in. A consumer that reduces itself (a matmul reading the normalized row) keeps the reduce's buffer: it would
+recompute the row's reduce for every output it makes.
+
+Codegen heuristic (before REDUCE_LOCAL's matvec heuristic and tinygrad's): in such a kernel the row axis stays an in-kernel
+loop, one workgroup per row, and every reduce of the row and the row's elementwise outputs are spread over the same lanes
+(lane-strided, REDUCE_LOCAL's lane range): the lanes combine each reduce (shuffles, then shared memory across warps), and
+then each lane writes its own elements. A row whose length the lanes do not divide (symbolic lengths: attention over the
+positions so far) is padded, with the padding gated off every load and store and counted as the reduce's identity.
+"""
+from __future__ import annotations
+import itertools
+from typing import Iterator
+from tinygrad.uop.ops import UOp, Ops, AxisType, PatternMatcher, UPat, identity_element, graph_rewrite
+from tinygrad.dtype import AddrSpace, Invalid
+from tinygrad.helpers import prod, partition
+from tinygrad.schedule.indexing import BufferizeOpts
+from tinygrad.codegen.opt import KernelOptError
+from tinygrad_ext import Pass, MatcherRules, OptHeuristic, CodegenStep, register, is_active
+from passes.reduce_local import LANE_ID, WARP_ID, SHUFFLE_WIDTH, COMBINES, ACC_DTYPES
+
+NAME = "fusion"
+MAX_ROW = 1 << 16        # longer rows keep tinygrad's schedule: one workgroup per row would leave the GPU idle
+MAX_LANES = 256          # lanes per row: 8 warps, each lane holds row/256 elements of a 2048-wide row
+KERNEL_BOUNDARIES = (Ops.STAGE, Ops.STORE, Ops.AFTER)  # another kernel's buffer, or a store: not part of this kernel's value
+
+# *** scheduler: inline a row reduce into its elementwise consumer ***
+
+def in_kernel(u:UOp) -> bool: return u.op not in KERNEL_BOUNDARIES
+
+def row_reduce_stage(s:UOp) -> bool:
+  """A realized intermediate that reduces (ADD or MAX only: those the lanes combine) and that the scheduler may remove."""
+  if s.op is not Ops.STAGE or s.arg.addrspace is not AddrSpace.GLOBAL or not s.arg.removable or s.src[0].op in (Ops.CONTIGUOUS, Ops.NOOP):
+    return False
+  reduces = [u for u in s.src[0].toposort(gate=in_kernel) if u.op is Ops.REDUCE]
+  return bool(reduces) and all(r.arg[0] in COMBINES and all(x.vmax < MAX_ROW for x in r.src[1:]) for r in reduces)
+
+def inline_stage(idx:UOp) -> UOp:
+  stage = idx.src[0]
+  return stage.src[0].substitute({k:v for k,v in zip(stage.src[1:], idx.src[1:]) if k.op is not Ops.CONST})
+
+def row_reduces_only(value:UOp, out_rngs:dict[UOp, None]) -> bool:
+  """Every reduce in value is a row reduce of the consumer: it misses a consumer range (the row, which it is broadcast
+  over) and depends on no reduce range (it is invariant to the reduces it sits in, so it runs once per row)."""
+  for red in [u for u in value.toposort(gate=in_kernel) if u.op is Ops.REDUCE]:
+    row = [r for r in out_rngs if r not in red.ranges]
+    if not row or prod(r.vmax+1 for r in row) > MAX_ROW or any(r.arg[-1] is AxisType.REDUCE for r in red.ranges): return False
+  return True
+
+def inlinable(idx:UOp, out_rngs:dict[UOp, None]) -> UOp|None:
+  if not (idx.op is Ops.INDEX and row_reduce_stage(idx.src[0])): return None
+  if any(v.op is Ops.CONST and v.arg is Invalid for v in idx.src[1:]): return None
+  return inl if row_reduces_only(inl:=inline_stage(idx), out_rngs) else None
+
+def fuse_row_reduces(root:UOp) -> UOp|None:
+  if not is_active(NAME): return None
+  if root.op is Ops.STAGE:
+    if root.arg.addrspace is not AddrSpace.GLOBAL: return None
+    value, out = root.src[0], root.src[1:]
+  else: value, out = root.src[1], root.src[:1]
+  out_rngs = UOp.sink(*out).ranges
+  # the consumer must be elementwise: reduces of its own would each recompute the row's reduce
+  if any(u.op is Ops.REDUCE for u in value.toposort(gate=in_kernel)): return None
+  new = value
+  while (found := {u:inl for u in new.toposort(gate=in_kernel) if (inl:=inlinable(u, out_rngs)) is not None}):
+    new = new.substitute(found)
+  if new is value: return None
+  return root.replace(src=(new,)+root.src[1:]) if root.op is Ops.STAGE else root.replace(src=(root.src[0], new)+root.src[2:])
+
+pm_fuse_row_reduces = PatternMatcher([
+  (UPat(Ops.STAGE, name="root"), fuse_row_reduces),
+  (UPat(Ops.STORE, name="root"), fuse_row_reduces),
+])
+
+# *** codegen: one workgroup per row, reduces and outputs over the same lanes ***
+
+def row_ranges(k) -> list[UOp]:
+  """The output ranges no reduce depends on: the rows of a fused row kernel (stock schedules never make such a kernel)."""
+  if not (reduces := k.reduceops): return []
+  depends = {r for red in reduces for r in red.ranges}
+  return [r for r in k._output_rngs() if r not in depends and r.vmax > 0]
+
+def lane_count(sizes:list[int]) -> int:
+  most = min(MAX_LANES, max(sizes))
+  return 1 << (most.bit_length() - 1)
+
+def pad_to_lanes(k, rng:UOp, lanes:int) -> UOp:
+  """rng padded to a multiple of `lanes`; the padding is gated off every load and store and is the identity of a reduce."""
+  n = rng.src[0]
+  padded = rng.replace(src=(((n + (lanes-1)) // lanes) * lanes,))
+  valid = padded < n
+  k.ast = k.ast.substitute({rng: padded}, name=f"fusion: pad {rng.arg[:-1]} to {lanes} lanes")
+  stores = {s.src[0] for s in k.ast.backward_slice_with_self if s.op is Ops.STORE}
+  subs = {}
+  for b in k.bufs:
+    if padded in (i:=b.src[1].get_idx()).backward_slice_with_self:
+      nb = b.replace(src=(b.src[0], i.valid(valid & b.src[1].get_valid())))
+      subs[b] = nb if b in stores else valid.where(nb, UOp.const(Invalid, b.dtype))
+  k.ast = k.ast.substitute(subs, name="fusion: gate the padding")
+  k.ast = k.ast.substitute({red: red.replace(src=(valid.where(red.src[0], red.src[0].const_like(identity_element(red.arg[0], red.dtype))),)+red.src[1:])
+                            for red in k.reduceops if padded in red.src[1:]}, name="fusion: padding is the reduce's identity")
+  return padded
+
+def choose_row_opts(k):
+  if not (rows := row_ranges(k)) or not k.ren.has_local or k.dont_use_locals: return None
+  # the rows stay a loop inside the kernel, so a row's reduces run once per workgroup, not once per output element
+  k.ast = k.ast.substitute({r: r.replace(arg=r.arg[:-1]+(AxisType.LOOP,)) for r in rows}, name="fusion: rows loop in the kernel")
+  reduces = k.reduceops
+  red_rngs = [r for red in reduces for r in red.src[1:] if r.op is Ops.RANGE]
+  if len(rows) != 1 or any(len(red.src) != 2 for red in reduces) or any(red.dtype not in ACC_DTYPES for red in reduces) or \
+     any(o.op is not Ops.RANGE for o in red_rngs):
+    return k  # each thread walks its rows serially: correct, one launch; lanes need one row axis and one range per reduce
+  (row,) = rows
+  row = next(r for r in k.rngs if r.arg[:-1] == row.arg[:-1])
+  lanes = lane_count([int(r.vmax+1) for r in [row, *red_rngs]])
+  if lanes < 2: return k
+  width, warps = min(lanes, SHUFFLE_WIDTH), max(1, lanes // SHUFFLE_WIDTH)
+  smem = warps * len(reduces) * max(red.dtype.itemsize for red in reduces)
+  if smem > k.ren.shared_max or lanes > (k.ren.local_max or (lanes,))[0]: return k
+  lane = UOp.range(width, LANE_ID, AxisType.GROUP_REDUCE, dtype=row.dtype)
+  lane_idx = lane if warps == 1 else UOp.range(warps, WARP_ID, AxisType.GROUP_REDUCE, dtype=row.dtype) * width + lane
+  for r in [row, *red_rngs]:
+    r = next(x for x in k.rngs if x.arg[:-1] == r.arg[:-1])
+    if r.src[0].divides(lanes) is None: r = pad_to_lanes(k, r, lanes)
+    try: k.shift_to(r, lanes, AxisType.GROUP_REDUCE, top=False, input_new_rng=lane_idx)
+    except KernelOptError: return None
+  return k
+
+# *** codegen: each of a row's grouped reduces gets its own loop over the partials ***
+
+def own_group_loop(ctx:Iterator[int], r:UOp) -> UOp|None:
+  """REDUCE over GROUP_REDUCE ranges -> the partials in shared memory, read back and reduced by every thread: tinygrad's
+  fix_group_for_reduce, except that the loop range is the REDUCE's own (tinygrad derives its id from the group range's,
+  so a fused row's max and sum, grouped over the same lanes, would share one loop)."""
+  group, rest = partition(r.src[1:], lambda u: u.op is Ops.RANGE and u.arg[-1] is AxisType.GROUP_REDUCE)
+  if not group: return None
+  loops = [UOp.range(g.vmax+1, next(ctx), AxisType.REDUCE, dtype=g.dtype) for g in group]
+  others = sorted([u for u in r.toposort() if u.op is Ops.RANGE and u.arg[-1] is AxisType.LOCAL], key=lambda u: u.arg)
+  partial = r.replace(src=(r.src[0], *rest)) if rest else r.src[0]
+  buf = partial.bufferize(*others, *group, arg=BufferizeOpts(group[0].arg[0], AddrSpace.LOCAL)).index(*others, *loops)
+  return buf.reduce(*loops, arg=(r.arg[0], 0))
+
+def separate_group_loops(sink:UOp, ren) -> UOp:
+  grouped = [u for u in sink.toposort() if u.op is Ops.REDUCE and any(x.op is Ops.RANGE and x.arg[-1] is AxisType.GROUP_REDUCE for x in u.src[1:])]
+  if len(grouped) < 2: return sink
+  ids = itertools.count(max(u.arg[0] for u in sink.toposort() if u.op is Ops.RANGE) + 1)
+  return graph_rewrite(sink, PatternMatcher([(UPat(Ops.REDUCE, name="r"), own_group_loop)]), ctx=ids, name="fusion: a loop per grouped reduce")
+
+FUSION = register(Pass(NAME, "runs a row's reduces (RMSNorm, softmax) inside their elementwise consumer: one kernel, rows over shared lanes",
+  (MatcherRules("pm_remove_bufferize", pm_fuse_row_reduces, module="tinygrad.schedule.rangeify"), OptHeuristic(choose_row_opts),
+   CodegenStep("expander", separate_group_loops))))

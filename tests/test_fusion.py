@@ -1,0 +1,107 @@
+"""fusion: RMSNorm and softmax schedule to one kernel each, and equal the passes off; a reduce consumed by a matmul keeps
+its own kernel (recomputing it per output row would multiply the work)."""
+import os
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st, HealthCheck
+from tinygrad import Tensor, dtypes, UOp
+from tinygrad.helpers import Context
+from tinygrad.uop.ops import Ops
+from tinygrad_ext import without, passes_off, only
+from kernels import render, cuda_renderer, metal_renderer
+
+DEVICES = os.getenv("TINYGRAD_EXT_TEST_DEVICES", "CL,CPU").split(",")
+EXAMPLES = {"CPU": 15, "CL": 25}
+
+def rms_norm(x:Tensor, w:Tensor|None) -> Tensor:
+  xf = x.float()
+  out = xf * (xf.square().mean(-1, keepdim=True) + 1e-5).rsqrt()
+  return (out if w is None else out * w.float()).cast(x.dtype)
+
+def softmax(x:Tensor, causal:bool) -> Tensor:
+  if causal: x = x + Tensor.full(x.shape[-2:], float("-inf")).triu(1)  # a row of length 1 is all mask but its first element
+  return x.float().softmax(-1).cast(x.dtype)
+
+def kernel_asts(t:Tensor) -> list:
+  lin, _ = Tensor.linear_with_vars(t)
+  return [c.src[0] for c in lin.src if c.src[0].op is Ops.SINK]
+
+@st.composite
+def row_ops(draw, device:str):
+  """(build the result, n columns, is its row length symbolic) for a random RMSNorm or softmax over the last axis."""
+  kind = draw(st.sampled_from(["rms_norm", "softmax"]))
+  rows, cols = draw(st.integers(1, 5)), draw(st.sampled_from([1, 3, 32, 100, 256, 300, 1024, 2048, 4100]))
+  dtype = draw(st.sampled_from([dtypes.float32, dtypes.float16]))
+  variant, symbolic = draw(st.booleans()), kind == "softmax" and draw(st.booleans())
+  rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+  with Context(DEV=device):
+    full = cols + 37 if symbolic else cols
+    x = Tensor((rng.standard_normal((rows, full)) * 4).astype(np.float32), dtype=dtype).realize()
+    w = Tensor(rng.standard_normal(cols).astype(np.float32), dtype=dtype).realize()
+  def make() -> Tensor:
+    if kind == "rms_norm": return rms_norm(x, w if variant else None)
+    if not symbolic: return softmax(x, variant and rows == cols)
+    # a row of a length the kernel only knows at run time (attention over the positions so far)
+    return softmax(x[:, :UOp.variable("n", 1, full).bind(cols)], False)
+  return make, cols, symbolic
+
+def values(t:Tensor, cols:int, symbolic:bool) -> np.ndarray:
+  if symbolic: t = t.pad(((0, 0), (0, t.shape[-1].vmax + 1 - t.shape[-1])))
+  return t.float().numpy()[:, :cols]
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rms_norm_and_softmax_are_one_kernel_and_equal_passes_off(device):
+  @settings(max_examples=EXAMPLES.get(device, 25), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+  @given(st.data())
+  def prop(data):
+    make, cols, symbolic = data.draw(row_ops(device))
+    with Context(DEV=device):
+      with without("fusion"):
+        off_kernels = len(kernel_asts(make()))
+        ref = values(make(), cols, symbolic)
+      assert len(kernel_asts(make())) == 1 and (off_kernels > 1 or cols == 1)  # a row of one needs no reduce kernel
+      got = values(make(), cols, symbolic)
+    np.testing.assert_allclose(got, ref, rtol=2e-3, atol=2e-3 * max(1.0, float(np.abs(ref).max())))
+  prop()
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_row_kernel_without_reduce_local(device):
+  # the row's lanes combine through tinygrad's own GROUP reduce when REDUCE_LOCAL's epilogue is off
+  with Context(DEV=device):
+    x = Tensor(np.random.default_rng(1).standard_normal((3, 700)).astype(np.float32)).realize()
+    with passes_off(): ref = x.softmax(-1).numpy()
+    with only("fusion"):
+      assert len(kernel_asts(x.softmax(-1))) == 1
+      np.testing.assert_allclose(x.softmax(-1).numpy(), ref, rtol=1e-5, atol=1e-7)
+
+def test_reduce_feeding_a_matmul_keeps_its_kernel():
+  # the normalized row feeds a matmul: inlining the sum of squares would recompute it for every output row
+  x, w, m = Tensor.empty(1, 512), Tensor.empty(512), Tensor.empty(512, 1024)
+  make = lambda: rms_norm(x, w) @ m
+  with without("fusion"): off = kernel_asts(make())
+  on = kernel_asts(make())
+  assert len(on) == len(off) == 2
+  assert [sum(u.op is Ops.REDUCE for u in a.toposort()) for a in on] == [1, 1]
+
+def fused_rms_ast(cols=2048):
+  x, w = Tensor.empty(1, cols, dtype=dtypes.half), Tensor.empty(cols, dtype=dtypes.half)
+  (ast,) = kernel_asts(rms_norm(x, w))
+  return ast
+
+def test_cuda_fused_rms_norm_is_one_block_of_shuffling_lanes():
+  src = render(fused_rms_ast(), cuda_renderer())
+  assert "__launch_bounds__(256)" in src and "blockIdx" not in src  # one row: one block, every lane in it
+  assert src.count("__shfl_xor_sync") == 5 and src.count("__syncthreads") == 1  # a 32-lane butterfly, then 8 warps
+  # the output loop comes after the reduce: each lane writes its 8 elements, nothing is recomputed per element
+  assert src.index("__syncthreads") < src.index("*(data0_2048+")
+
+def test_cuda_fused_softmax_over_a_symbolic_row():
+  big = Tensor.empty(20, 4096)
+  (ast,) = kernel_asts(big[:, :UOp.variable("start_pos", 0, 4095).bind(37) + 1].softmax(-1))
+  src = render(ast, cuda_renderer())
+  assert src.count("__shfl_xor_sync") == 10 and src.count("__syncthreads") == 2  # max, then sum, each over 256 lanes
+  assert "if (" in src and "INFINITY" in src  # padding: stores gated off, loads read as the max's identity
+
+def test_metal_fused_rms_norm_uses_simd_sum():
+  src = render(fused_rms_ast(), metal_renderer())
+  assert "simd_sum(" in src and "threadgroup_barrier" in src
