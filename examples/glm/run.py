@@ -35,6 +35,8 @@ def parse_args(argv):
   p.add_argument("--count", type=int, default=16, help="tokens to generate (default 16)")
   p.add_argument("--benchmark", type=int, metavar="N", help="time N decode steps after the JIT warmup")
   p.add_argument("--passes", choices=("on", "off", "compare"), default="on", help="tinygrad_ext passes (compare: off, then on)")
+  p.add_argument("--without", metavar="PASS[,PASS]", help="also run with every pass on but these (an A/B of single passes)")
+  p.add_argument("--prefill", type=int, metavar="N", help="also time the prefill of an N-token prompt (after one untimed run)")
   p.add_argument("--profile", action="store_true", help="per-kernel timing of one decode token")
   p.add_argument("--json", metavar="PATH", help="write the results as JSON")
   p.add_argument("--max-context", type=int, default=None, help="KV cache length (default min(4096, the model's context))")
@@ -126,9 +128,11 @@ def sync(): Device[Device.DEFAULT].synchronize()
 
 def run_mode(m:glm.GLM, tok:Tokenizer, prompt:list[int], a, mode:str) -> dict:
   """Generates with a fresh decode JIT (compiled with the passes on or off); returns the measurements."""
-  ctx = tinygrad_ext.passes_off() if mode == "off" else contextlib.nullcontext()
-  res: dict = {"passes": mode, "active_passes": [] if mode == "off" else list(tinygrad_ext.active_passes())}
+  ctx = tinygrad_ext.passes_off() if mode == "off" else tinygrad_ext.without(*mode.split(" ", 1)[1].split(",")) \
+    if mode.startswith("without ") else contextlib.nullcontext()
+  res: dict = {"passes": mode}
   with ctx:
+    res["active_passes"] = list(tinygrad_ext.active_passes())
     jit, steps = m.decoder(), []
     def step(t:int, pos:int) -> int:
       s0 = time.perf_counter()
@@ -154,6 +158,13 @@ def run_mode(m:glm.GLM, tok:Tokenizer, prompt:list[int], a, mode:str) -> dict:
       while jit.captured is None: t = step(t, pos); pos += 1
       res["profile"] = stats.summarize(stats.time_kernels(jit, (m.token.bind(t), m.start_pos.bind(pos)),
                                                           classify(kernel_roles(m))))
+    if a.prefill:
+      ids = [(7 * i + 3) % m.cfg.vocab for i in range(a.prefill)]
+      m.prefill(ids)  # compiles its kernels
+      sync(); s0 = time.perf_counter()
+      m.prefill(ids)
+      sync(); dt = time.perf_counter() - s0
+      res["prefill"] = {"tokens": a.prefill, "s": dt, "tok_per_s": a.prefill / dt}
   return res
 
 def ms_per_token(res:dict) -> float|None: return res.get("benchmark", {}).get("ms_per_token", res.get("generate_ms_per_token"))
@@ -164,11 +175,14 @@ def report(res:dict):
   what = f"benchmark {res['benchmark']['steps']} steps" if "benchmark" in res else "generation"
   if ms is not None: print(f"[{tag}] {1e3/ms:.2f} tok/s, {ms:.2f} ms/token, {res['kernels_per_token']} kernels/token ({what}, after JIT warmup)")
   else: print(f"[{tag}] {res['kernels_per_token']} kernels/token (too few steps to time after JIT warmup: use --count >= 3)")
+  if "prefill" in res: print(f"[{tag}] prefill {res['prefill']['tokens']} tokens: {res['prefill']['tok_per_s']:.1f} tok/s ({res['prefill']['s']*1e3:.1f} ms)")
   if "profile" in res: print(stats.format_table(res["profile"]))
 
 def main(argv=None) -> int:
   try:
     a = parse_args(argv)
+    try: tinygrad_ext.check_pass_names(a.without.split(",") if a.without else [])
+    except ValueError as e: raise UsageError(str(e)) from None
     path = pathlib.Path(a.model) if a.model else synthetic_path(a)
     st = time.perf_counter()
     big = path.is_file() and path.stat().st_size > 256 << 20
@@ -176,6 +190,7 @@ def main(argv=None) -> int:
     load_s = time.perf_counter() - st
     tok = Tokenizer(kv, m.cfg.vocab)
     prompt = tok.encode(a.prompt) or [0]
+    if (a.prefill or 0) > m.max_context: raise UsageError(f"--prefill {a.prefill} exceeds --max-context {m.max_context}")
     if len(prompt) + a.count + 2 + (a.benchmark or 0) > m.max_context:  # + 2: steps that may capture the JIT before a benchmark
       raise UsageError(f"prompt ({len(prompt)} tokens) + --count + --benchmark exceed --max-context {m.max_context}")
     c = m.cfg
@@ -183,7 +198,9 @@ def main(argv=None) -> int:
           f"vocab {c.vocab}; loaded in {load_s:.1f} s; device {Device.DEFAULT}, activations {a.dtype}, max context {m.max_context}")
     print(f"prompt: {len(prompt)} tokens {prompt[:16]}{' ...' if len(prompt) > 16 else ''}")
     results = {}
-    for mode in (["off", "on"] if a.passes == "compare" else [a.passes]):
+    modes = ["off", "on"] if a.passes == "compare" else [a.passes]
+    if a.without: modes.insert(modes.index("on") if "on" in modes else len(modes), f"without {a.without}")
+    for mode in modes:
       results[mode] = run_mode(m, tok, prompt, a, mode)
       report(results[mode])
     out = {"model": str(path), "device": Device.DEFAULT, "dtype": a.dtype, "prompt_tokens": len(prompt), "count": a.count,
