@@ -4,12 +4,13 @@ Stock tinygrad gives a reduce whose result is broadcast back over the row it red
 RMSNorm is the sum-of-squares kernel and the normalize kernel, softmax the max kernel, the sum-of-exps kernel and the
 divide kernel. Each extra kernel costs a launch and a round trip through memory.
 
-Scheduler rule (appended to tinygrad.schedule.rangeify.pm_remove_bufferize, the step that decides which realized
-intermediates are recomputed in their consumer instead): the buffer of a row reduce is removed, and its reduce inlined,
-when the consuming kernel is elementwise (no reduce of its own) and loops over an axis the reduce does not depend on (the
-row). Reduces nested in an inlined one (softmax's max inside its sum) follow, if they too do not depend on the reduce
-they sit in. A consumer that reduces itself (a matmul reading the normalized row) keeps the reduce's buffer: it would
-recompute the row's reduce for every output it makes.
+Schedule step (after tinygrad.schedule.rangeify's "symbolic+reduce_collapse+debuf", where tinygrad has settled which
+intermediates it recomputes in their consumers, so every buffer left is a kernel's output): the buffer of a row reduce
+is removed, and its reduce inlined, when the consuming kernel is elementwise (no reduce of its own) and every inlined
+reduce is broadcast over one of its axes (the row) and invariant to the reduces it sits in (softmax's max inside its
+sum). A consumer that reduces itself (a matmul reading the normalized row) keeps the reduce's buffer: it would recompute
+the row's reduce for every output it makes. Run any earlier and the inlined reduce would make an elementwise buffer that
+tinygrad is about to inline (a one-hot gather's mask) look costly, so tinygrad keeps it, a kernel more.
 
 Codegen heuristic (before REDUCE_LOCAL's matvec heuristic and tinygrad's): in such a kernel the row axis stays an in-kernel
 loop, one workgroup per row, and every reduce of the row and the row's elementwise outputs are spread over the same lanes
@@ -25,7 +26,7 @@ from tinygrad.dtype import AddrSpace, Invalid
 from tinygrad.helpers import prod, partition
 from tinygrad.schedule.indexing import BufferizeOpts
 from tinygrad.codegen.opt import KernelOptError
-from tinygrad_ext import Pass, MatcherRules, OptHeuristic, CodegenStep, register, is_active
+from tinygrad_ext import Pass, ScheduleStep, OptHeuristic, CodegenStep, register, is_active
 from passes.reduce_local import LANE_ID, WARP_ID, SHUFFLE_WIDTH, COMBINES, ACC_DTYPES
 
 NAME = "fusion"
@@ -62,7 +63,6 @@ def inlinable(idx:UOp, out_rngs:dict[UOp, None]) -> UOp|None:
   return inl if row_reduces_only(inl:=inline_stage(idx), out_rngs) else None
 
 def fuse_row_reduces(root:UOp) -> UOp|None:
-  if not is_active(NAME): return None
   if root.op is Ops.STAGE:
     if root.arg.addrspace is not AddrSpace.GLOBAL: return None
     value, out = root.src[0], root.src[1:]
@@ -80,6 +80,9 @@ pm_fuse_row_reduces = PatternMatcher([
   (UPat(Ops.STAGE, name="root"), fuse_row_reduces),
   (UPat(Ops.STORE, name="root"), fuse_row_reduces),
 ])
+
+def fuse_kernels(sink:UOp) -> UOp:
+  return graph_rewrite(sink, pm_fuse_row_reduces, name="fusion: row reduces into their consumer") if is_active(NAME) else sink
 
 # *** codegen: one workgroup per row, reduces and outputs over the same lanes ***
 
@@ -156,5 +159,5 @@ def separate_group_loops(sink:UOp, ren) -> UOp:
   return graph_rewrite(sink, PatternMatcher([(UPat(Ops.REDUCE, name="r"), own_group_loop)]), ctx=ids, name="fusion: a loop per grouped reduce")
 
 FUSION = register(Pass(NAME, "runs a row's reduces (RMSNorm, softmax) inside their elementwise consumer: one kernel, rows over shared lanes",
-  (MatcherRules("pm_remove_bufferize", pm_fuse_row_reduces, module="tinygrad.schedule.rangeify"), OptHeuristic(choose_row_opts),
+  (ScheduleStep("symbolic+reduce_collapse+debuf", fuse_kernels), OptHeuristic(choose_row_opts),
    CodegenStep("expander", separate_group_loops))))

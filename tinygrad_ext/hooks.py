@@ -8,7 +8,7 @@ Hook points (tinygrad 0.14.0):
   tinygrad.codegen.opt.postrange.Scheduler.apply_opt   SchedulerOpt passes apply their own opts (refused while off)
   tinygrad.codegen.opt.search.actions       BEAM can choose those opts (a list: extended, then shrunk back)
   tinygrad.codegen.<PatternMatcher>          MatcherRules passes append rules to a codegen matcher (e.g. pm_add_loads)
-  tinygrad.schedule.rangeify.<PatternMatcher>   ... or to a scheduler matcher (e.g. pm_remove_bufferize)
+  tinygrad.schedule.rangeify.graph_rewrite  ScheduleStep passes run after the named step of get_kernel_graph
   tinygrad.codegen.to_program_key           the in-memory program cache key gets the active passes' cache_id()
   tinygrad.engine.realize.to_program_key    (realize imported it by name)
   tinygrad.codegen.to_program_context       the switches and pass settings travel with every kernel to the compile workers
@@ -18,22 +18,25 @@ Hook points (tinygrad 0.14.0):
   tinygrad.schedule.schedule_cache          the in-memory schedule cache is keyed per cache_id()
 """
 from __future__ import annotations
-import contextvars, hashlib, importlib
+import contextvars, hashlib
 import tinygrad.codegen as codegen
 import tinygrad.engine.realize as realize
 import tinygrad.engine.worker as worker
 import tinygrad.codegen.opt.search as search
 import tinygrad.schedule as schedule
+import tinygrad.schedule.rangeify as rangeify
 from tinygrad.codegen.opt import KernelOptError
 from tinygrad.codegen.opt.postrange import Scheduler
 from tinygrad.uop.ops import Ops, UOp
 from tinygrad.helpers import NOOPT
 from tinygrad.renderer import Renderer
-from tinygrad_ext.registry import PASSES, CodegenStep, SchedulerOpt, OptHeuristic, MatcherRules, on_change
+from tinygrad_ext.registry import PASSES, CodegenStep, ScheduleStep, SchedulerOpt, OptHeuristic, MatcherRules, on_change
 from tinygrad_ext.config import SWITCHES, is_active, cache_id
 
-# captured at import, before install() replaces it: a spawned compile worker imports this module fresh
+# captured at import, before install() replaces them: a spawned compile worker imports this module fresh, and
+# tinygrad's compiled PatternMatchers keep the graph_rewrite they first saw (so the replacement outlives uninstall())
 _tinygrad_init_worker = worker._init_worker
+_tinygrad_schedule_graph_rewrite = rangeify.graph_rewrite
 _originals: dict[tuple[object, str], object] = {}
 
 def _replace(module:object, attr:str, new:object) -> None:
@@ -66,6 +69,14 @@ def _full_rewrite_to_sink(ast:UOp, ren:Renderer, optimize:bool=True) -> UOp:
   token = _current_renderer.set(ren)
   try: return _originals[(codegen, "full_rewrite_to_sink")](ast, ren, optimize)
   finally: _current_renderer.reset(token)
+
+# *** schedule steps ***
+
+def _schedule_graph_rewrite_with_steps(sink:UOp, pm, *args, name:str|None=None, **kwargs) -> UOp:
+  ret = _tinygrad_schedule_graph_rewrite(sink, pm, *args, name=name, **kwargs)
+  if name is None or not installed(): return ret
+  for step in [h for h in registered_hooks(ScheduleStep, True) if h.step == name]: ret = step.rewrite(ret)
+  return ret
 
 # *** scheduler opts ***
 
@@ -106,9 +117,9 @@ def _sync_registered() -> None:
   _beam_actions[:] = [a for h in registered_hooks(SchedulerOpt) for a in h.beam_actions]
   search.actions.extend(_beam_actions)
   rules = registered_hooks(MatcherRules)
-  for module, attr in {(importlib.import_module(h.module), h.attr) for h in rules} | {k for k in _originals if k[1].startswith("pm_")}:
-    if (module, attr) not in _originals: _originals[(module, attr)] = getattr(module, attr)
-    setattr(module, attr, sum((h.matcher for h in rules if h.attr == attr and h.module == module.__name__), _originals[(module, attr)]))
+  for attr in {h.attr for h in rules} | {a for m, a in _originals if m is codegen and a.startswith("pm_")}:
+    if (codegen, attr) not in _originals: _originals[(codegen, attr)] = getattr(codegen, attr)
+    setattr(codegen, attr, sum((h.matcher for h in rules if h.attr == attr), _originals[(codegen, attr)]))
 
 # *** cache isolation ***
 
@@ -139,6 +150,7 @@ def install() -> None:
   if installed(): return
   _replace(codegen, "graph_rewrite", _graph_rewrite_with_steps)
   _replace(codegen, "full_rewrite_to_sink", _full_rewrite_to_sink)
+  _replace(rangeify, "graph_rewrite", _schedule_graph_rewrite_with_steps)
   _replace(codegen, "to_program_key", _to_program_key)
   _replace(realize, "to_program_key", _to_program_key)
   _replace(codegen, "to_program_context", codegen.to_program_context)

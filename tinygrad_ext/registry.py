@@ -15,6 +15,16 @@ class CodegenStep:
   def where(self) -> str: return f"tinygrad.codegen.full_rewrite_to_sink: after step '{self.step}'"
 
 @dataclass(frozen=True)
+class ScheduleStep:
+  """Runs `rewrite(sink) -> sink` right after the graph_rewrite step named `step` in
+  tinygrad.schedule.rangeify.get_kernel_graph (tinygrad 0.14.0's names, e.g. "symbolic+reduce_collapse+debuf", after
+  which every buffer left is a kernel's output). Its rewrite must return the sink unchanged while its pass is off: the
+  schedule is built outside any codegen context, so the hook cannot know which passes the kernels will use."""
+  step: str
+  rewrite: Callable[[UOp], UOp]
+  def where(self) -> str: return f"tinygrad.schedule.rangeify.get_kernel_graph: after step '{self.step}'"
+
+@dataclass(frozen=True)
 class SchedulerOpt:
   """A new Scheduler opt. tinygrad's Scheduler.apply_opt hands Opts whose `op` is this `op` to `apply(scheduler, opt)`
   (which raises KernelOptError where the opt is illegal), and `beam_actions` join BEAM's search space."""
@@ -34,16 +44,13 @@ class OptHeuristic:
 
 @dataclass(frozen=True)
 class MatcherRules:
-  """Rules appended to one of tinygrad's PatternMatchers, `<module>.<attr>`, that its module looks up at every call
-  (e.g. tinygrad.codegen's pm_add_loads in full_rewrite_to_sink, tinygrad.schedule.rangeify's pm_remove_bufferize in
-  get_kernel_graph). They stay installed while their pass is off, so they must be inert then: match only UOps their own
-  pass creates, or check is_active(pass) before rewriting."""
+  """Rules appended to one of tinygrad's codegen PatternMatchers, `tinygrad.codegen.<attr>` (looked up by
+  full_rewrite_to_sink at every call). They must match only UOps their own pass creates, so they are inert while it is off."""
   attr: str
   matcher: object
-  module: str = "tinygrad.codegen"
-  def where(self) -> str: return f"{self.module}.{self.attr}: +{len(self.matcher.patterns)} rule(s)"
+  def where(self) -> str: return f"tinygrad.codegen.{self.attr}: +{len(self.matcher.patterns)} rule(s)"
 
-Hook = Union[CodegenStep, SchedulerOpt, OptHeuristic, MatcherRules]
+Hook = Union[CodegenStep, ScheduleStep, SchedulerOpt, OptHeuristic, MatcherRules]
 
 @dataclass(frozen=True)
 class Pass:
