@@ -39,11 +39,12 @@ KERNEL_BOUNDARIES = (Ops.STAGE, Ops.STORE, Ops.AFTER)  # another kernel's buffer
 def in_kernel(u:UOp) -> bool: return u.op not in KERNEL_BOUNDARIES
 
 def row_reduce_stage(s:UOp) -> bool:
-  """A realized intermediate that reduces (ADD or MAX only: those the lanes combine) and that the scheduler may remove."""
+  """A realized intermediate that reduces, in a form the row heuristic spreads over lanes, and that tinygrad may remove."""
   if s.op is not Ops.STAGE or s.arg.addrspace is not AddrSpace.GLOBAL or not s.arg.removable or s.src[0].op in (Ops.CONTIGUOUS, Ops.NOOP):
     return False
   reduces = [u for u in s.src[0].toposort(gate=in_kernel) if u.op is Ops.REDUCE]
-  return bool(reduces) and all(r.arg[0] in COMBINES and all(x.vmax < MAX_ROW for x in r.src[1:]) for r in reduces)
+  # what the codegen heuristic spreads over lanes: one range per reduce, a float accumulator, ADD or MAX
+  return bool(reduces) and all(r.arg[0] in COMBINES and r.dtype in ACC_DTYPES and len(r.src) == 2 and r.src[1].vmax < MAX_ROW for r in reduces)
 
 def inline_stage(idx:UOp) -> UOp:
   stage = idx.src[0]
@@ -119,10 +120,10 @@ def choose_row_opts(k):
   k.ast = k.ast.substitute({r: r.replace(arg=r.arg[:-1]+(AxisType.LOOP,)) for r in rows}, name="fusion: rows loop in the kernel")
   reduces = k.reduceops
   red_rngs = [r for red in reduces for r in red.src[1:] if r.op is Ops.RANGE]
-  if len(rows) != 1 or any(len(red.src) != 2 for red in reduces) or any(red.dtype not in ACC_DTYPES for red in reduces) or \
-     any(o.op is not Ops.RANGE for o in red_rngs):
-    return k  # each thread walks its rows serially: correct, one launch; lanes need one row axis and one range per reduce
-  (row,) = rows
+  if any(len(red.src) != 2 for red in reduces) or any(red.dtype not in ACC_DTYPES for red in reduces) or any(o.op is not Ops.RANGE for o in red_rngs):
+    return k  # each thread walks its rows serially: correct, one launch (the schedule step fuses only what the lanes take)
+  # the longest row axis goes over the lanes; any other (rope's pairs of a normed, roped row) stays a loop in each lane
+  row = max(rows, key=lambda r: r.vmax)
   row = next(r for r in k.rngs if r.arg[:-1] == row.arg[:-1])
   lanes = lane_count([int(r.vmax+1) for r in [row, *red_rngs]])
   if lanes < 2: return k

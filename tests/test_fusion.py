@@ -105,3 +105,17 @@ def test_cuda_fused_softmax_over_a_symbolic_row():
 def test_metal_fused_rms_norm_uses_simd_sum():
   src = render(fused_rms_ast(), metal_renderer())
   assert "simd_sum(" in src and "threadgroup_barrier" in src
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_normed_row_beside_a_roped_tail_is_one_kernel(device):
+  # GLM's KV row: [rms_norm(kv[:512]) ; rope(kv[512:])], two row axes (the pairs): the longer goes over the lanes
+  with Context(DEV=device):
+    rng = np.random.default_rng(2)
+    x = Tensor(rng.standard_normal((1, 576)).astype(np.float32)).realize()
+    w = Tensor(rng.standard_normal(512).astype(np.float32)).realize()
+    def make():
+      r = x[:, 512:].reshape(1, 32, 2)
+      return rms_norm(x[:, :512], w).cat(Tensor.stack(r[..., 0] - r[..., 1], r[..., 0] + r[..., 1], dim=-1).flatten(-2), dim=-1)
+    with passes_off(): ref = make().numpy()
+    assert len(kernel_asts(make())) == 1
+    np.testing.assert_allclose(make().numpy(), ref, rtol=1e-5, atol=1e-6)
