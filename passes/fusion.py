@@ -124,7 +124,6 @@ def choose_row_opts(k):
     return k  # each thread walks its rows serially: correct, one launch (the schedule step fuses only what the lanes take)
   # the longest row axis goes over the lanes; any other (rope's pairs of a normed, roped row) stays a loop in each lane
   row = max(rows, key=lambda r: r.vmax)
-  row = next(r for r in k.rngs if r.arg[:-1] == row.arg[:-1])
   lanes = lane_count([int(r.vmax+1) for r in [row, *red_rngs]])
   if lanes < 2: return k
   width, warps = min(lanes, SHUFFLE_WIDTH), max(1, lanes // SHUFFLE_WIDTH)

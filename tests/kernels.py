@@ -8,8 +8,8 @@ from tinygrad.helpers import Target
 import tinygrad.codegen as codegen
 
 def kernel_asts(make:Callable[[], Tensor]) -> list[UOp]:
-  """The SINK of every kernel that realizing make() would run (built fresh, nothing is realized)."""
-  return [c.src[0] for c in make().schedule_linear().src if c.src[0].op is Ops.SINK]
+  """The SINK of every kernel that realizing make() would run (built fresh, nothing is realized; shapes may be symbolic)."""
+  return [c.src[0] for c in Tensor.linear_with_vars(make())[0].src if c.src[0].op is Ops.SINK]
 
 def program(ast:UOp, device:str|None=None) -> UOp:
   return codegen.to_program(ast, Device[device or Device.DEFAULT].renderer)

@@ -126,12 +126,16 @@ def classify(roles:dict):
 
 def sync(): Device[Device.DEFAULT].synchronize()
 
+def mode_passes(mode:str):
+  """The passes of a run: "off", "on", or "without a,b" (every pass on but those)."""
+  if mode == "off": return tinygrad_ext.passes_off()
+  if mode.startswith("without "): return tinygrad_ext.without(*mode.removeprefix("without ").split(","))
+  return contextlib.nullcontext()
+
 def run_mode(m:glm.GLM, tok:Tokenizer, prompt:list[int], a, mode:str) -> dict:
   """Generates with a fresh decode JIT (compiled with the passes on or off); returns the measurements."""
-  ctx = tinygrad_ext.passes_off() if mode == "off" else tinygrad_ext.without(*mode.split(" ", 1)[1].split(",")) \
-    if mode.startswith("without ") else contextlib.nullcontext()
   res: dict = {"passes": mode}
-  with ctx:
+  with mode_passes(mode):
     res["active_passes"] = list(tinygrad_ext.active_passes())
     jit, steps = m.decoder(), []
     def step(t:int, pos:int) -> int:
