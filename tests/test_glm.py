@@ -113,7 +113,7 @@ def test_tokenizer(tiny):
 
 def test_run_smoke(tiny, tmp_path):
   out = subprocess.run(RUN + ["--model", str(tiny), "--count", "3", "--profile", "--passes", "compare", "--json", str(tmp_path / "r.json"),
-                              "--max-context", "64"], capture_output=True, text=True, timeout=600)
+                              "--max-context", "64", "--plot", str(tmp_path / "roofline.png")], capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr
   assert "tok/s" in out.stdout and "kernels/token" in out.stdout and "kernels per decode token by kind" in out.stdout
   r = json.loads((tmp_path / "r.json").read_text())
@@ -121,6 +121,10 @@ def test_run_smoke(tiny, tmp_path):
   for res in r["results"].values():
     assert res["kernels_per_token"] == res["profile"]["n_kernels"] > 0 and len(res["tokens"]) == 3
     assert res["profile"]["kernels_by_kind"]["matmul"] > 0
+    launches = res["profile"]["launches"]
+    assert len(launches) == res["kernels_per_token"] and sum(k["us"] for k in launches) == pytest.approx(res["profile"]["total_us"])
+  assert r["ceiling"]["gbs"] > 0 and (tmp_path / "roofline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert [p.name for p in tmp_path.iterdir() if p.name.startswith("tmp")] == []  # the plot's temporary file is gone
 
 # ***** bad input: one line on stderr, exit code 2 *****
 
@@ -138,7 +142,8 @@ def _bad_files(tmp:pathlib.Path, tiny:pathlib.Path) -> dict[str, pathlib.Path]:
 EXPECT = {"missing": "no such file", "truncated": "truncated", "header_cut": "truncated or corrupt", "not_gguf": "not a GGUF",
           "other_arch": "architecture 'llama' is not supported", "q2_k": "unsupported type Q2_K"}
 BAD_FLAGS = [["--count", "0"], ["--frobnicate"], ["--passes", "maybe"], ["--synthetic", "huge"], ["--model", "a.gguf", "--synthetic", "tiny"],
-             ["--benchmark", "-1"], ["--count", "many"]]
+             ["--benchmark", "-1"], ["--count", "many"], ["--plot", "r.png"], ["--profile", "--plot", "r.txt"],
+             ["--profile", "--plot", "/no/such/dir/r.png"]]
 
 def test_bad_input(tiny, tmp_path):
   files = _bad_files(tmp_path, tiny)

@@ -15,7 +15,7 @@ import argparse, contextlib, json, os, pathlib, re, sys, time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # the repo root: examples.glm is a package
 from tinygrad import Device, Tensor, dtypes  # noqa: E402
 from tinygrad.uop.ops import Ops  # noqa: E402
-from examples.glm import model as glm, synth, stats  # noqa: E402
+from examples.glm import model as glm, synth, stats, roofline  # noqa: E402
 
 SYNTH_VERSION = 2  # bump when synth.py's output changes, so cached files are rewritten
 
@@ -38,6 +38,7 @@ def parse_args(argv):
   p.add_argument("--without", metavar="PASS[,PASS]", help="also run with every pass on but these (an A/B of single passes)")
   p.add_argument("--prefill", type=int, metavar="N", help="also time the prefill of an N-token prompt (after one untimed run)")
   p.add_argument("--profile", action="store_true", help="per-kernel timing of one decode token")
+  p.add_argument("--plot", metavar="PATH.png", help="with --profile: draw its kernels as achieved GB/s against the read ceiling")
   p.add_argument("--json", metavar="PATH", help="write the results as JSON")
   p.add_argument("--max-context", type=int, default=None, help="KV cache length (default min(4096, the model's context))")
   p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="activation dtype (default float16)")
@@ -48,6 +49,12 @@ def parse_args(argv):
   if a.benchmark is not None and a.benchmark < 1: p.error("--benchmark must be >= 1")
   if a.max_context is not None and a.max_context < 2: p.error("--max-context must be >= 2")
   if a.model is not None and (a.type != "Q4_0" or a.seed != 0): p.error("--type and --seed apply to --synthetic, not --model")
+  if a.plot is not None:
+    if not a.profile: p.error("--plot draws the --profile of a token: add --profile")
+    if pathlib.Path(a.plot).suffix not in (".png", ".svg", ".pdf"): p.error(f"--plot {a.plot}: the file must end in .png, .svg or .pdf")
+    if not pathlib.Path(a.plot).resolve().parent.is_dir(): p.error(f"--plot {a.plot}: no such directory")
+    try: roofline.check_available()
+    except ImportError as e: p.error(str(e))
   return a
 
 def synthetic_path(a) -> pathlib.Path:
@@ -180,7 +187,10 @@ def report(res:dict):
   if ms is not None: print(f"[{tag}] {1e3/ms:.2f} tok/s, {ms:.2f} ms/token, {res['kernels_per_token']} kernels/token ({what}, after JIT warmup)")
   else: print(f"[{tag}] {res['kernels_per_token']} kernels/token (too few steps to time after JIT warmup: use --count >= 3)")
   if "prefill" in res: print(f"[{tag}] prefill {res['prefill']['tokens']} tokens: {res['prefill']['tok_per_s']:.1f} tok/s ({res['prefill']['s']*1e3:.1f} ms)")
-  if "profile" in res: print(stats.format_table(res["profile"]))
+  if "profile" in res:
+    print(stats.format_table(res["profile"]))
+    if ms is not None:  # what the kernels leave of a token: the host's share (the jit call, the token's readback)
+      print(f"[{tag}] kernels of one token {res['profile']['total_us']/1e3:.2f} ms of {ms:.2f} ms/token")
 
 def main(argv=None) -> int:
   try:
@@ -217,6 +227,14 @@ def main(argv=None) -> int:
         print(f"passes on vs off: {out['speedup']:.2f}x tok/s, kernels/token {r_off['kernels_per_token']} -> {r_on['kernels_per_token']}, "
               f"tokens {'identical' if same else 'DIFFER'}")
       out["tokens_identical"] = same
+    if a.plot:
+      from benchmarks.kernels import read_ceiling
+      # a buffer well past the 60 MB L2 of an H200 on GPUs; CPUs read from memory whatever its size
+      out["ceiling"] = ceiling = read_ceiling(1024 if Device.DEFAULT in ("CUDA", "NV", "AMD", "METAL") else 64, 50, 2.0, ("colsum256",))
+      print(f"read ceiling {ceiling['gbs']:.0f} GB/s ({ceiling['kernel']} over {ceiling['mb']:.0f} MB)")
+      roofline.plot({f"passes {k}": r["profile"] for k, r in results.items()}, ceiling, a.plot,
+                    f"{path.name} on {Device.DEFAULT}: one decode token")
+      print(f"wrote {a.plot}")
     if a.json:
       pathlib.Path(a.json).write_text(json.dumps(out, indent=2, default=str))
       print(f"wrote {a.json}")

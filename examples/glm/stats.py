@@ -2,15 +2,19 @@
 
 Both read the JIT's own captured program list (tinygrad.engine.jit.CapturedJit.linear), expanding the batches the JIT
 turns into device graphs (CUDA graphs), so a count is of GPU kernels, not of graph launches. The timing replays the
-captured kernels one at a time through tinygrad's executor (realize.pm_exec) with ExecContext(wait=True), the same
-path DEBUG=2 times kernels with (median of a few replays); bytes are the kernel's Estimates.mem, as DEBUG=2's GB/s.
+captured kernels one at a time through tinygrad's executor (realize.pm_exec). Where the device has graphs, a kernel's
+time is one device graph of `graph_launches` launches of it, timed as a whole and divided: that is its time inside the
+decode graph, launch gap included, without the submit latency a single waited launch adds (several us, more than a
+small kernel runs). Without graphs each launch is waited on, as DEBUG=2 times kernels. Median of a few replays; bytes
+are the kernel's Estimates.mem, as DEBUG=2's GB/s.
 """
 from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 from tinygrad import Tensor
 from tinygrad.device import Buffer
-from tinygrad.engine.jit import _prepare_jit_inputs
+from tinygrad.device import Device
+from tinygrad.engine.jit import _prepare_jit_inputs, create_graph_call
 from tinygrad.engine.realize import ExecContext, pm_exec, estimate_uop, resolve_params
 from tinygrad.helpers import ansistrip
 from tinygrad.uop.ops import Ops, UOp, sym_infer
@@ -35,20 +39,29 @@ class KernelTime:
   seconds: float
   nbytes: int
 
-def time_kernels(jit, args:tuple, classify=None, repeats:int=3) -> list[KernelTime]:
-  """Replays the captured kernels of jit with each launch waited on; a kernel's time is its median over `repeats`
-  replays after one untimed replay (single waited launches have outliers: clocks, first launches). args are what the
-  jit is called with (they set the inputs and the symbolic variables). classify(call, bufs) -> kind. Each replay is one
-  more decode step: it writes the KV cache row of the position it is given, as the jit itself would."""
+def time_kernels(jit, args:tuple, classify=None, repeats:int=3, graph_launches:int=20) -> list[KernelTime]:
+  """Replays the captured kernels of jit; a kernel's time is its median over `repeats` replays after one untimed replay
+  (clocks, first launches). Where the device has graphs, one replay of a kernel is a graph of `graph_launches` launches
+  of it (they write one buffer, so they run one after another, as in decode), timed whole and divided; else one waited
+  launch. args are what the jit is called with (they set the inputs and the symbolic variables). classify(call, bufs)
+  -> kind. A replay writes the KV cache row of the position it is given, as the jit itself would."""
   input_uops, var_vals, _, _ = _prepare_jit_inputs(args, {})
   ctx, calls = ExecContext(var_vals, tuple(input_uops), update_stats=False, wait=True), kernel_calls(jit)
-  runs = [[sum(e or 0.0 for e in (pm_exec.rewrite(call, ctx) or [])) for call in calls] for _ in range(repeats + 1)][1:]
+  graphed = Device[Device.DEFAULT].graph is not None and graph_launches > 1
+  def timed(call:UOp) -> float:
+    run = create_graph_call([call] * graph_launches) if graphed else call
+    times = [sum(e or 0.0 for e in (pm_exec.rewrite(run, ctx) or [])) for _ in range(repeats + 1)][1:]
+    return statistics.median(times) / (graph_launches if graphed else 1)
   out = []
-  for i, call in enumerate(calls):
+  for call in calls:
     bufs = [b.buffer for b in resolve_params(call, ctx.input_uops)]
-    out.append(KernelTime(ansistrip(call.src[0].arg.name), classify(call, bufs) if classify else "other",
-                          statistics.median(r[i] for r in runs), int(sym_infer(estimate_uop(call).mem, var_vals))))
+    out.append(KernelTime(ansistrip(call.src[0].arg.name), classify(call, bufs) if classify else "other", timed(call),
+                          int(sym_infer(estimate_uop(call).mem, var_vals))))
   return out
+
+def timing_method() -> str:
+  """How time_kernels times on the default device, for reports."""
+  return "in a device graph" if Device[Device.DEFAULT].graph is not None else "one waited launch each"
 
 def kernel_ops(call:UOp) -> set[Ops]:
   """The ops of the kernel's lowered AST, e.g. SQRT (an rsqrt: a norm) or EXP2 (an exp: a softmax)."""
@@ -73,14 +86,15 @@ def summarize(times:list[KernelTime]) -> dict:
   by_kind = {k: sum(1 for t in times if t.kind == k) for k in KINDS}
   us_by_kind = {k: sum(t.seconds for t in times if t.kind == k) * 1e6 for k in KINDS}
   return {"kernels": sorted(rows.values(), key=lambda r: -r["us"]), "kernels_by_kind": by_kind, "us_by_kind": us_by_kind,
-          "total_us": total * 1e6, "n_kernels": len(times)}
+          "total_us": total * 1e6, "n_kernels": len(times), "timing": timing_method(),
+          "launches": [{"name": t.name, "kind": t.kind, "us": t.seconds * 1e6, "bytes": t.nbytes} for t in times]}
 
 def format_table(s:dict, top:int=40) -> str:
   lines = [f"{'kernel':<44} {'kind':<9} {'us':>10} {'GB/s':>8} {'calls':>6} {'share':>6}"]
   for r in s["kernels"][:top]:
     lines.append(f"{r['name'][:44]:<44} {r['kind']:<9} {r['us']:10.1f} {r['gb_s']:8.1f} {r['calls']:6d} {r['share']*100:5.1f}%")
   if len(s["kernels"]) > top: lines.append(f"... {len(s['kernels']) - top} more kernel names")
-  lines.append(f"{'total':<54} {s['total_us']:10.1f} {'':>8} {s['n_kernels']:6d} 100.0%")
+  lines.append(f"{'total':<54} {s['total_us']:10.1f} {'':>8} {s['n_kernels']:6d} 100.0%  (timed {s['timing']})")
   kinds = [f"{k} {n} ({s['us_by_kind'][k]:.0f} us)" for k, n in s["kernels_by_kind"].items() if n]
   lines.append("kernels per decode token by kind: " + ", ".join(kinds))
   return "\n".join(lines)
