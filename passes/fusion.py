@@ -119,9 +119,11 @@ def choose_row_opts(k):
   # the rows stay a loop inside the kernel, so a row's reduces run once per workgroup, not once per output element
   k.ast = k.ast.substitute({r: r.replace(arg=r.arg[:-1]+(AxisType.LOOP,)) for r in rows}, name="fusion: rows loop in the kernel")
   reduces = k.reduceops
-  red_rngs = [r for red in reduces for r in red.src[1:] if r.op is Ops.RANGE]
-  if any(len(red.src) != 2 for red in reduces) or any(red.dtype not in ACC_DTYPES for red in reduces) or any(o.op is not Ops.RANGE for o in red_rngs):
+  if any(red.dtype not in ACC_DTYPES for red in reduces) or any(o.op is not Ops.RANGE for red in reduces for o in red.src[1:]):
     return k  # each thread walks its rows serially: correct, one launch (the schedule step fuses only what the lanes take)
+  # a reduce fused as one range may reach codegen split (a row read through a quant block's index: blocks x elements):
+  # its longest range goes over the lanes, the rest stay loops in each lane
+  red_rngs = [max(red.src[1:], key=lambda r: r.vmax) for red in reduces]
   # the longest row axis goes over the lanes; any other (rope's pairs of a normed, roped row) stays a loop in each lane
   row = max(rows, key=lambda r: r.vmax)
   lanes = lane_count([int(r.vmax+1) for r in [row, *red_rngs]])

@@ -116,3 +116,26 @@ def test_normed_row_beside_a_roped_tail_is_one_kernel(device):
     with passes_off(): ref = make().numpy()
     assert len(kernel_asts(make)) == 1
     np.testing.assert_allclose(make().numpy(), ref, rtol=1e-5, atol=1e-6)
+
+def q4_0_row_norm(device:str, rng:np.random.Generator, rows:int, cols:int):
+  """(make, n) for GLM's first norm: rms_norm of a token's row of a Q4_0 embedding, dequantized inside the kernel, so
+  codegen sees the row and its reduce split into blocks x elements of a block."""
+  from tinygrad.llm.gguf import ggml_data_to_tensor
+  blocks = rng.integers(0, 256, (rows * cols // 32, 18), dtype=np.uint8)
+  blocks[:, :2] = np.frombuffer(np.full(len(blocks), 0.01, np.float16).tobytes(), np.uint8).reshape(-1, 2)  # the scale d
+  with Context(DEV=device):
+    raw = Tensor(blocks.reshape(-1)).realize()
+    w = Tensor(rng.standard_normal(cols).astype(np.float32)).realize()
+  emb = ggml_data_to_tensor(raw, rows * cols, 2).reshape(rows, cols)
+  return lambda: rms_norm(emb[rows // 2:rows // 2 + 1].cast(dtypes.half), w)
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_normed_row_read_through_quant_blocks_goes_over_lanes(device):
+  make = q4_0_row_norm(device, np.random.default_rng(3), 8, 2048)
+  with Context(DEV=device):
+    with without("fusion"): ref = make().float().numpy()
+    (ast,) = kernel_asts(make)
+    assert_close_fp16(make().float().numpy(), ref)
+  # split into blocks x elements, the row still goes over lanes (each thread summing the whole row took 124 us on the H200)
+  src = render(ast, cuda_renderer())
+  assert src.count("__shfl_xor_sync") == 5 and "__syncthreads" in src
