@@ -89,8 +89,31 @@ def lanes_per_block(pol:MatvecPolicy, blocks:int, block_bytes:int, rows:int, inp
   # the smallest split whose blocks fill every lane, else the smallest legal one
   return next((n for n in fits if _pow2_divisor(blocks, pol.lanes // n) * n == pol.lanes), fits[0] if fits else 1)
 
+# a reduce this small beside the matvec in its kernel (GLM's MoE output: the sum over the selected experts' rows, added
+# to the shared expert's down matvec) is unrolled, each lane computing it whole
+SIDE_REDUCE_MAX = 16
+
+def reduce_size(r:UOp) -> int|None:
+  sizes = [x.vmax+1 if x.op is Ops.RANGE and isinstance(x.vmax, int) else None for x in r.src[1:]]
+  return None if None in sizes else prod(sizes)
+
+def matvec_and_side_reduces(reds:list[UOp]) -> tuple[Matvec, list[UOp]]|None:
+  """The kernel's matvec (its largest matching reduce) and the small reduces beside it, not nested in it or it in them."""
+  matches = [(r, m, size) for r in reds if (m:=pm_matvec.rewrite(r)) is not None and (size:=reduce_size(r)) is not None]
+  if not matches: return None
+  main, m, size = max(matches, key=lambda x: x[2])
+  side = [r for r in reds if r is not main]
+  for r in side:
+    if (n:=reduce_size(r)) is None or n > SIDE_REDUCE_MAX or n >= size or set(r.src[1:]) & set(main.src[1:]) or \
+       main in r.backward_slice or r in main.backward_slice: return None
+  return m, side
+
 def choose_matvec_opts(k):
-  if len(reds:=k.reduceops) != 1 or (m:=pm_matvec.rewrite(reds[0])) is None: return None
+  if (found:=matvec_and_side_reduces(k.reduceops)) is None: return None
+  m, side = found
+  for r in side:  # out of the reduce axes: what follows counts the matvec's axes only
+    for rng in [x for x in r.src[1:] if x.vmax > 0]:
+      k.apply_opt(Opt(OptOps.UNROLL, k.unrollable_dims.index(k.rngs.index(rng)), rng.vmax+1))
   act_ranges, w_ranges = set(m.activation.ranges), set(m.weight.ranges)
   # the weight's rows: global axes the activation does not read (MoE: the expert slot axis is read by both)
   outs = [i for i in k.axes_of(AxisType.GLOBAL) if k.rngs[i] in w_ranges and k.rngs[i] not in act_ranges]

@@ -10,6 +10,7 @@ from tinygrad.helpers import Context
 from tinygrad.llm.gguf import ggml_data_to_tensor
 import tinygrad.codegen as codegen
 import tinygrad_ext
+from tinygrad.codegen.opt import Opt, OptOps
 from passes.reduce_local import OptOpsExt
 from kernels import kernel_asts, cuda_renderer, metal_renderer
 
@@ -42,12 +43,16 @@ def matvecs(draw, device:str):
   block = 256 if qtype.endswith("_K") else 32
   inp = block * draw(st.sampled_from([1, 2, 3, 4, 6, 8] if block == 32 else [1, 2]))
   out = draw(st.sampled_from([4, 8, 12, 16, 24, 32]))
-  experts = draw(st.sampled_from([0, 0, 8]))
+  experts, side = draw(st.sampled_from([0, 0, 8])), draw(st.sampled_from([0, 0, 2, 4]))
   rng = np.random.default_rng(draw(st.integers(0, 2**16)))
   x = Tensor(rng.uniform(-1, 1, (1, inp)).astype(np.float16), device=device).realize()
   if experts == 0:
     w = quantized(rng, (out, inp), qtype, device)
-    return lambda: (x @ w.T).float()
+    if not side: return lambda: (x @ w.T).float()
+    # GLM's MoE output: a small sum (the selected experts' rows, weighted) in the kernel of the shared expert's matvec
+    rows = Tensor(rng.uniform(-1, 1, (side, out)).astype(np.float16), device=device).realize()
+    scale = Tensor(rng.uniform(0, 1, (side, 1)).astype(np.float16), device=device).realize()
+    return lambda: ((rows * scale).sum(0) + x @ w.T).float()
   w = quantized(rng, (experts, out, inp), qtype, device)
   sel = Tensor(rng.permutation(experts)[:2].astype(np.int32).reshape(1, 1, 2), device=device).realize()
   return lambda: (x.reshape(1, 1, 1, inp).unsqueeze(-2) @ w[sel].transpose(-1, -2)).float()
@@ -100,6 +105,17 @@ def test_matvec_leaves_gemm_and_other_kernels_to_tinygrad():
   for make in (lambda: x4 @ w.T, lambda: (x4 * 2).sum(axis=1), lambda: (x4.float().exp()).max(axis=1)):
     with tinygrad_ext.passes_off(): stock = applied(make, cuda_renderer())
     assert applied(make, cuda_renderer()) == stock
+
+def test_matvec_takes_a_small_reduce_beside_it():
+  # GLM's MoE output: (expert rows * weights).sum over the 4 selected + the shared expert's down matvec, one kernel
+  w = quantized(rng, (2048, 1536), "Q4_0", Device.DEFAULT)
+  rows, weights, act = Tensor.empty(1, 4, 2048, dtype=dtypes.float16), Tensor.empty(1, 4, 1, dtype=dtypes.float16), Tensor.empty(1, 1536, dtype=dtypes.float16)
+  make = lambda: (rows * weights).sum(1) + act @ w.T
+  opts = applied(make, cuda_renderer())
+  assert any(o.op is OptOpsExt.REDUCE_LOCAL for o in opts) and Opt(OptOps.UNROLL, 0, 4) in opts, opts
+  big = Tensor.empty(1, 64, 2048, dtype=dtypes.float16)  # a side reduce as long as a row is no side reduce: left to tinygrad
+  with tinygrad_ext.passes_off(): stock = applied(lambda: big.sum(1) + act @ w.T, cuda_renderer())
+  assert applied(lambda: big.sum(1) + act @ w.T, cuda_renderer()) == stock
 
 def test_matvec_takes_fused_activations_and_moe_down():
   # the activation may be an expression (an RMSNorm fused into the matmul) and, in MoE down, read the expert slot axis
