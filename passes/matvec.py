@@ -34,6 +34,9 @@ class MatvecPolicy:
   # lanes sharing one quant block, each reading a contiguous run of its bytes (twice this where the blocks would not fill
   # all the lanes otherwise), for matrices with at least as many rows as inputs (1: a whole block per lane)
   lanes_per_block: int = 1
+  # more rows per lane on the largest matrices (an output head), where the row parallelism is plenty
+  wide_upcast_rows: int = 0
+  wide_upcast_min_elements: int = 0
 
 POLICIES = {
   # H200 (benchmarks/results/h200-2026-11-22-q4-reduce-local-variants.txt): 32 lanes and 4 rows per block were best or
@@ -42,7 +45,9 @@ POLICIES = {
   # 2 lanes per block (h200-2026-11-23-kernels-lanes-per-block.txt): ffn up 9.9 -> 7.0 us, output head 113 -> 74,
   # MoE gate+up 14.2 -> 12.0, MoE down 8.4 -> 7.1, shexp down 3.9 -> 3.1; 4 lanes where 2 leave lanes idle (attn_q_b,
   # 24 blocks a row: 3.6 -> 2.6); it lost where rows < inputs (attn_output 6.2 -> 7.8, attn_q_a 2.9 -> 3.3)
-  "CUDA": MatvecPolicy(lanes=32, rows_per_block=4, upcast_rows=2, upcast_min_elements=5 << 20, float_unroll=8, lanes_per_block=2),
+  # 4 rows per lane (same file, last row): output head 74.3 -> 68.7 us, but ffn up 7.0 -> 9.2, so only from 64M elements
+  "CUDA": MatvecPolicy(lanes=32, rows_per_block=4, upcast_rows=2, upcast_min_elements=5 << 20, float_unroll=8, lanes_per_block=2,
+                       wide_upcast_rows=4, wide_upcast_min_elements=64 << 20),
   # a simdgroup is 32 wide; not measured (no Apple hardware here), so no row upcast until it is
   "METAL": MatvecPolicy(lanes=32, rows_per_block=4, upcast_rows=1, upcast_min_elements=0, float_unroll=8),
   "generic": MatvecPolicy(lanes=16, rows_per_block=4, upcast_rows=1, upcast_min_elements=0, float_unroll=4),
@@ -136,8 +141,9 @@ def choose_matvec_opts(k):
   # the block's lanes first: they are the fastest, adjacent lanes read adjacent bytes of a block, then adjacent blocks
   if block_lanes > 1: k.apply_opt(Opt(OptOpsExt.REDUCE_LOCAL, 1, block_lanes))
   if lanes > 1: k.apply_opt(Opt(OptOpsExt.REDUCE_LOCAL, 0, lanes))
-  if pol.upcast_rows > 1 and weight_elements >= pol.upcast_min_elements and rows % (pol.upcast_rows * pol.rows_per_block) == 0:
-    k.apply_opt(Opt(OptOps.UPCAST, out, pol.upcast_rows))
+  upcast = pol.wide_upcast_rows if pol.wide_upcast_rows > 1 and weight_elements >= pol.wide_upcast_min_elements else pol.upcast_rows
+  if upcast > 1 and weight_elements >= pol.upcast_min_elements and rows % (upcast * pol.rows_per_block) == 0:
+    k.apply_opt(Opt(OptOps.UPCAST, out, upcast))
   if k.full_shape[out] % pol.rows_per_block == 0: k.apply_opt(Opt(OptOps.LOCAL, out, pol.rows_per_block))
   return k
 
