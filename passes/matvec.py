@@ -30,6 +30,7 @@ class MatvecPolicy:
   rows_per_block: int     # LOCAL on the output axis
   upcast_rows: int        # UPCAST on the output axis (rows per lane) for matrices of at least upcast_min_elements
   upcast_min_elements: int
+  quant_upcast_min_elements: int  # the same threshold for quantized weights (a dequant chain)
   float_unroll: int       # elements per lane per step for plain float weights (8 halves = one 16-byte load)
   # lanes sharing one quant block, each reading a contiguous run of its bytes (twice this where the blocks would not fill
   # all the lanes otherwise), for matrices with at least as many rows as inputs (1: a whole block per lane)
@@ -46,11 +47,15 @@ POLICIES = {
   # MoE gate+up 14.2 -> 12.0, MoE down 8.4 -> 7.1, shexp down 3.9 -> 3.1; 4 lanes where 2 leave lanes idle (attn_q_b,
   # 24 blocks a row: 3.6 -> 2.6); it lost where rows < inputs (attn_output 6.2 -> 7.8, attn_q_a 2.9 -> 3.3)
   # 4 rows per lane (same file, last row): output head 74.3 -> 68.7 us, but ffn up 7.0 -> 9.2, so only from 64M elements
-  "CUDA": MatvecPolicy(lanes=32, rows_per_block=4, upcast_rows=2, upcast_min_elements=5 << 20, float_unroll=8, lanes_per_block=2,
-                       wide_upcast_rows=4, wide_upcast_min_elements=64 << 20),
+  # In the model (examples/glm/results/h200-full-q4_0-upcast-all.txt, each kernel timed in a CUDA graph), 2 rows per
+  # lane at every size won on every quantized matvec, whose activation is often a fused RMSNorm that each row would
+  # recompute (shexp gate/up 6.6 -> 6.0 us, attn_q_a 4.8 -> 4.6, attn_q_b 4.0 -> 3.5, attn_k_b 3.4 -> 2.9, attn_v_b 2.5 ->
+  # 2.1), and lost on the float32 router (2.8 -> 3.7): the size threshold stays for float weights only
+  "CUDA": MatvecPolicy(lanes=32, rows_per_block=4, upcast_rows=2, upcast_min_elements=5 << 20, quant_upcast_min_elements=0,
+                       float_unroll=8, lanes_per_block=2, wide_upcast_rows=4, wide_upcast_min_elements=64 << 20),
   # a simdgroup is 32 wide; not measured (no Apple hardware here), so no row upcast until it is
-  "METAL": MatvecPolicy(lanes=32, rows_per_block=4, upcast_rows=1, upcast_min_elements=0, float_unroll=8),
-  "generic": MatvecPolicy(lanes=16, rows_per_block=4, upcast_rows=1, upcast_min_elements=0, float_unroll=4),
+  "METAL": MatvecPolicy(lanes=32, rows_per_block=4, upcast_rows=1, upcast_min_elements=0, quant_upcast_min_elements=0, float_unroll=8),
+  "generic": MatvecPolicy(lanes=16, rows_per_block=4, upcast_rows=1, upcast_min_elements=0, quant_upcast_min_elements=0, float_unroll=4),
 }
 # "field=value,...": overrides fields of the backend's policy, for A/B runs of the table (part of the cache id)
 POLICY_OVERRIDE = ContextVar("TINYGRAD_EXT_MATVEC_POLICY", "")
@@ -142,7 +147,8 @@ def choose_matvec_opts(k):
   if block_lanes > 1: k.apply_opt(Opt(OptOpsExt.REDUCE_LOCAL, 1, block_lanes))
   if lanes > 1: k.apply_opt(Opt(OptOpsExt.REDUCE_LOCAL, 0, lanes))
   upcast = pol.wide_upcast_rows if pol.wide_upcast_rows > 1 and weight_elements >= pol.wide_upcast_min_elements else pol.upcast_rows
-  if upcast > 1 and weight_elements >= pol.upcast_min_elements and rows % (upcast * pol.rows_per_block) == 0:
+  min_elements = pol.quant_upcast_min_elements if len(red) >= 2 else pol.upcast_min_elements
+  if upcast > 1 and weight_elements >= min_elements and rows % (upcast * pol.rows_per_block) == 0:
     k.apply_opt(Opt(OptOps.UPCAST, out, upcast))
   if k.full_shape[out] % pol.rows_per_block == 0: k.apply_opt(Opt(OptOps.LOCAL, out, pol.rows_per_block))
   return k
