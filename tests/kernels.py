@@ -6,6 +6,11 @@ from tinygrad import Tensor, Device
 from tinygrad.uop.ops import Ops, UOp, ProgramInfo
 from tinygrad.helpers import Target
 import tinygrad.codegen as codegen
+from tinygrad.helpers import Context
+
+def one_row_per_lane():
+  """The matvec policy without row upcasts: structural tests count the loads and products of one row's block."""
+  return Context(TINYGRAD_EXT_MATVEC_POLICY="upcast_rows=1,wide_upcast_rows=0")
 
 def kernel_asts(make:Callable[[], Tensor]) -> list[UOp]:
   """The SINK of every kernel that realizing make() would run (built fresh, nothing is realized; shapes may be symbolic)."""

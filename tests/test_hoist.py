@@ -12,7 +12,7 @@ from tinygrad.codegen.late.linearizer import linearize
 from tinygrad_ext import without
 from passes.hoist import split_invariant
 from tinygrad.llm.gguf import ggml_data_to_tensor
-from kernels import with_opts, render, cuda_renderer, metal_renderer, kernel_asts
+from kernels import with_opts, render, cuda_renderer, metal_renderer, kernel_asts, one_row_per_lane
 from test_matvec import quantized, matvecs, assert_close_fp16
 from test_packed_loads import q4_0_matvec_ast
 
@@ -76,6 +76,7 @@ def scale_load_depths(ast:UOp, ren) -> list[int]:
   at = loop_depths(prog)
   return [at[x] for s in block_scales(prog) for x in s.toposort() if x.op is Ops.LOAD]
 
+@one_row_per_lane()
 def test_scale_is_applied_once_per_block():
   # the matvec heuristic unrolls a block per lane: the 32 products of a block are summed, then scaled once
   ast = q4_0_matvec_ast()
@@ -101,6 +102,7 @@ def depth_of_loads(ast:UOp) -> int:
     if u.op is Ops.LOAD and u.dtype in (dtypes.uint8, dtypes.uint16): out = max(out, depth)
   return out
 
+@one_row_per_lane()
 def test_rendered_cuda_and_metal_convert_nibbles_through_the_exponent():
   ast = q4_0_matvec_ast()
   for ren in (cuda_renderer(), metal_renderer()):
@@ -126,6 +128,7 @@ def test_plain_float_matvec_keeps_its_casts():
   with without("hoist"): off = render(ast, cuda_renderer())
   assert on == off
 
+@one_row_per_lane()
 def test_moe_scale_is_applied_once_per_block():
   # MoE: the expert id gates every weight load, and a select wraps the dequantized weight; as ExpertWeights builds it
   # (contiguous) and as a kernel that assigns into an existing buffer (the select's 0 is then a weak float)
