@@ -4,9 +4,8 @@ from typing import Callable
 from dataclasses import replace
 from tinygrad import Tensor, Device
 from tinygrad.uop.ops import Ops, UOp, ProgramInfo
-from tinygrad.helpers import Target
+from tinygrad.helpers import Target, Context
 import tinygrad.codegen as codegen
-from tinygrad.helpers import Context
 
 def one_row_per_lane():
   """The matvec policy without row upcasts: structural tests count the loads and products of one row's block."""

@@ -12,8 +12,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 from tinygrad import Tensor
-from tinygrad.device import Buffer
-from tinygrad.device import Device
+from tinygrad.device import Buffer, Device
 from tinygrad.engine.jit import _prepare_jit_inputs, create_graph_call
 from tinygrad.engine.realize import ExecContext, pm_exec, estimate_uop, resolve_params
 from tinygrad.helpers import ansistrip
@@ -47,7 +46,7 @@ def time_kernels(jit, args:tuple, classify=None, repeats:int=3, graph_launches:i
   -> kind. A replay writes the KV cache row of the position it is given, as the jit itself would."""
   input_uops, var_vals, _, _ = _prepare_jit_inputs(args, {})
   ctx, calls = ExecContext(var_vals, tuple(input_uops), update_stats=False, wait=True), kernel_calls(jit)
-  graphed = Device[Device.DEFAULT].graph is not None and graph_launches > 1
+  graphed = has_graph() and graph_launches > 1
   def timed(call:UOp) -> float:
     run = create_graph_call([call] * graph_launches) if graphed else call
     times = [sum(e or 0.0 for e in (pm_exec.rewrite(run, ctx) or [])) for _ in range(repeats + 1)][1:]
@@ -59,9 +58,11 @@ def time_kernels(jit, args:tuple, classify=None, repeats:int=3, graph_launches:i
                           int(sym_infer(estimate_uop(call).mem, var_vals))))
   return out
 
+def has_graph() -> bool: return Device[Device.DEFAULT].graph is not None
+
 def timing_method() -> str:
   """How time_kernels times on the default device, for reports."""
-  return "in a device graph" if Device[Device.DEFAULT].graph is not None else "one waited launch each"
+  return "in a device graph" if has_graph() else "one waited launch each"
 
 def kernel_ops(call:UOp) -> set[Ops]:
   """The ops of the kernel's lowered AST, e.g. SQRT (an rsqrt: a norm) or EXP2 (an exp: a softmax)."""
