@@ -38,6 +38,10 @@ class MatvecPolicy:
   # more rows per lane on the largest matrices (an output head), where the row parallelism is plenty
   wide_upcast_rows: int = 0
   wide_upcast_min_elements: int = 0
+  # warps sharing one row's reduce (GROUP on the block axis after the lanes: the warps combine through shared memory)
+  reduce_warps: int = 1
+  # blocks per lane per loop step (UNROLL of what is left of the block axis after the lanes): more loads in flight
+  block_unroll: int = 1
 
 POLICIES = {
   # H200 (benchmarks/results/h200-2026-11-22-q4-reduce-local-variants.txt): 32 lanes and 4 rows per block were best or
@@ -146,11 +150,17 @@ def choose_matvec_opts(k):
   # the block's lanes first: they are the fastest, adjacent lanes read adjacent bytes of a block, then adjacent blocks
   if block_lanes > 1: k.apply_opt(Opt(OptOpsExt.REDUCE_LOCAL, 1, block_lanes))
   if lanes > 1: k.apply_opt(Opt(OptOpsExt.REDUCE_LOCAL, 0, lanes))
+  # what is left of the block axis: loop steps of each lane
+  if pol.reduce_warps > 1 and (left:=k.axes_of(AxisType.REDUCE)) and k.full_shape[left[0]] % pol.reduce_warps == 0:
+    k.apply_opt(Opt(OptOps.GROUP, 0, pol.reduce_warps))
+  if pol.block_unroll > 1 and (left:=k.axes_of(AxisType.REDUCE)) and \
+     (amt:=max(d for d in range(1, pol.block_unroll+1) if k.full_shape[left[0]] % d == 0)) > 1:
+    k.apply_opt(Opt(OptOps.UNROLL, k.unrollable_dims.index(left[0]), amt))
   upcast = pol.wide_upcast_rows if pol.wide_upcast_rows > 1 and weight_elements >= pol.wide_upcast_min_elements else pol.upcast_rows
   min_elements = pol.quant_upcast_min_elements if len(red) >= 2 else pol.upcast_min_elements
   if upcast > 1 and weight_elements >= min_elements and rows % (upcast * pol.rows_per_block) == 0:
     k.apply_opt(Opt(OptOps.UPCAST, out, upcast))
-  if k.full_shape[out] % pol.rows_per_block == 0: k.apply_opt(Opt(OptOps.LOCAL, out, pol.rows_per_block))
+  if pol.rows_per_block > 1 and k.full_shape[out] % pol.rows_per_block == 0: k.apply_opt(Opt(OptOps.LOCAL, out, pol.rows_per_block))
   return k
 
 MATVEC = register(Pass("matvec", "picks REDUCE_LOCAL/UNROLL/UPCAST/LOCAL for GEMV and MoE matvecs over GGML dequant chains",
