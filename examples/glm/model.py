@@ -102,18 +102,50 @@ class Config:
 
 # ***** weights *****
 
-def load_weights(path:str|os.PathLike, infos:dict[str, TensorInfo], device:str|None=None, progress:bool=False) -> dict[str, Tensor]:
+# Projections that read the same input, stored as one matrix on the device: one matvec where the GGUF has two.
+# The stacked rows are those of llama.cpp's fused attn_qkv and of vLLM's merged gate_up / qkv projections; GGML rows
+# are whole quant blocks, so stacking two weights' rows is concatenating their bytes (per expert for the _exps ones).
+# name of the stacked tensor -> its parts, in row order
+STACKED = {"attn_q_a_kv_a.weight": ("attn_q_a.weight", "attn_kv_a_mqa.weight"), "ffn_gate_up.weight": ("ffn_gate.weight", "ffn_up.weight"),
+           "ffn_gate_up_shexp.weight": ("ffn_gate_shexp.weight", "ffn_up_shexp.weight"),
+           "ffn_gate_up_exps.weight": ("ffn_gate_exps.weight", "ffn_up_exps.weight")}
+
+def stack_rows(parts:list[tuple[TensorInfo, Tensor]], name:str) -> tuple[TensorInfo, Tensor]|None:
+  """The parts' rows stacked into one weight (bytes on the device), or None where they differ in type or columns."""
+  (a, _), rest = parts[0], [t for t, _ in parts[1:]]
+  if any(t.ggml_type != a.ggml_type or t.shape[:-2] != a.shape[:-2] or t.shape[-1] != a.shape[-1] for t in rest): return None
+  lead = math.prod(a.shape[:-2])  # experts: each expert's rows stay together
+  raw = Tensor.cat(*[r.reshape(lead, -1) for _, r in parts], dim=1).reshape(-1).realize()
+  shape = (*a.shape[:-2], sum(t.shape[-2] for t, _ in parts), a.shape[-1])
+  return TensorInfo(name, shape, a.ggml_type, -1, sum(t.nbytes for t, _ in parts)), raw
+
+def load_weights(path:str|os.PathLike, infos:dict[str, TensorInfo], device:str|None=None, progress:bool=False,
+                 stack:bool=True) -> dict[str, Tensor]:
   """Copies each tensor's GGUF bytes from the disk to the device once; returns lazy dequant expressions over them.
   Native types (F32, F16, BF16: norms, biases, the router) are their bytes reinterpreted; that reinterpretation is done
-  once here, so kernels read typed values instead of reassembling every float from bytes wherever the tensor is used."""
+  once here, so kernels read typed values instead of reassembling every float from bytes wherever the tensor is used.
+  With stack, the projections of STACKED are stacked as each block's pair arrives (peak memory: one pair more)."""
   device, disk, out = device or Device.DEFAULT, Tensor(pathlib.Path(path)), {}
   bar = tqdm(total=sum(t.nbytes for t in infos.values()), desc=f"loading {pathlib.Path(path).name}", unit="B", unit_scale=True,
              leave=False, mininterval=1, disable=not progress)
-  for t in infos.values():
-    raw = disk[t.offset:t.offset + t.nbytes].to(device).realize()
+  part_of = {part: (name, parts) for name, parts in STACKED.items() for part in parts} if stack else {}
+  pending: dict[str, tuple[TensorInfo, Tensor]] = {}
+  def add(t:TensorInfo, raw:Tensor):
     out[t.name] = ggml_data_to_tensor(raw, math.prod(t.shape), t.ggml_type).reshape(t.shape)
     if t.ggml_type in _GGML_NATIVE: out[t.name] = out[t.name].contiguous().realize()
+  for t in infos.values():
+    raw = disk[t.offset:t.offset + t.nbytes].to(device).realize()
     bar.update(t.nbytes)
+    prefix, _, short = t.name.rpartition("blk.")[2].partition(".")
+    if (group := part_of.get(short)) is None:
+      add(t, raw)
+      continue
+    pending[t.name] = (t, raw)
+    names = [f"blk.{prefix}.{p}" for p in group[1]]
+    if all(n in pending for n in names):
+      parts = [pending.pop(n) for n in names]
+      for info, r in [stacked] if (stacked := stack_rows(parts, f"blk.{prefix}.{group[0]}")) else parts: add(info, r)
+  for info, r in pending.values(): add(info, r)  # a part whose partner is missing stays as it is
   bar.close()
   return out
 
@@ -144,34 +176,47 @@ def experts(w:Tensor, sel:Tensor, x:Tensor) -> Tensor:
   # expert id feeds the gather inside the matmul, and the result is its own kernel (not fused with the next matmul)
   return (x.unsqueeze(-2) @ w[sel].cast(x.dtype).transpose(-1, -2)).contiguous().squeeze(-2)
 
-def ffn(x:Tensor, gate:Tensor, up:Tensor, down:Tensor) -> Tensor:
-  # as tinygrad.llm: the contiguous keeps gate's and up's matmuls out of one two-reduce kernel
-  return linear(linear(x, gate).silu().contiguous() * linear(x, up), down)
+def projections(x:Tensor, ws:tuple[Tensor, ...], sizes:tuple[int, ...], f) -> list[Tensor]:
+  """f(x, w) for each projection, `sizes` wide: one product with the stacked weight (one kernel), split, or one each."""
+  return [f(x, w) for w in ws] if len(ws) == len(sizes) else list(f(x, ws[0]).split(list(sizes), dim=-1))
+
+# a projection's output, realized: several consumers read it (each would recompute the matmul), and a stacked product
+# is only split after it (as tinygrad.llm's ffn: this keeps gate's and up's matmuls out of one two-reduce kernel)
+def linear_out(x:Tensor, w:Tensor) -> Tensor: return linear(x, w).contiguous()
+
+def ffn(x:Tensor, gate_up:tuple[Tensor, ...], down:Tensor) -> Tensor:
+  gate, up = projections(x, gate_up, (down.shape[-1],) * 2, linear_out)
+  return linear(gate.silu() * up, down)
 
 class Block:
   def __init__(self, cfg:Config, w:dict[str, Tensor], i:int, max_context:int, dtype:DType):
     self.cfg, p = cfg, f"blk.{i}."
     def g(name): return w[p + name]
     self.attn_norm, self.ffn_norm = g("attn_norm.weight"), g("ffn_norm.weight")
-    self.q_a, self.q_a_norm, self.q_b = g("attn_q_a.weight"), g("attn_q_a_norm.weight"), g("attn_q_b.weight")
-    self.kv_a, self.kv_a_norm, self.attn_out = g("attn_kv_a_mqa.weight"), g("attn_kv_a_norm.weight"), g("attn_output.weight")
+    # the stacked projections of load_weights where it stacked them (STACKED), else the GGUF's own
+    def pair(stacked, a, b): return (w[p + stacked],) if p + stacked in w else (g(a), g(b))
+    self.q_a_kv_a = pair("attn_q_a_kv_a.weight", "attn_q_a.weight", "attn_kv_a_mqa.weight")
+    self.q_a_norm, self.q_b = g("attn_q_a_norm.weight"), g("attn_q_b.weight")
+    self.kv_a_norm, self.attn_out = g("attn_kv_a_norm.weight"), g("attn_output.weight")
     self.k_b, self.v_b = g("attn_k_b.weight"), g("attn_v_b.weight")  # llama.cpp's split of attn_kv_b
     self.moe = i >= cfg.n_dense
-    if not self.moe: self.gate, self.up, self.down = g("ffn_gate.weight"), g("ffn_up.weight"), g("ffn_down.weight")
+    if not self.moe: self.gate_up, self.down = pair("ffn_gate_up.weight", "ffn_gate.weight", "ffn_up.weight"), g("ffn_down.weight")
     else:
       self.router, self.router_bias = g("ffn_gate_inp.weight"), w.get(p + "exp_probs_b.bias")
-      self.gate_exps, self.up_exps, self.down_exps = g("ffn_gate_exps.weight"), g("ffn_up_exps.weight"), g("ffn_down_exps.weight")
-      if cfg.n_shared: self.gate_sh, self.up_sh, self.down_sh = g("ffn_gate_shexp.weight"), g("ffn_up_shexp.weight"), g("ffn_down_shexp.weight")
+      self.gate_up_exps = pair("ffn_gate_up_exps.weight", "ffn_gate_exps.weight", "ffn_up_exps.weight")
+      self.down_exps = g("ffn_down_exps.weight")
+      if cfg.n_shared:
+        self.gate_up_sh, self.down_sh = pair("ffn_gate_up_shexp.weight", "ffn_gate_shexp.weight", "ffn_up_shexp.weight"), g("ffn_down_shexp.weight")
     # the compressed KV cache: per position [kv_c (kv_lora, normed) ; k_pe (qk_rope, roped)]
     self.cache = Tensor.zeros(1, max_context, cfg.kv_lora + cfg.qk_rope, dtype=dtype).contiguous().realize()
 
   def attention(self, x:Tensor, start_pos:int|UOp, cos:Tensor, sin:Tensor) -> Tensor:
     c, (B, T, _) = self.cfg, x.shape
-    q = linear(rms_norm(linear(x, self.q_a), self.q_a_norm, c.eps), self.q_b)
+    q_a, kv = projections(x, self.q_a_kv_a, (c.q_lora, c.kv_lora + c.qk_rope), linear_out)
+    q = linear(rms_norm(q_a, self.q_a_norm, c.eps), self.q_b)
     q = q.reshape(B, T, c.n_heads, c.qk_nope + c.qk_rope).transpose(1, 2)                        # (B, H, T, nope+rope)
     q_nope, q_pe = q[..., :c.qk_nope], rope(q[..., c.qk_nope:], cos, sin)
     q = (q_nope @ self.k_b.cast(x.dtype).transpose(-1, -2)).cat(q_pe, dim=-1)                      # absorbed: (B, H, T, kv_lora+rope)
-    kv = linear(x, self.kv_a)                                                                      # (B, T, kv_lora+rope)
     kv = rms_norm(kv[..., :c.kv_lora], self.kv_a_norm, c.eps).cat(rope(kv[..., c.kv_lora:], cos, sin), dim=-1)
     self.cache[:, start_pos:start_pos+T].assign(kv.cast(self.cache.dtype))
     keys = self.cache[:, :start_pos+T].unsqueeze(1).cast(x.dtype)                                  # (B, 1, S, kv_lora+rope)
@@ -191,15 +236,16 @@ class Block:
     if c.expert_norm: weights = weights / weights.sum(-1, keepdim=True)
     weights = (weights * c.expert_scale).cast(x.dtype)
     h = x.unsqueeze(-2)                                                                            # (B, T, 1, dim)
-    act = experts(self.gate_exps, sel, h).silu() * experts(self.up_exps, sel, h)                  # (B, T, k, expert_ffn)
+    gate, up = projections(h, self.gate_up_exps, (c.expert_ffn,) * 2, lambda x, w: experts(w, sel, x))
+    act = gate.silu() * up                                                                         # (B, T, k, expert_ffn)
     out = (experts(self.down_exps, sel, act) * weights.unsqueeze(-1)).sum(-2)                      # (B, T, dim)
-    if c.n_shared: out = out + ffn(x, self.gate_sh, self.up_sh, self.down_sh)
+    if c.n_shared: out = out + ffn(x, self.gate_up_sh, self.down_sh)
     return out
 
   def __call__(self, x:Tensor, start_pos:int|UOp, cos:Tensor, sin:Tensor) -> Tensor:
     h = x + self.attention(rms_norm(x, self.attn_norm, self.cfg.eps), start_pos, cos, sin)
     f = rms_norm(h, self.ffn_norm, self.cfg.eps)
-    return h + (self.moe_ffn(f) if self.moe else ffn(f, self.gate, self.up, self.down))
+    return h + (self.moe_ffn(f) if self.moe else ffn(f, self.gate_up, self.down))
 
 class GLM:
   def __init__(self, cfg:Config, w:dict[str, Tensor], max_context:int|None=None, dtype:DType=dtypes.float16):
@@ -244,13 +290,14 @@ class GLM:
     tok, logits = jit(self.token.bind(token), self.start_pos.bind(pos))
     return int(tok.item()), logits
 
-def load(path:str|os.PathLike, max_context:int|None=None, dtype:DType=dtypes.float16, device:str|None=None, progress:bool=False) -> tuple[GLM, dict]:
+def load(path:str|os.PathLike, max_context:int|None=None, dtype:DType=dtypes.float16, device:str|None=None, progress:bool=False,
+         stack:bool=True) -> tuple[GLM, dict]:
   """Checks the GGUF, copies its tensor bytes to the device and builds the model. Raises GGUFError for files it cannot use."""
   kv, infos = read_header(path)
   cfg = Config.from_gguf(kv, infos)
   # fail before copying gigabytes: the tensors that deepseek2 files of other models (V2-Lite) or older conversions lack
   for name in ("blk.0.attn_q_a.weight", "blk.0.attn_k_b.weight", "output_norm.weight"):
     if name not in infos: raise GGUFError(f"missing tensor {name}")
-  w = load_weights(path, infos, device, progress)
+  w = load_weights(path, infos, device, progress, stack)
   try: return GLM(cfg, w, max_context, dtype), kv
   except KeyError as e: raise GGUFError(f"missing tensor {e.args[0]}") from None

@@ -41,6 +41,8 @@ def parse_args(argv):
   p.add_argument("--plot", metavar="PATH.png", help="with --profile: draw its kernels as achieved GB/s against the read ceiling")
   p.add_argument("--json", metavar="PATH", help="write the results as JSON")
   p.add_argument("--max-context", type=int, default=None, help="KV cache length (default min(4096, the model's context))")
+  p.add_argument("--separate-projections", action="store_true",
+                 help="keep the GGUF's projections separate (default: stack those sharing an input, one matmul each; see model.STACKED)")
   p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="activation dtype (default float16)")
   p.add_argument("--cache-dir", default=os.environ.get("GLM_CACHE_DIR", str(pathlib.Path.home() / ".cache" / "tinygrad_ext")),
                  help="where synthetic models are written (env GLM_CACHE_DIR)")
@@ -106,10 +108,11 @@ def kernel_roles(m:glm.GLM) -> dict:
   """Device buffer -> role, to sort kernels into kinds by what they read."""
   named = {"token_embd": m.token_embd, "output": m.output, "output_norm": m.output_norm, "rope_cos": m.cos, "rope_sin": m.sin}
   for i, b in enumerate(m.blk):
-    named.update({f"blk.{i}.{k}": v for k, v in vars(b).items() if isinstance(v, Tensor)})
+    for k, v in vars(b).items():  # a tensor, or a pair of projections (or their stacked one)
+      named.update({f"blk.{i}.{k}#{j}": t for j, t in enumerate(v if isinstance(v, tuple) else (v,)) if isinstance(t, Tensor)})
   roles = {}
   for buf, name in stats.buffers_of(named).items():
-    short = name.split(".")[-1]
+    short = name.split(".")[-1].split("#")[0]
     roles[buf] = ("routing" if short in ("router", "router_bias") else "rope" if name.startswith("rope") else "cache" if short == "cache" else
                   "embedding" if short == "token_embd" else "norm" if "norm" in short else "matmul")
   return roles
@@ -200,7 +203,8 @@ def main(argv=None) -> int:
     path = pathlib.Path(a.model) if a.model else synthetic_path(a)
     st = time.perf_counter()
     big = path.is_file() and path.stat().st_size > 256 << 20
-    m, kv = glm.load(path, a.max_context, dtypes.float16 if a.dtype == "float16" else dtypes.float32, progress=big)
+    m, kv = glm.load(path, a.max_context, dtypes.float16 if a.dtype == "float16" else dtypes.float32, progress=big,
+                     stack=not a.separate_projections)
     load_s = time.perf_counter() - st
     tok = Tokenizer(kv, m.cfg.vocab)
     prompt = tok.encode(a.prompt) or [0]
@@ -217,7 +221,7 @@ def main(argv=None) -> int:
     for mode in modes:
       results[mode] = run_mode(m, tok, prompt, a, mode)
       report(results[mode])
-    out = {"model": str(path), "device": Device.DEFAULT, "dtype": a.dtype, "prompt_tokens": len(prompt), "count": a.count,
+    out = {"model": str(path), "device": Device.DEFAULT, "dtype": a.dtype, "stacked_projections": not a.separate_projections, "prompt_tokens": len(prompt), "count": a.count,
            "max_context": m.max_context, "load_s": load_s, "results": results}
     if a.passes == "compare":
       r_off, r_on = results["off"], results["on"]
