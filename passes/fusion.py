@@ -21,7 +21,7 @@ positions so far) is padded, with the padding gated off every load and store and
 from __future__ import annotations
 import itertools
 from typing import Iterator
-from tinygrad.uop.ops import UOp, Ops, AxisType, PatternMatcher, UPat, identity_element, graph_rewrite
+from tinygrad.uop.ops import UOp, Ops, GroupOp, AxisType, PatternMatcher, UPat, identity_element, graph_rewrite
 from tinygrad.dtype import AddrSpace, Invalid
 from tinygrad.helpers import prod, partition
 from tinygrad.schedule.indexing import BufferizeOpts
@@ -84,6 +84,50 @@ pm_fuse_row_reduces = PatternMatcher([
 
 def fuse_kernels(sink:UOp) -> UOp:
   return graph_rewrite(sink, pm_fuse_row_reduces, name="fusion: row reduces into their consumer") if is_active(NAME) else sink
+
+# *** scheduler: a normalized row that a matmul reads is realized once ***
+
+# Stock tinygrad inlines an elementwise expression into every kernel that reads it. A row normalized by a reduce
+# (RMSNorm's x * rsqrt(mean(x^2)) * w, softmax's exp(x - max) / sum) read by a matmul is then recomputed for every output
+# row: each of a matvec's lanes reloads x, the float32 norm weight and the row's reduce for each of its rows, which
+# triples what the matvec reads through L1 (a decode matvec is bound by that, not by DRAM). Realized, the row is one
+# kernel (the reduce fused in, above) writing the fp16 row that every matmul then reads as a plain vector.
+MOVEMENT = (Ops.RESHAPE, Ops.EXPAND, Ops.PERMUTE)
+OUTSIDE = (Ops.REDUCE, Ops.CONTIGUOUS, Ops.PARAM, Ops.AFTER, Ops.STORE, Ops.COPY)  # what is computed, or stored, elsewhere
+
+def numel(u:UOp) -> int: return prod(s.vmax if isinstance(s, UOp) else s for s in u.shape)
+
+def skip(u:UOp, ops, parent:UOp) -> tuple[UOp, UOp]:
+  """(the first node under u that is not one of ops, its consumer)"""
+  while u.op in ops: parent, u = u, u.src[0]
+  return u, parent
+
+def normalized_row(n:UOp) -> bool:
+  """n is elementwise, and a reduce inside it is broadcast back over what it reduced (a row's norm or softmax sums)."""
+  if n.op not in GroupOp.ALU and n.op is not Ops.CAST: return False
+  # the ops of n's own kernel, and the boundaries where it stops (toposort's gate would leave those out)
+  inside = n.toposort(gate=lambda u: u is n or u.op not in OUTSIDE)
+  edge = {s for u in inside for s in u.src if s.op is Ops.REDUCE}
+  return any(2 * numel(r) <= numel(n) for r in edge)
+
+def realize_normalized_rows(sink:UOp) -> UOp:
+  if not is_active(NAME): return sink
+  realized: dict[UOp, UOp] = {}
+  subs: dict[UOp, UOp] = {}
+  for r in sink.toposort():
+    if r.op is not Ops.REDUCE or r.arg[0] is not Ops.ADD: continue
+    if (mul:=skip(r.src[0], (Ops.PERMUTE, Ops.CAST), r)[0]).op is not Ops.MUL: continue
+    for operand in mul.src:  # a matmul's operand that it reads broadcast over its other axis: recomputed per output
+      n, parent = skip(operand, MOVEMENT, mul)
+      # a widening cast of a normalized row (the float32 router reading the fp16 row) reads the realized row, cast
+      while n.op is Ops.CAST and n.src[0].dtype.itemsize <= n.dtype.itemsize and normalized_row(m:=skip(n.src[0], MOVEMENT, n)[0]):
+        n, parent = m, skip(n.src[0], MOVEMENT, n)[1]
+      if numel(mul) < 2 * numel(n) or not (n in realized or normalized_row(n)): continue
+      realized.setdefault(n, n.contiguous())
+      # the consumer reads the realized row (substituting n itself would rewrite it inside its own CONTIGUOUS too)
+      p = subs.get(parent, parent)
+      subs[parent] = p.replace(src=tuple(realized[n] if s is n else s for s in p.src))
+  return sink.substitute(subs, name="fusion: realize normalized rows read by matmuls") if subs else sink
 
 # *** codegen: one workgroup per row, reduces and outputs over the same lanes ***
 
@@ -161,5 +205,6 @@ def separate_group_loops(sink:UOp, ren) -> UOp:
   return graph_rewrite(sink, PatternMatcher([(UPat(Ops.REDUCE, name="r"), own_group_loop)]), ctx=ids, name="fusion: a loop per grouped reduce")
 
 FUSION = register(Pass(NAME, "runs a row's reduces (RMSNorm, softmax) inside their elementwise consumer: one kernel, rows over shared lanes",
-  (ScheduleStep("symbolic+reduce_collapse+debuf", fuse_kernels), OptHeuristic(choose_row_opts),
+  (ScheduleStep("convert copy to store", realize_normalized_rows), ScheduleStep("symbolic+reduce_collapse+debuf", fuse_kernels),
+   OptHeuristic(choose_row_opts),
    CodegenStep("expander", separate_group_loops))))
