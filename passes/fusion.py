@@ -114,15 +114,19 @@ def realize_normalized_rows(sink:UOp) -> UOp:
   if not is_active(NAME): return sink
   realized: dict[UOp, UOp] = {}
   subs: dict[UOp, UOp] = {}
+  is_row: dict[UOp, bool] = {}  # normalized_row walks n's kernel: once per node, however many matmuls read it
+  def row(n:UOp) -> bool:
+    if n not in is_row: is_row[n] = normalized_row(n)
+    return is_row[n]
   for r in sink.toposort():
     if r.op is not Ops.REDUCE or r.arg[0] is not Ops.ADD: continue
     if (mul:=skip(r.src[0], (Ops.PERMUTE, Ops.CAST), r)[0]).op is not Ops.MUL: continue
     for operand in mul.src:  # a matmul's operand that it reads broadcast over its other axis: recomputed per output
       n, parent = skip(operand, MOVEMENT, mul)
       # a widening cast of a normalized row (the float32 router reading the fp16 row) reads the realized row, cast
-      while n.op is Ops.CAST and n.src[0].dtype.itemsize <= n.dtype.itemsize and normalized_row(m:=skip(n.src[0], MOVEMENT, n)[0]):
-        n, parent = m, skip(n.src[0], MOVEMENT, n)[1]
-      if numel(mul) < 2 * numel(n) or not (n in realized or normalized_row(n)): continue
+      while n.op is Ops.CAST and n.src[0].dtype.itemsize <= n.dtype.itemsize and row((under:=skip(n.src[0], MOVEMENT, n))[0]):
+        n, parent = under
+      if numel(mul) < 2 * numel(n) or not row(n): continue
       realized.setdefault(n, n.contiguous())
       # the consumer reads the realized row (substituting n itself would rewrite it inside its own CONTIGUOUS too)
       p = subs.get(parent, parent)
