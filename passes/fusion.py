@@ -21,13 +21,13 @@ positions so far) is padded, with the padding gated off every load and store and
 from __future__ import annotations
 import itertools
 from typing import Iterator
-from tinygrad.uop.ops import UOp, Ops, GroupOp, AxisType, PatternMatcher, UPat, identity_element, graph_rewrite
+from tinygrad.uop.ops import UOp, Ops, GroupOp, AxisType, PatternMatcher, UPat, graph_rewrite
 from tinygrad.dtype import AddrSpace, Invalid
 from tinygrad.helpers import prod, partition
 from tinygrad.schedule.indexing import BufferizeOpts
 from tinygrad.codegen.opt import KernelOptError
 from tinygrad_ext import Pass, ScheduleStep, OptHeuristic, CodegenStep, register, is_active
-from passes.reduce_local import LANE_ID, WARP_ID, SHUFFLE_WIDTH, COMBINES, ACC_DTYPES
+from passes.reduce_local import LANE_ID, WARP_ID, SHUFFLE_WIDTH, COMBINES, ACC_DTYPES, pad_to_lanes
 
 NAME = "fusion"
 MAX_ROW = 1 << 16        # longer rows keep tinygrad's schedule: one workgroup per row would leave the GPU idle
@@ -144,23 +144,6 @@ def row_ranges(k) -> list[UOp]:
 def lane_count(sizes:list[int]) -> int:
   most = min(MAX_LANES, max(sizes))
   return 1 << (most.bit_length() - 1)
-
-def pad_to_lanes(k, rng:UOp, lanes:int) -> UOp:
-  """rng padded to a multiple of `lanes`; the padding is gated off every load and store and is the identity of a reduce."""
-  n = rng.src[0]
-  padded = rng.replace(src=(((n + (lanes-1)) // lanes) * lanes,))
-  valid = padded < n
-  k.ast = k.ast.substitute({rng: padded}, name=f"fusion: pad {rng.arg[:-1]} to {lanes} lanes")
-  stores = {s.src[0] for s in k.ast.backward_slice_with_self if s.op is Ops.STORE}
-  subs = {}
-  for b in k.bufs:
-    if padded in (i:=b.src[1].get_idx()).backward_slice_with_self:
-      nb = b.replace(src=(b.src[0], i.valid(valid & b.src[1].get_valid())))
-      subs[b] = nb if b in stores else valid.where(nb, UOp.const(Invalid, b.dtype))
-  k.ast = k.ast.substitute(subs, name="fusion: gate the padding")
-  k.ast = k.ast.substitute({red: red.replace(src=(valid.where(red.src[0], red.src[0].const_like(identity_element(red.arg[0], red.dtype))),)+red.src[1:])
-                            for red in k.reduceops if padded in red.src[1:]}, name="fusion: padding is the reduce's identity")
-  return padded
 
 def choose_row_opts(k):
   if not (rows := row_ranges(k)) or not k.ren.has_local or k.dont_use_locals: return None

@@ -2,7 +2,8 @@
 
 Opt(OptOpsExt.REDUCE_LOCAL, axis, amount) splits reduce axis `axis` (counted among the REDUCE axes, as GROUP counts)
 into `amount` lanes, lane innermost: lane l accumulates elements l, l+amount, l+2*amount, ... in a register, so adjacent
-lanes read adjacent addresses. The lanes then combine:
+lanes read adjacent addresses. An axis the lanes do not divide (a symbolic length, or 605) is padded to a multiple of
+them: the padding is gated off every load and counted as the reduce's identity (ADD: 0, MAX: -inf). The lanes then combine:
   - CUDA, HIP: a __shfl_xor_sync / __shfl_xor butterfly; Metal: simd_sum / simd_max over 32 lanes, else a
     simd_shuffle_xor butterfly.
   - more than 32 lanes: 32-lane butterflies, then the warps combine through shared memory with one barrier
@@ -23,8 +24,8 @@ tinygrad's "expander", where REDUCEs still name their ranges.
 from __future__ import annotations
 from enum import Enum
 from typing import Callable
-from tinygrad.uop.ops import UOp, Ops, AxisType, PatternMatcher, UPat, graph_rewrite
-from tinygrad.dtype import dtypes, AddrSpace
+from tinygrad.uop.ops import UOp, Ops, AxisType, PatternMatcher, UPat, graph_rewrite, identity_element
+from tinygrad.dtype import dtypes, AddrSpace, Invalid
 from tinygrad.schedule.indexing import BufferizeOpts
 from tinygrad.helpers import prod, merge_dicts
 from tinygrad.codegen.opt import Opt, OptOps, KernelOptError, check
@@ -43,6 +44,8 @@ SHUFFLE_WIDTH = 32      # lanes combined in registers; wider reduces combine 32-
 MAX_LOCAL_THREADS = 1024
 COMBINES = {Ops.ADD, Ops.MAX}
 ACC_DTYPES = {dtypes.float32, dtypes.float16, dtypes.bfloat16}
+LANE_DTYPES = ACC_DTYPES | {dtypes.int32}  # accumulators the lanes combine (an argmax's index is an int MAX)
+NATIVE_SHUFFLE = (dtypes.float32, dtypes.int32)  # shuffled as they are; narrower floats go through float32
 LOCAL_AXES = (AxisType.WARP, AxisType.LOCAL, AxisType.GROUP_REDUCE)
 
 # *** the opt ***
@@ -54,13 +57,16 @@ def apply_reduce_local(k, opt:Opt) -> tuple[UOp, UOp]:
   check(isinstance(amount, int) and amount >= 2 and amount & (amount-1) == 0, f"REDUCE_LOCAL amount must be a power of two >= 2, not {amount}")
   try: rng = k.rngs[k.axes_of(AxisType.REDUCE)[opt.axis]]
   except (IndexError, TypeError): raise KernelOptError(f"REDUCE_LOCAL: no reduce axis {opt.axis}") from None
-  check(rng.src[0].divides(amount) is not None, f"REDUCE_LOCAL: {amount} does not divide the reduce axis of size {rng.src[0].render()}")
   if (prior:=[r for r in k.rngs if r.arg[0] in (LANE_ID, WARP_ID)]):
     # a second REDUCE_LOCAL composes: its lanes are the slower bits of one lane range, so adjacent lanes still read
     # adjacent elements of the first split (a quant block split over 2 lanes, 16 blocks per warp)
     check(len(prior) == 1 and prior[0].arg[0] == LANE_ID and (width:=prior[0].vmax+1) * amount <= SHUFFLE_WIDTH,
           f"a second REDUCE_LOCAL composes lanes within one warp ({SHUFFLE_WIDTH} lanes), without warps")
   check_reduce_local_legal(k, rng)
+  # an axis the lanes do not divide (a symbolic length: attention over the positions so far) is padded; ADD and MAX
+  # have an identity for the padding to stand in as
+  check(rng.src[0].op is not Ops.CONST or amount <= rng.src[0].arg, f"REDUCE_LOCAL: {amount} lanes is more lanes than the axis has elements ({rng.src[0].render()})")
+  if rng.src[0].divides(amount) is None: rng = pad_to_lanes(k, rng, amount)
   local_sizes = [k.full_shape[a] for a in k.axes_of(*LOCAL_AXES)]
   check(all(isinstance(s, int) for s in local_sizes), "REDUCE_LOCAL needs static local sizes")
   threads = prod(local_sizes) * amount
@@ -74,9 +80,26 @@ def apply_reduce_local(k, opt:Opt) -> tuple[UOp, UOp]:
 def check_reduce_local_legal(k, rng:UOp) -> None:
   for red in [u for u in k.ast.backward_slice if u.op is Ops.REDUCE and rng in merge_dicts([r.ranges for r in u.src[1:]])]:
     check(red.arg[0] in COMBINES, f"REDUCE_LOCAL combines ADD and MAX reduces, not {red.arg[0]}")
-    check(red.dtype in ACC_DTYPES, f"REDUCE_LOCAL needs a float32/float16/bfloat16 accumulator, not {red.dtype}")
+    check(red.dtype in LANE_DTYPES, f"REDUCE_LOCAL needs a float32/float16/bfloat16/int32 accumulator, not {red.dtype}")
     check(not any(u.arg[-1] in (AxisType.REDUCE, AxisType.UNROLL, AxisType.GROUP_REDUCE) for u in red.ranges),
           "REDUCE_LOCAL cannot split a reduce nested inside another reduce")
+
+def pad_to_lanes(k, rng:UOp, lanes:int) -> UOp:
+  """rng padded to a multiple of `lanes`; the padding is gated off every load and store and is the identity of a reduce."""
+  n = rng.src[0]
+  padded = rng.replace(src=(((n + (lanes-1)) // lanes) * lanes,))
+  valid = padded < n
+  k.ast = k.ast.substitute({rng: padded}, name=f"pad {rng.arg[:-1]} to {lanes} lanes")
+  stores = {s.src[0] for s in k.ast.backward_slice_with_self if s.op is Ops.STORE}
+  subs = {}
+  for b in k.bufs:
+    if padded in (i:=b.src[1].get_idx()).backward_slice_with_self:
+      nb = b.replace(src=(b.src[0], i.valid(valid & b.src[1].get_valid())))
+      subs[b] = nb if b in stores else valid.where(nb, UOp.const(Invalid, b.dtype))
+  k.ast = k.ast.substitute(subs, name="gate the padding")
+  k.ast = k.ast.substitute({red: red.replace(src=(valid.where(red.src[0], red.src[0].const_like(identity_element(red.arg[0], red.dtype))),)+red.src[1:])
+                            for red in k.reduceops if padded in red.src[1:]}, name="the padding is the reduce's identity")
+  return padded
 
 def split_over_lanes(k, rng:UOp, amount:int) -> tuple[UOp, UOp]:
   width = min(amount, SHUFFLE_WIDTH)
@@ -105,11 +128,11 @@ def warp_epilogue(ren:Renderer, dtype) -> tuple[Callable[[UOp, int], UOp], dict]
   """(xor shuffle, {reduce op: whole-warp intrinsic}) for renderers with register shuffles, else None."""
   if isinstance(ren, MetalRenderer):
     # Metal's simd functions take float and half; bfloat goes through float, which holds it exactly
-    via_float = dtype not in (dtypes.float32, dtypes.float16)
+    via_float = dtype not in (dtypes.float32, dtypes.float16, dtypes.int32)
     whole = {} if via_float else {Ops.ADD: "simd_sum({0})", Ops.MAX: "simd_max({0})"}
     return _xor_shuffle("simd_shuffle_xor({0}, (ushort)OFFSET)", via_float), whole
-  if isinstance(ren, HIPRenderer): return _xor_shuffle("__shfl_xor({0}, OFFSET)", dtype != dtypes.float32), {}
-  if isinstance(ren, CUDARenderer): return _xor_shuffle("__shfl_xor_sync(0xffffffffu, {0}, OFFSET)", dtype != dtypes.float32), {}
+  if isinstance(ren, HIPRenderer): return _xor_shuffle("__shfl_xor({0}, OFFSET)", dtype not in NATIVE_SHUFFLE), {}
+  if isinstance(ren, CUDARenderer): return _xor_shuffle("__shfl_xor_sync(0xffffffffu, {0}, OFFSET)", dtype not in NATIVE_SHUFFLE), {}
   return None
 
 def _elementwise(v:UOp, f:Callable[[UOp], UOp]) -> UOp:

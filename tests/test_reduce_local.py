@@ -27,10 +27,10 @@ NATIVE_HALF = {"CUDA", "METAL", "AMD", "NV"}
 def reduce_kernels(draw, device:str):
   """(make, make_reference, reduce size, dtype): a sum, max or matvec whose first reduce axis has the given size."""
   dtype = draw(st.sampled_from([dtypes.float32, dtypes.float16]))
-  kinds = ["sum", "max", "matvec", "sum2axes"]
-  kind = draw(st.sampled_from(kinds if dtype == dtypes.float32 or device in NATIVE_HALF else [k for k in kinds if k != "max"]))
+  kinds = ["sum", "max", "matvec", "sum2axes", "argmax"]
+  kind = draw(st.sampled_from(kinds if dtype == dtypes.float32 or device in NATIVE_HALF else [k for k in kinds if k not in ("max", "argmax")]))
   rows = draw(st.integers(1, 6))
-  red = draw(st.sampled_from([2, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256]))
+  red = draw(st.sampled_from([2, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 37, 100, 605]))
   rng = np.random.default_rng(draw(st.integers(0, 2**16)))
   if kind == "matvec":
     w, x = rng.standard_normal((rows, red)), rng.standard_normal(red)
@@ -40,15 +40,17 @@ def reduce_kernels(draw, device:str):
     a = Tensor(rng.standard_normal((red, rows, 3)), dtype=dtype).realize()
     return (lambda: a.sum(axis=(0, 2)).float()), (lambda: a.sum(axis=(0, 2)).float()), red, dtype
   a = Tensor(rng.standard_normal((rows, red)), dtype=dtype).realize()
+  # argmax: a float MAX, then an int32 MAX over the positions of the maximum
   return (lambda: getattr(a, kind)(axis=1).float()), (lambda: getattr(a, kind)(axis=1).float()), red, dtype
 
-def amounts_for(draw, red): return draw(st.sampled_from([a for a in (2, 4, 8, 16, 32, 64, 128, 256) if red % a == 0]))
+# amounts that do not divide the axis pad it (the padding is the reduce's identity); more lanes than elements is refused
+def amounts_for(draw, red): return draw(st.sampled_from([a for a in (2, 4, 8, 16, 32, 64, 128, 256) if a <= red]))
 
 def check_against_noopt(data, device):
   make, make_reference, red, dtype = data.draw(reduce_kernels(device))
   amount = amounts_for(data.draw, red)
   # a second REDUCE_LOCAL on the rest of the axis composes its lanes with the first (slower lane bits)
-  more = [a for a in (2, 4, 8, 16) if (red // amount) % a == 0 and amount * a <= 32]
+  more = [a for a in (2, 4, 8, 16) if red % amount == 0 and (red // amount) % a == 0 and amount * a <= 32]
   compose = data.draw(st.sampled_from([(), *[(REDUCE_LOCAL(0, a),) for a in more]]))
   upcast = data.draw(st.sampled_from([(), (Opt(OptOps.UPCAST, 0, 2),)]))
   ref = reference(make_reference)
@@ -75,7 +77,7 @@ def matvec_ast(rows=8, red=64, dtype=dtypes.float32):
 
 @pytest.mark.parametrize("opt, reason", [
   (REDUCE_LOCAL(0, 48), "power of two"),
-  (REDUCE_LOCAL(0, 128), "does not divide"),
+  (REDUCE_LOCAL(0, 128), "more lanes than the axis has elements"),
   (REDUCE_LOCAL(1, 16), "no reduce axis"),
   (REDUCE_LOCAL(0, 1), "power of two"),
 ])
@@ -84,7 +86,7 @@ def test_reduce_local_refuses_illegal_amounts(opt, reason):
 
 def test_reduce_local_refuses_what_it_cannot_combine():
   ren = Device["CL"].renderer
-  a, i = Tensor.rand(4, 64).realize(), Tensor.randint(4, 64, high=10).realize()
+  a, i = Tensor.rand(4, 64).realize(), Tensor.randint(4, 64, high=10).cast(dtypes.int64).realize()
   with pytest.raises(KernelOptError, match="ADD and MAX"): render(with_opts(kernel_asts(lambda: a.prod(axis=1))[0], REDUCE_LOCAL(0, 16)), ren)
   with pytest.raises(KernelOptError, match="accumulator"): render(with_opts(kernel_asts(lambda: i.sum(axis=1))[0], REDUCE_LOCAL(0, 16)), ren)
   with pytest.raises(KernelOptError, match="threads"):
