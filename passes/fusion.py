@@ -9,7 +9,9 @@ intermediates it recomputes in their consumers, so every buffer left is a kernel
 is removed, and its reduce inlined, when the consuming kernel is elementwise (no reduce of its own) and every inlined
 reduce is broadcast over one of its axes (the row) and invariant to the reduces it sits in (softmax's max inside its
 sum). A consumer that reduces itself (a matmul reading the normalized row) keeps the reduce's buffer: it would recompute
-the row's reduce for every output it makes. Run any earlier and the inlined reduce would make an elementwise buffer that
+the row's reduce for every output it makes. A tiny buffer (at most TINY elements, its reduces at most TINY_REDUCE long:
+MoE routing's gathered expert scores and their sum) is inlined into any consumer that reads it outside its long loops.
+Run any earlier and the inlined reduce would make an elementwise buffer that
 tinygrad is about to inline (a one-hot gather's mask) look costly, so tinygrad keeps it, a kernel more.
 
 Codegen heuristic (before REDUCE_LOCAL's matvec heuristic and tinygrad's): in such a kernel the row axis stays an in-kernel
@@ -58,9 +60,31 @@ def row_reduces_only(value:UOp, out_rngs:dict[UOp, None]) -> bool:
     if not row or prod(r.vmax+1 for r in row) > MAX_ROW or any(r.arg[-1] is AxisType.REDUCE for r in red.ranges): return False
   return True
 
-def inlinable(idx:UOp, out_rngs:dict[UOp, None]) -> UOp|None:
-  if not (idx.op is Ops.INDEX and row_reduce_stage(idx.src[0])): return None
-  if any(v.op is Ops.CONST and v.arg is Invalid for v in idx.src[1:]): return None
+# a realized intermediate of at most TINY elements whose reduces are at most TINY_REDUCE long (MoE routing: the
+# selected experts' scores, gathered by a one-hot reduce that codegen turns into a load, and their sum) is recomputed
+# wherever it is read: a few loads and adds per thread instead of a kernel launch
+TINY, TINY_REDUCE = 16, 64
+
+def stage_size(s:UOp) -> int: return prod(r.vmax+1 for r in s.src[1:] if r.op is Ops.RANGE)
+
+def tiny_stage(s:UOp) -> bool:
+  if s.op is not Ops.STAGE or s.arg.addrspace is not AddrSpace.GLOBAL or not s.arg.removable or s.src[0].op in (Ops.CONTIGUOUS, Ops.NOOP):
+    return False
+  reduces = [u for u in s.src[0].toposort(gate=in_kernel) if u.op is Ops.REDUCE]
+  return stage_size(s) <= TINY and all(prod(r.vmax+1 for r in red.src[1:] if r.op is Ops.RANGE) <= TINY_REDUCE for red in reduces)
+
+def in_long_reduces(value:UOp) -> set[UOp]:
+  """What the kernel computes inside reduces over more than TINY elements: per iteration of a long loop (a matmul's
+  body, where a MoE matmul reads the selected expert ids)."""
+  return {a for u in value.toposort(gate=in_kernel) if u.op is Ops.REDUCE and prod(r.vmax+1 for r in u.src[1:] if r.op is Ops.RANGE) > TINY
+          for a in u.src[0].toposort(gate=in_kernel)}
+
+def inlinable(idx:UOp, out_rngs:dict[UOp, None], elementwise:bool, looped:set[UOp]) -> UOp|None:
+  if idx.op is not Ops.INDEX or any(v.op is Ops.CONST and v.arg is Invalid for v in idx.src[1:]): return None
+  # a tiny one is inlined where it is read outside the consumer's long loops (inside them it would be recomputed every
+  # iteration, and a MoE matmul's expert ids must stay a load for its weight address)
+  if tiny_stage(idx.src[0]) and idx not in looped: return inline_stage(idx)
+  if not (elementwise and row_reduce_stage(idx.src[0])): return None
   return inl if row_reduces_only(inl:=inline_stage(idx), out_rngs) else None
 
 def fuse_row_reduces(root:UOp) -> UOp|None:
@@ -69,10 +93,12 @@ def fuse_row_reduces(root:UOp) -> UOp|None:
     value, out = root.src[0], root.src[1:]
   else: value, out = root.src[1], root.src[:1]
   out_rngs = UOp.sink(*out).ranges
-  # the consumer must be elementwise: reduces of its own would each recompute the row's reduce
-  if any(u.op is Ops.REDUCE for u in value.toposort(gate=in_kernel)): return None
+  # a row reduce goes only into an elementwise consumer: reduces of its own would each recompute the row's reduce
+  elementwise = not any(u.op is Ops.REDUCE for u in value.toposort(gate=in_kernel))
   new = value
-  while (found := {u:inl for u in new.toposort(gate=in_kernel) if (inl:=inlinable(u, out_rngs)) is not None}):
+  while True:
+    looped = in_long_reduces(new)
+    if not (found := {u:inl for u in new.toposort(gate=in_kernel) if (inl:=inlinable(u, out_rngs, elementwise, looped)) is not None}): break
     new = new.substitute(found)
   if new is value: return None
   return root.replace(src=(new,)+root.src[1:]) if root.op is Ops.STAGE else root.replace(src=(root.src[0], new)+root.src[2:])
@@ -126,7 +152,8 @@ def realize_normalized_rows(sink:UOp) -> UOp:
       # a widening cast of a normalized row (the float32 router reading the fp16 row) reads the realized row, cast
       while n.op is Ops.CAST and n.src[0].dtype.itemsize <= n.dtype.itemsize and row((under:=skip(n.src[0], MOVEMENT, n))[0]):
         n, parent = under
-      if numel(mul) < 2 * numel(n) or not row(n): continue
+      # a tiny row (the selected experts' weights) is recomputed where it is read, as tiny buffers are (TINY above)
+      if numel(mul) < 2 * numel(n) or numel(n) <= TINY or not row(n): continue
       realized.setdefault(n, n.contiguous())
       # the consumer reads the realized row (substituting n itself would rewrite it inside its own CONTIGUOUS too)
       p = subs.get(parent, parent)

@@ -162,3 +162,25 @@ def test_normed_row_read_through_quant_blocks_goes_over_lanes(device):
   # split into blocks x elements, the row still goes over lanes (each thread summing the whole row took 124 us on the H200)
   src = render(ast, cuda_renderer())
   assert src.count("__shfl_xor_sync") == 5 and "__syncthreads" in src
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_tiny_routing_weights_are_recomputed_where_they_are_read(device):
+  # MoE routing: the selected experts' scores (a one-hot gather), normalized by their sum, weigh the experts' outputs.
+  # Stock tinygrad makes the gather and the normalization a kernel each; four values are cheaper to recompute per thread.
+  rng = np.random.default_rng(4)
+  with Context(DEV=device):
+    scores = Tensor(rng.random((1, 1, 64)).astype(np.float32)).realize()
+    sel = Tensor(rng.choice(64, 4, replace=False).astype(np.int32).reshape(1, 1, 4)).realize()
+    out = Tensor(rng.standard_normal((1, 1, 4, 256)).astype(np.float16)).realize()
+    def make():
+      w = scores.gather(-1, sel)
+      return (out * ((w / w.sum(-1, keepdim=True)) * 1.8).cast(dtypes.half).unsqueeze(-1)).sum(-2)
+    with without("fusion"):
+      assert len(kernel_asts(make)) == 3
+      ref = make().float().numpy()
+    assert len(kernel_asts(make)) == 1
+    got = make().float().numpy()
+  s, o = scores.numpy()[0, 0, sel.numpy()[0, 0]].astype(np.float64), out.numpy()[0, 0].astype(np.float64)
+  exact = ((s / s.sum() * 1.8)[:, None] * o).sum(0)
+  assert_close_fp16(got[0, 0], exact)
+  assert_close_fp16(ref[0, 0], exact)
