@@ -42,6 +42,13 @@ class MatvecPolicy:
   reduce_warps: int = 1
   # blocks per lane per loop step (UNROLL of what is left of the block axis after the lanes): more loads in flight
   block_unroll: int = 1
+  # rows per lane where the activation costs a transcendental per element (a MoE down matvec reading silu(gate) * up),
+  # on matrices of at least costly_act_min_elements: each lane computes it once for all its rows, so more rows per lane
+  # divide that work (smaller matrices lose more to fewer threads than they save)
+  costly_act_upcast_rows: int = 0
+  costly_act_min_elements: int = 0
+  # fewer rows per block (down to 1) while the blocks would number fewer than this (a 64-row router: 16 blocks of 4 rows)
+  min_row_blocks: int = 0
 
 POLICIES = {
   # H200 (benchmarks/results/h200-2026-11-22-q4-reduce-local-variants.txt): 32 lanes and 4 rows per block were best or
@@ -55,8 +62,14 @@ POLICIES = {
   # lane at every size won on every quantized matvec, whose activation is often a fused RMSNorm that each row would
   # recompute (shexp gate/up 6.6 -> 6.0 us, attn_q_a 4.8 -> 4.6, attn_q_b 4.0 -> 3.5, attn_k_b 3.4 -> 2.9, attn_v_b 2.5 ->
   # 2.1), and lost on the float32 router (2.8 -> 3.7): the size threshold stays for float weights only
+  # the float32 router (64 rows) in 64 blocks of one row, not 16 of four (h200-full-q4_0-2026-11-23-min-row-blocks.txt,
+  # in the model): 2.3 -> 1.7 us
+  # 4 rows per lane where the activation is silu(gate) * up (examples/glm/results/h200-full-q4_0-2026-11-23-costly-act.txt,
+  # in the model): MoE down 9.4 -> 7.3 us, dense ffn down 19.2 -> 17.8, but the shared expert's down (3.1M elements)
+  # 4.1 -> 5.4, so from 8M elements
   "CUDA": MatvecPolicy(lanes=32, rows_per_block=4, upcast_rows=2, upcast_min_elements=5 << 20, quant_upcast_min_elements=0,
-                       float_unroll=8, lanes_per_block=2, wide_upcast_rows=4, wide_upcast_min_elements=64 << 20),
+                       float_unroll=8, lanes_per_block=2, wide_upcast_rows=4, wide_upcast_min_elements=64 << 20,
+                       costly_act_upcast_rows=4, costly_act_min_elements=8 << 20, min_row_blocks=64),
   # a simdgroup is 32 wide; not measured (no Apple hardware here), so no row upcast until it is
   "METAL": MatvecPolicy(lanes=32, rows_per_block=4, upcast_rows=1, upcast_min_elements=0, quant_upcast_min_elements=0, float_unroll=8),
   "generic": MatvecPolicy(lanes=16, rows_per_block=4, upcast_rows=1, upcast_min_elements=0, quant_upcast_min_elements=0, float_unroll=4),
@@ -122,11 +135,19 @@ def matvec_and_side_reduces(reds:list[UOp]) -> tuple[Matvec, list[UOp]]|None:
        main in r.backward_slice or r in main.backward_slice: return None
   return m, side
 
+TRANSCENDENTAL = (Ops.EXP2, Ops.LOG2, Ops.SIN, Ops.SQRT, Ops.RECIPROCAL)
+
+def costly_per_element(act:UOp, reduce_ranges:set[UOp]) -> bool:
+  """The activation evaluates a transcendental for every element it reduces over (silu), not once per row (a norm's rsqrt)."""
+  return any(u.op in TRANSCENDENTAL and set(u.ranges) & reduce_ranges for u in act.toposort())
+
 def choose_matvec_opts(k):
   if (found:=matvec_and_side_reduces(k.reduceops)) is None: return None
   m, side = found
-  for r in side:  # out of the reduce axes: what follows counts the matvec's axes only
-    for rng in [x for x in r.src[1:] if x.vmax > 0]:
+  # out of the reduce axes: what follows counts the matvec's axes only. Found by id in the current AST: an opt rewrites
+  # the AST, and a range two side reduces share (the experts' weights and their sum) is unrolled once
+  for key in dict.fromkeys(x.arg[:-1] for r in side for x in r.src[1:] if x.op is Ops.RANGE and x.vmax > 0):
+    if (rng:=next((x for x in k.rngs if x.arg[:-1] == key and x.arg[-1] is AxisType.REDUCE), None)) is not None:
       k.apply_opt(Opt(OptOps.UNROLL, k.unrollable_dims.index(k.rngs.index(rng)), rng.vmax+1))
   act_ranges, w_ranges = set(m.activation.ranges), set(m.weight.ranges)
   # the weight's rows: global axes the activation does not read (MoE: the expert slot axis is read by both)
@@ -135,6 +156,7 @@ def choose_matvec_opts(k):
   out = max(outs, key=lambda i: k.full_shape[i])
   pol, red = policy_for(k.ren.target.device), k.axes_of(AxisType.REDUCE)
   if not red: return None  # reduce axes of size 1 are no opt axes: nothing to spread over lanes
+  costly = costly_per_element(m.activation, {k.rngs[i] for i in red})  # before the opts below split those ranges
   inputs, rows = prod(k.full_shape[i] for i in red), k.full_shape[out]
   weight_elements = prod(k.full_shape[i] for i in k.axes_of(AxisType.GLOBAL)) * inputs
   block_lanes = 1
@@ -157,10 +179,13 @@ def choose_matvec_opts(k):
      (amt:=max(d for d in range(1, pol.block_unroll+1) if k.full_shape[left[0]] % d == 0)) > 1:
     k.apply_opt(Opt(OptOps.UNROLL, k.unrollable_dims.index(left[0]), amt))
   upcast = pol.wide_upcast_rows if pol.wide_upcast_rows > 1 and weight_elements >= pol.wide_upcast_min_elements else pol.upcast_rows
+  if pol.costly_act_upcast_rows > upcast and costly and weight_elements >= pol.costly_act_min_elements: upcast = pol.costly_act_upcast_rows
   min_elements = pol.quant_upcast_min_elements if len(red) >= 2 else pol.upcast_min_elements
   if upcast > 1 and weight_elements >= min_elements and rows % (upcast * pol.rows_per_block) == 0:
     k.apply_opt(Opt(OptOps.UPCAST, out, upcast))
-  if pol.rows_per_block > 1 and k.full_shape[out] % pol.rows_per_block == 0: k.apply_opt(Opt(OptOps.LOCAL, out, pol.rows_per_block))
+  rows_per_block, blocks = pol.rows_per_block, prod(k.full_shape[i] for i in k.axes_of(AxisType.GLOBAL))
+  while rows_per_block > 1 and blocks // rows_per_block < pol.min_row_blocks: rows_per_block //= 2
+  if rows_per_block > 1 and k.full_shape[out] % rows_per_block == 0: k.apply_opt(Opt(OptOps.LOCAL, out, rows_per_block))
   return k
 
 MATVEC = register(Pass("matvec", "picks REDUCE_LOCAL/UNROLL/UPCAST/LOCAL for GEMV and MoE matvecs over GGML dequant chains",

@@ -128,3 +128,28 @@ def test_matvec_takes_fused_activations_and_moe_down():
   xs = Tensor.empty(1, 1, 2, 2048, dtype=dtypes.float16)
   for make in (lambda: (xs.unsqueeze(-2) @ w[sel].transpose(-1, -2)).contiguous(), lambda: (x * 3 + 1) @ dense.T):
     assert any(o.op is OptOpsExt.REDUCE_LOCAL for o in applied(make, cuda_renderer()))
+
+def upcast_rows(opts) -> int: return max([o.arg for o in opts if o.op is OptOps.UPCAST], default=1)
+
+def test_matvec_gives_a_costly_activation_more_rows_per_lane():
+  # MoE down reads silu(gate) * up: an exp and a reciprocal per element, computed once per lane for all its rows
+  sel = Tensor([[[1, 5, 6, 7]]], dtype=dtypes.int32)
+  gate_up = Tensor.empty(1, 1, 4, 2 * 1536, dtype=dtypes.float16)
+  act = gate_up[..., :1536].silu() * gate_up[..., 1536:]
+  def moe_down(experts, rows):
+    w = quantized(rng, (experts, rows, 1536), "Q4_0", Device.DEFAULT)
+    return lambda: (act.unsqueeze(-2) @ w[sel].transpose(-1, -2)).contiguous()
+  assert upcast_rows(applied(moe_down(8, 2048), cuda_renderer())) == 4  # 4 x 2048 x 1536: over 8M elements
+  assert upcast_rows(applied(moe_down(8, 256), cuda_renderer())) == 2   # smaller: fewer threads would cost more
+  # a norm's rsqrt is once per row, not per element: the plain policy
+  w = quantized(rng, (4096, 2048), "Q4_0", Device.DEFAULT)
+  normed = lambda: (x.float() * (x.float().square().mean(-1, keepdim=True) + 1e-5).rsqrt()).cast(dtypes.half) @ w.T
+  assert upcast_rows(applied(normed, cuda_renderer())) == 2
+
+def test_matvec_keeps_enough_blocks_for_few_rows():
+  # the 64-row float32 router: one row per block (64 blocks), where 4 rows per block would leave 16
+  router = Tensor.empty(64, 2048, dtype=dtypes.float32)
+  opts = applied(lambda: x.float() @ router.T, cuda_renderer())
+  assert any(o.op is OptOpsExt.REDUCE_LOCAL for o in opts) and not any(o.op is OptOps.LOCAL for o in opts), opts
+  big = Tensor.empty(1024, 2048, dtype=dtypes.float32)
+  assert Opt(OptOps.LOCAL, 0, 4) in applied(lambda: x.float() @ big.T, cuda_renderer())
