@@ -11,6 +11,7 @@ Speed is measured after the JIT has captured: each step is one TinyJit replay pl
 """
 import tinygrad_ext  # registers the passes (first, before anything compiles)
 import argparse, contextlib, json, os, pathlib, re, sys, time
+import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # the repo root: examples.glm is a package
 from tinygrad import Device, Tensor, dtypes  # noqa: E402
@@ -147,17 +148,21 @@ def run_mode(m:glm.GLM, tok:Tokenizer, prompt:list[int], a, mode:str) -> dict:
   res: dict = {"passes": mode}
   with mode_passes(mode):
     res["active_passes"] = list(tinygrad_ext.active_passes())
-    jit, steps = m.decoder(), []
+    jit, steps, logits = m.decoder(), [], []
     def step(t:int, pos:int) -> int:
       s0 = time.perf_counter()
-      t, _ = m.decode(jit, t, pos)
+      t, lg = m.decode(jit, t, pos)
       steps.append(time.perf_counter() - s0)
+      logits.append(lg)
       return t
     for pos, t in enumerate(prompt[:-1]): step(t, pos)  # the prompt, one token per step
     t, pos, out = prompt[-1], len(prompt) - 1, []
-    for _ in range(a.count):
+    for i in range(a.count):
       t = step(t, pos); pos += 1
       out.append(t)
+      # the logits that chose the first generated token: a compare checks the two modes' numerics on them
+      if i == 0: res["first_logits"] = logits[-1].numpy()[0].astype(np.float64)
+      logits.clear()
     # the first two calls of a TinyJit run the step (compiling its kernels) and capture it; the rest replay
     res["tokens"], res["text"], res["warmup_s"] = out, tok.decode(out), sum(steps[:2])
     res["kernels_per_token"] = len(stats.kernel_calls(jit)) if jit.captured is not None else None
@@ -180,6 +185,13 @@ def run_mode(m:glm.GLM, tok:Tokenizer, prompt:list[int], a, mode:str) -> dict:
       sync(); dt = time.perf_counter() - s0
       res["prefill"] = {"tokens": a.prefill, "s": dt, "tok_per_s": a.prefill / dt}
   return res
+
+def logit_agreement(off:np.ndarray, on:np.ndarray) -> dict:
+  """How far the two modes' logits are apart, and how close off's top logits are to each other: a different greedy token
+  is rounding, not a wrong kernel, when other logits lie within the rounding error of the top one."""
+  scale = float(np.abs(off).max())
+  err, top = float(np.abs(on - off).max()) / scale, np.sort(off)[::-1]
+  return {"rel_err": err, "off_top2_gap": float(top[0] - top[1]) / scale, "off_within_err": int((off >= top[0] - 2 * err * scale).sum())}
 
 def ms_per_token(res:dict) -> float|None: return res.get("benchmark", {}).get("ms_per_token", res.get("generate_ms_per_token"))
 
@@ -231,6 +243,10 @@ def main(argv=None) -> int:
         print(f"passes on vs off: {out['speedup']:.2f}x tok/s, kernels/token {r_off['kernels_per_token']} -> {r_on['kernels_per_token']}, "
               f"tokens {'identical' if same else 'DIFFER'}")
       out["tokens_identical"] = same
+      out["first_logits"] = logit_agreement(r_off.pop("first_logits"), r_on.pop("first_logits"))
+      print(f"first token's logits, on vs off: max|on-off|/max|off| {out['first_logits']['rel_err']:.2e}; off's top two logits differ by "
+            f"{out['first_logits']['off_top2_gap']:.2e} of max|off|, {out['first_logits']['off_within_err']} logits lie within that error of off's top")
+    for r in results.values(): r.pop("first_logits", None)
     if a.plot:
       from benchmarks.kernels import read_ceiling
       # a buffer well past the 60 MB L2 of an H200 on GPUs; CPUs read from memory whatever its size
