@@ -153,3 +153,24 @@ def test_matvec_keeps_enough_blocks_for_few_rows():
   assert any(o.op is OptOpsExt.REDUCE_LOCAL for o in opts) and not any(o.op is OptOps.LOCAL for o in opts), opts
   big = Tensor.empty(1024, 2048, dtype=dtypes.float32)
   assert Opt(OptOps.LOCAL, 0, 4) in applied(lambda: x.float() @ big.T, cuda_renderer())
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_matvec_takes_the_moe_output_with_its_routing_weights_inside(device):
+  # GLM's MoE output with fusion's tiny routing buffers inlined: the experts' rows weighed by their scores over the
+  # scores' sum (two side reduces over the 4 selected experts) plus the shared expert's down matvec, one kernel
+  r = np.random.default_rng(5)
+  with Context(DEV=device):
+    w = quantized(r, (256, 512), "Q4_0", device)
+    rows = Tensor(r.standard_normal((1, 4, 256)).astype(np.float16)).realize()
+    # 8 experts: the one-hot gather of their scores is itself a reduce small enough to be a side reduce
+    scores = Tensor(r.random((1, 8)).astype(np.float32)).realize()
+    sel = Tensor(r.choice(8, 4, replace=False).astype(np.int32).reshape(1, 4)).realize()
+    act = Tensor(r.standard_normal((1, 512)).astype(np.float16)).realize()
+    def make():
+      s = scores.sigmoid().gather(-1, sel)  # a gathered expression: one-hot reduces over the 8, the same in both uses
+      return (rows * (s / s.sum(-1, keepdim=True)).cast(dtypes.half).unsqueeze(-1)).sum(1) + act @ w.T
+    assert len(kernel_asts(make)) == 1
+    opts = applied(make, cuda_renderer())
+    assert any(o.op is OptOpsExt.REDUCE_LOCAL for o in opts) and opts.count(Opt(OptOps.UNROLL, 0, 4)) == 2, opts
+    with tinygrad_ext.passes_off(): ref = make().numpy()
+    assert_close_fp16(make().numpy(), ref)
