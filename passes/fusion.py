@@ -11,8 +11,8 @@ reduce is broadcast over one of its axes (the row) and invariant to the reduces 
 sum). A consumer that reduces itself (a matmul reading the normalized row) keeps the reduce's buffer: it would recompute
 the row's reduce for every output it makes. A tiny buffer (at most TINY elements, its reduces at most TINY_REDUCE long:
 MoE routing's gathered expert scores and their sum) is inlined into any consumer that reads it outside its long loops.
-Run any earlier and the inlined reduce would make an elementwise buffer that
-tinygrad is about to inline (a one-hot gather's mask) look costly, so tinygrad keeps it, a kernel more.
+Run any earlier and the inlined reduce would make an elementwise buffer that tinygrad is about to inline (a one-hot
+gather's mask) look costly, so tinygrad keeps it, a kernel more.
 
 Codegen heuristic (before REDUCE_LOCAL's matvec heuristic and tinygrad's): in such a kernel the row axis stays an in-kernel
 loop, one workgroup per row, and every reduce of the row and the row's elementwise outputs are spread over the same lanes
@@ -65,19 +65,18 @@ def row_reduces_only(value:UOp, out_rngs:dict[UOp, None]) -> bool:
 # wherever it is read: a few loads and adds per thread instead of a kernel launch
 TINY, TINY_REDUCE = 16, 64
 
-def stage_size(s:UOp) -> int: return prod(r.vmax+1 for r in s.src[1:] if r.op is Ops.RANGE)
+def ranges_size(srcs) -> int: return prod(r.vmax+1 for r in srcs if r.op is Ops.RANGE)
 
 def tiny_stage(s:UOp) -> bool:
   if s.op is not Ops.STAGE or s.arg.addrspace is not AddrSpace.GLOBAL or not s.arg.removable or s.src[0].op in (Ops.CONTIGUOUS, Ops.NOOP):
     return False
   reduces = [u for u in s.src[0].toposort(gate=in_kernel) if u.op is Ops.REDUCE]
-  return stage_size(s) <= TINY and all(prod(r.vmax+1 for r in red.src[1:] if r.op is Ops.RANGE) <= TINY_REDUCE for red in reduces)
+  return ranges_size(s.src[1:]) <= TINY and all(ranges_size(red.src[1:]) <= TINY_REDUCE for red in reduces)
 
 def in_long_reduces(value:UOp) -> set[UOp]:
   """What the kernel computes inside reduces over more than TINY elements: per iteration of a long loop (a matmul's
   body, where a MoE matmul reads the selected expert ids)."""
-  return {a for u in value.toposort(gate=in_kernel) if u.op is Ops.REDUCE and prod(r.vmax+1 for r in u.src[1:] if r.op is Ops.RANGE) > TINY
-          for a in u.src[0].toposort(gate=in_kernel)}
+  return {a for u in value.toposort(gate=in_kernel) if u.op is Ops.REDUCE and ranges_size(u.src[1:]) > TINY for a in u.src[0].toposort(gate=in_kernel)}
 
 def inlinable(idx:UOp, out_rngs:dict[UOp, None], elementwise:bool, looped:set[UOp]) -> UOp|None:
   if idx.op is not Ops.INDEX or any(v.op is Ops.CONST and v.arg is Invalid for v in idx.src[1:]): return None

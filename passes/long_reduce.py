@@ -12,6 +12,9 @@ and not divisible by a warp. It applies
     padding is gated off the loads and counted as the reduce's identity), and
   - UPCAST 4 on output axes that make loads wider (the output is the fastest index of a read buffer) or reuse them
     (a buffer does not read the output: attention's latent cache is shared by every head), up to 16 outputs per lane.
+It takes the same way a kernel whose outputs are symbolic in number and whose static reduce the lanes divide (attention's
+q.k, 20 heads x the positions so far): tinygrad's heuristic gives each output 16 threads through shared memory, here a
+warp shuffles it for 4 heads at once, so each cached row is loaded once for 4 heads.
 Kernels it does not take go on to tinygrad's heuristic.
 
 Hook: an OptHeuristic (tinygrad.codegen.apply_opts), after the matvec heuristic.

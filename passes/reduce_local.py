@@ -127,7 +127,7 @@ def _xor_shuffle(fmt:str, via_float:bool) -> Callable[[UOp, int], UOp]:
 def warp_epilogue(ren:Renderer, dtype) -> tuple[Callable[[UOp, int], UOp], dict]|None:
   """(xor shuffle, {reduce op: whole-warp intrinsic}) for renderers with register shuffles, else None."""
   if isinstance(ren, MetalRenderer):
-    # Metal's simd functions take float and half; bfloat goes through float, which holds it exactly
+    # Metal's simd functions take float, half and int; bfloat goes through float, which holds it exactly
     via_float = dtype not in (dtypes.float32, dtypes.float16, dtypes.int32)
     whole = {} if via_float else {Ops.ADD: "simd_sum({0})", Ops.MAX: "simd_max({0})"}
     return _xor_shuffle("simd_shuffle_xor({0}, (ushort)OFFSET)", via_float), whole
