@@ -27,9 +27,9 @@ from tinygrad.uop.ops import UOp, Ops, GroupOp, AxisType, PatternMatcher, UPat, 
 from tinygrad.dtype import AddrSpace, Invalid
 from tinygrad.helpers import prod, partition
 from tinygrad.schedule.indexing import BufferizeOpts
-from tinygrad.codegen.opt import KernelOptError
+from tinygrad.codegen.opt import KernelOptError, Opt, OptOps
 from tinygrad_ext import Pass, ScheduleStep, OptHeuristic, CodegenStep, register, is_active
-from passes.reduce_local import LANE_ID, WARP_ID, SHUFFLE_WIDTH, COMBINES, ACC_DTYPES, pad_to_lanes
+from passes.reduce_local import LANE_ID, WARP_ID, SHUFFLE_WIDTH, COMBINES, ACC_DTYPES, LANE_DTYPES, OptOpsExt, pad_to_lanes
 
 NAME = "fusion"
 MAX_ROW = 1 << 16        # longer rows keep tinygrad's schedule: one workgroup per row would leave the GPU idle
@@ -48,9 +48,19 @@ def row_reduce_stage(s:UOp) -> bool:
   # what the codegen heuristic spreads over lanes: one range per reduce, a float accumulator, ADD or MAX
   return bool(reduces) and all(r.arg[0] in COMBINES and r.dtype in ACC_DTYPES and len(r.src) == 2 and r.src[1].vmax < MAX_ROW for r in reduces)
 
+def substitute_in_kernel(root:UOp, subs:dict[UOp, UOp]) -> UOp:
+  """root.substitute(subs) that stops at kernel boundaries: UOp.substitute walks everything below root, every other
+  kernel of the schedule included, which made scheduling a 512-token prefill several times slower per inlined reduce."""
+  out: dict[UOp, UOp] = {}
+  for u in root.toposort(gate=in_kernel):
+    if u in subs: out[u] = subs[u]
+    elif not in_kernel(u) or all(out.get(s, s) is s for s in u.src): out[u] = u
+    else: out[u] = u.replace(src=tuple(out.get(s, s) for s in u.src))
+  return out[root]
+
 def inline_stage(idx:UOp) -> UOp:
   stage = idx.src[0]
-  return stage.src[0].substitute({k:v for k,v in zip(stage.src[1:], idx.src[1:]) if k.op is not Ops.CONST})
+  return substitute_in_kernel(stage.src[0], {k:v for k,v in zip(stage.src[1:], idx.src[1:]) if k.op is not Ops.CONST and k is not v})
 
 def row_reduces_only(value:UOp, out_rngs:dict[UOp, None]) -> bool:
   """Every reduce in value is a row reduce of the consumer: it misses a consumer range (the row, which it is broadcast
@@ -71,15 +81,38 @@ def tiny_stage(s:UOp) -> bool:
   if s.op is not Ops.STAGE or s.arg.addrspace is not AddrSpace.GLOBAL or not s.arg.removable or s.src[0].op in (Ops.CONTIGUOUS, Ops.NOOP):
     return False
   reduces = [u for u in s.src[0].toposort(gate=in_kernel) if u.op is Ops.REDUCE]
-  return ranges_size(s.src[1:]) <= TINY and all(ranges_size(red.src[1:]) <= TINY_REDUCE for red in reduces)
+  return ranges_size(s.src[1:]) <= TINY and all(ranges_size(red.src[1:]) <= TINY_REDUCE for red in reduces) and not nested(reduces)
+
+def nested(reduces:list[UOp]) -> bool:
+  # a reduce inside another (a top-k whose ranks were recomputed in it, below) is a small kernel's work, not a few loads
+  # and adds: recomputed again in its consumers it would cascade (a matmul that recomputed it lost its opts)
+  return any(r in red.src[0].backward_slice for red in reduces for r in reduces)
+
+# a small intermediate (at most SMALL elements, reduces at most TINY_REDUCE long) whose consumer is itself small (at most
+# SMALL_WORK loop iterations with the intermediate recomputed in each: MoE routing's expert ranks, 64 pairwise counts,
+# read by the top-k's 4 one-hot sums over the 64 experts, 16K) is recomputed inside the consumer's loops: one launch fewer
+SMALL, SMALL_WORK = 64, 1 << 15
+
+def small_stage(s:UOp) -> int|None:
+  """The loop iterations of one recomputed element of a small intermediate, or None if it is not one."""
+  if s.op is not Ops.STAGE or s.arg.addrspace is not AddrSpace.GLOBAL or not s.arg.removable or s.src[0].op in (Ops.CONTIGUOUS, Ops.NOOP):
+    return None
+  reduces = [u for u in s.src[0].toposort(gate=in_kernel) if u.op is Ops.REDUCE]
+  if ranges_size(s.src[1:]) > SMALL or any(ranges_size(red.src[1:]) > TINY_REDUCE for red in reduces) or nested(reduces): return None
+  return max([ranges_size(red.src[1:]) for red in reduces], default=1)
+
+def kernel_iterations(value:UOp, out_rngs:dict[UOp, None]) -> int:
+  """How many times the innermost body of a kernel runs: its output ranges times every range its reduces loop over."""
+  return ranges_size(out_rngs) * ranges_size({r for u in value.toposort(gate=in_kernel) if u.op is Ops.REDUCE for r in u.src[1:]})
 
 def in_long_reduces(value:UOp) -> set[UOp]:
   """What the kernel computes inside reduces over more than TINY elements: per iteration of a long loop (a matmul's
   body, where a MoE matmul reads the selected expert ids)."""
   return {a for u in value.toposort(gate=in_kernel) if u.op is Ops.REDUCE and ranges_size(u.src[1:]) > TINY for a in u.src[0].toposort(gate=in_kernel)}
 
-def inlinable(idx:UOp, out_rngs:dict[UOp, None], elementwise:bool, looped:set[UOp]) -> UOp|None:
+def inlinable(idx:UOp, out_rngs:dict[UOp, None], elementwise:bool, looped:set[UOp], iterations:int) -> UOp|None:
   if idx.op is not Ops.INDEX or any(v.op is Ops.CONST and v.arg is Invalid for v in idx.src[1:]): return None
+  if (cost:=small_stage(idx.src[0])) is not None and iterations * cost <= SMALL_WORK: return inline_stage(idx)
   # a tiny one is inlined where it is read outside the consumer's long loops (inside them it would be recomputed every
   # iteration, and a MoE matmul's expert ids must stay a load for its weight address)
   if tiny_stage(idx.src[0]) and idx not in looped: return inline_stage(idx)
@@ -96,9 +129,9 @@ def fuse_row_reduces(root:UOp) -> UOp|None:
   elementwise = not any(u.op is Ops.REDUCE for u in value.toposort(gate=in_kernel))
   new = value
   while True:
-    looped = in_long_reduces(new)
-    if not (found := {u:inl for u in new.toposort(gate=in_kernel) if (inl:=inlinable(u, out_rngs, elementwise, looped)) is not None}): break
-    new = new.substitute(found)
+    looped, iterations = in_long_reduces(new), kernel_iterations(new, out_rngs)
+    if not (found := {u:inl for u in new.toposort(gate=in_kernel) if (inl:=inlinable(u, out_rngs, elementwise, looped, iterations)) is not None}): break
+    new = substitute_in_kernel(new, found)
   if new is value: return None
   return root.replace(src=(new,)+root.src[1:]) if root.op is Ops.STAGE else root.replace(src=(root.src[0], new)+root.src[2:])
 
@@ -197,6 +230,27 @@ def choose_row_opts(k):
     except KernelOptError: return None
   return k
 
+# *** codegen: a small intermediate recomputed inside a small consumer's reduce ***
+
+def choose_nested_opts(k):
+  """A kernel whose reduce recomputes a small intermediate's reduce per element (the top-k: each expert's rank inside
+  the k one-hot sums over the experts): one lane per element of the outer reduce, so each lane computes its element's
+  inner reduce once, all outputs upcast in every lane (they share those elements), the lanes combining each output.
+  tinygrad's heuristic gave 16 lanes that each ran 4 x 64 inner loops: 3.0 us on the H200 for GLM's top-k."""
+  if len(reds:=k.reduceops) != 2 or not k.ren.has_local or k.dont_use_locals: return None
+  outer, inner = (reds[0], reds[1]) if reds[1] in reds[0].src[0].backward_slice else (reds[1], reds[0])
+  if inner not in outer.src[0].backward_slice or outer.arg[0] not in COMBINES or outer.dtype not in LANE_DTYPES: return None
+  outs = k.axes_of(AxisType.GLOBAL)
+  if any(not isinstance(k.full_shape[i], int) for i in outs) or prod(k.full_shape[i] for i in outs) > TINY: return None
+  if len(outer_rngs:=[r for r in outer.src[1:] if r.op is Ops.RANGE]) != 1: return None
+  size = outer_rngs[0].vmax + 1
+  if (lanes:=min(MAX_LANES, 1 << (size.bit_length() - 1))) < 2 or size % lanes: return None
+  for _ in outs:  # each UPCAST moves its axis out of the global axes: the first one left is the next
+    if (left:=k.axes_of(AxisType.GLOBAL)) and k.full_shape[left[0]] > 1: k.apply_opt(Opt(OptOps.UPCAST, left[0], k.full_shape[left[0]]))
+  axis = next(i for i, a in enumerate(k.axes_of(AxisType.REDUCE)) if k.rngs[a].arg[:-1] == outer_rngs[0].arg[:-1])
+  k.apply_opt(Opt(OptOpsExt.REDUCE_LOCAL, axis, lanes))
+  return k
+
 # *** codegen: each of a row's grouped reduces gets its own loop over the partials ***
 
 def own_group_loop(ctx:Iterator[int], r:UOp) -> UOp|None:
@@ -219,5 +273,5 @@ def separate_group_loops(sink:UOp, ren) -> UOp:
 
 FUSION = register(Pass(NAME, "runs a row's reduces (RMSNorm, softmax) inside their elementwise consumer: one kernel, rows over shared lanes",
   (ScheduleStep("convert copy to store", realize_normalized_rows), ScheduleStep("symbolic+reduce_collapse+debuf", fuse_kernels),
-   OptHeuristic(choose_row_opts),
+   OptHeuristic(choose_row_opts), OptHeuristic(choose_nested_opts),
    CodegenStep("expander", separate_group_loops))))
