@@ -49,6 +49,9 @@ class MatvecPolicy:
   costly_act_min_elements: int = 0
   # fewer rows per block (down to 1) while the blocks would number fewer than this (a 64-row router: 16 blocks of 4 rows)
   min_row_blocks: int = 0
+  # more rows per block (LOCAL) until a block has at least this many threads: a short reduce (attn_k_b's 192 inputs, 6
+  # Q4_0 blocks) fills only 4 lanes a row, and 4 rows of those left every warp half empty
+  min_block_threads: int = 0
 
 POLICIES = {
   # H200 (benchmarks/results/h200-2026-11-22-q4-reduce-local-variants.txt): 32 lanes and 4 rows per block were best or
@@ -69,7 +72,7 @@ POLICIES = {
   # 4.1 -> 5.4, so from 8M elements
   "CUDA": MatvecPolicy(lanes=32, rows_per_block=4, upcast_rows=2, upcast_min_elements=5 << 20, quant_upcast_min_elements=0,
                        float_unroll=8, lanes_per_block=2, wide_upcast_rows=4, wide_upcast_min_elements=64 << 20,
-                       costly_act_upcast_rows=4, costly_act_min_elements=8 << 20, min_row_blocks=64),
+                       costly_act_upcast_rows=4, costly_act_min_elements=8 << 20, min_row_blocks=64, min_block_threads=32),
   # a simdgroup is 32 wide; not measured (no Apple hardware here), so no row upcast until it is
   "METAL": MatvecPolicy(lanes=32, rows_per_block=4, upcast_rows=1, upcast_min_elements=0, quant_upcast_min_elements=0, float_unroll=8),
   "generic": MatvecPolicy(lanes=16, rows_per_block=4, upcast_rows=1, upcast_min_elements=0, quant_upcast_min_elements=0, float_unroll=4),
@@ -185,6 +188,8 @@ def choose_matvec_opts(k):
     k.apply_opt(Opt(OptOps.UPCAST, out, upcast))
   rows_per_block, blocks = pol.rows_per_block, prod(k.full_shape[i] for i in k.axes_of(AxisType.GLOBAL))
   while rows_per_block > 1 and blocks // rows_per_block < pol.min_row_blocks: rows_per_block //= 2
+  while lanes * block_lanes * rows_per_block < pol.min_block_threads and k.full_shape[out] % (2 * rows_per_block) == 0 and \
+        blocks // (2 * rows_per_block) >= pol.min_row_blocks: rows_per_block *= 2
   if rows_per_block > 1 and k.full_shape[out] % rows_per_block == 0: k.apply_opt(Opt(OptOps.LOCAL, out, rows_per_block))
   return k
 

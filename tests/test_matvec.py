@@ -6,7 +6,7 @@ import pytest
 import gguf
 from hypothesis import given, settings, strategies as st, HealthCheck
 from tinygrad import Tensor, dtypes, Device
-from tinygrad.helpers import Context
+from tinygrad.helpers import Context, prod
 from tinygrad.llm.gguf import ggml_data_to_tensor
 import tinygrad.codegen as codegen
 import tinygrad_ext
@@ -153,6 +153,19 @@ def test_matvec_keeps_enough_blocks_for_few_rows():
   assert any(o.op is OptOpsExt.REDUCE_LOCAL for o in opts) and not any(o.op is OptOps.LOCAL for o in opts), opts
   big = Tensor.empty(1024, 2048, dtype=dtypes.float32)
   assert Opt(OptOps.LOCAL, 0, 4) in applied(lambda: x.float() @ big.T, cuda_renderer())
+
+def block_threads(opts) -> int: return prod(o.arg for o in opts if o.op in (OptOps.LOCAL, OptOpsExt.REDUCE_LOCAL))
+
+def test_matvec_fills_a_warp_where_the_reduce_is_short():
+  # attn_k_b's 192 inputs are 6 Q4_0 blocks: 4 lanes a row, so 8 rows a block fill one 32-lane warp (4 left it half empty)
+  w = quantized(rng, (4096, 192), "Q4_0", Device.DEFAULT)
+  short = Tensor.empty(1, 192, dtype=dtypes.float16)
+  opts = applied(lambda: short @ w.T, cuda_renderer())
+  assert block_threads(opts) == 32 and Opt(OptOps.LOCAL, 0, 8) in opts, opts
+  with Context(TINYGRAD_EXT_MATVEC_POLICY="min_block_threads=0"): assert block_threads(applied(lambda: short @ w.T, cuda_renderer())) == 16
+  long = quantized(rng, (4096, 2048), "Q4_0", Device.DEFAULT)  # 32 lanes a row already fill a warp: as before
+  with Context(TINYGRAD_EXT_MATVEC_POLICY="min_block_threads=0"): before = applied(lambda: x @ long.T, cuda_renderer())
+  assert applied(lambda: x @ long.T, cuda_renderer()) == before
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_matvec_takes_the_moe_output_with_its_routing_weights_inside(device):
