@@ -140,6 +140,15 @@ def test_run_smoke(tiny, tmp_path):
   assert r["ceiling"]["gbs"] > 0 and (tmp_path / "roofline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert [p.name for p in tmp_path.iterdir() if p.name.startswith("tmp")] == []  # the plot's temporary file is gone
 
+def test_run_variant(tiny, tmp_path):
+  # --variant: one more run with every pass on and a pass setting changed (an A/B of a policy field in one process)
+  out = subprocess.run(RUN + ["--model", str(tiny), "--count", "3", "--max-context", "64", "--json", str(tmp_path / "r.json"),
+                              "--variant", "TINYGRAD_EXT_MATVEC_POLICY=upcast_rows=1"], capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr
+  r = json.loads((tmp_path / "r.json").read_text())["results"]
+  assert list(r) == ["on", "with TINYGRAD_EXT_MATVEC_POLICY=upcast_rows=1"]
+  assert r["on"]["tokens"] == r["with TINYGRAD_EXT_MATVEC_POLICY=upcast_rows=1"]["tokens"]
+
 # ***** bad input: one line on stderr, exit code 2 *****
 
 def _bad_files(tmp:pathlib.Path, tiny:pathlib.Path) -> dict[str, pathlib.Path]:
@@ -157,7 +166,7 @@ EXPECT = {"missing": "no such file", "truncated": "truncated", "header_cut": "tr
           "other_arch": "architecture 'llama' is not supported", "q2_k": "unsupported type Q2_K"}
 BAD_FLAGS = [["--count", "0"], ["--frobnicate"], ["--passes", "maybe"], ["--synthetic", "huge"], ["--model", "a.gguf", "--synthetic", "tiny"],
              ["--benchmark", "-1"], ["--count", "many"], ["--plot", "r.png"], ["--profile", "--plot", "r.txt"],
-             ["--profile", "--plot", "/no/such/dir/r.png"]]
+             ["--profile", "--plot", "/no/such/dir/r.png"], ["--variant", "NO_SUCH_SETTING=1"], ["--variant", "TINYGRAD_EXT_MATVEC_POLICY"]]
 
 def test_bad_input(tiny, tmp_path):
   files = _bad_files(tmp_path, tiny)

@@ -17,6 +17,10 @@ def disabled_names() -> set[str]: return {n.strip() for n in str(EXT_DISABLE.val
 def is_active(name:str) -> bool: return enabled() and name not in disabled_names()
 def active_passes() -> tuple[str, ...]: return tuple(n for n in PASSES if is_active(n))
 
+def settings() -> dict:
+  """Every registered pass's settings, by key: ContextVars, so `Context(KEY=value)` scopes a change (A/B runs)."""
+  return {v.key: v for p in PASSES.values() for v in p.settings}
+
 def cache_id() -> str:
   """Identifies the code the active passes produce: '' when none is active (programs are stock tinygrad's). A pass's
   setting that is set (non-empty) is part of it: name[KEY=value]."""

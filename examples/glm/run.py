@@ -16,6 +16,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # the repo root: examples.glm is a package
 from tinygrad import Device, Tensor, dtypes  # noqa: E402
 from tinygrad.uop.ops import Ops  # noqa: E402
+from tinygrad.helpers import Context  # noqa: E402
 from examples.glm import model as glm, synth, stats, roofline  # noqa: E402
 
 SYNTH_VERSION = 2  # bump when synth.py's output changes, so cached files are rewritten
@@ -37,6 +38,8 @@ def parse_args(argv):
   p.add_argument("--benchmark", type=int, metavar="N", help="time N decode steps after the JIT warmup")
   p.add_argument("--passes", choices=("on", "off", "compare"), default="on", help="tinygrad_ext passes (compare: off, then on)")
   p.add_argument("--without", metavar="PASS[,PASS]", help="also run with every pass on but these (an A/B of single passes)")
+  p.add_argument("--variant", action="append", default=[], metavar="SETTING=VALUE",
+                 help="also run with every pass on and this pass setting (e.g. TINYGRAD_EXT_MATVEC_POLICY=upcast_rows=1); repeatable")
   p.add_argument("--prefill", type=int, metavar="N", help="also time the prefill of an N-token prompt (after one untimed run)")
   p.add_argument("--profile", action="store_true", help="per-kernel timing of one decode token")
   p.add_argument("--plot", metavar="PATH.png", help="with --profile: draw its kernels as achieved GB/s against the read ceiling")
@@ -52,6 +55,9 @@ def parse_args(argv):
   if a.benchmark is not None and a.benchmark < 1: p.error("--benchmark must be >= 1")
   if a.max_context is not None and a.max_context < 2: p.error("--max-context must be >= 2")
   if a.model is not None and (a.type != "Q4_0" or a.seed != 0): p.error("--type and --seed apply to --synthetic, not --model")
+  for v in a.variant:
+    key, _, val = v.partition("=")
+    if key not in tinygrad_ext.settings() or not val: p.error(f"--variant {v}: need SETTING=VALUE, SETTING one of {', '.join(tinygrad_ext.settings())}")
   if a.plot is not None:
     if not a.profile: p.error("--plot draws the --profile of a token: add --profile")
     if pathlib.Path(a.plot).suffix not in (".png", ".svg", ".pdf"): p.error(f"--plot {a.plot}: the file must end in .png, .svg or .pdf")
@@ -141,6 +147,9 @@ def mode_passes(mode:str):
   """The passes of a run: "off", "on", or "without a,b" (every pass on but those)."""
   if mode == "off": return tinygrad_ext.passes_off()
   if mode.startswith("without "): return tinygrad_ext.without(*mode.removeprefix("without ").split(","))
+  if mode.startswith("with "):  # "with SETTING=VALUE": every pass on, one setting changed
+    key, _, val = mode.removeprefix("with ").partition("=")
+    return Context(**{key: int(val) if isinstance(tinygrad_ext.settings()[key].value, int) else val})
   return contextlib.nullcontext()
 
 def run_mode(m:glm.GLM, tok:Tokenizer, prompt:list[int], a, mode:str) -> dict:
@@ -228,6 +237,7 @@ def main(argv=None) -> int:
     results = {}
     modes = ["off", "on"] if a.passes == "compare" else [a.passes]
     if a.without: modes.insert(modes.index("on") if "on" in modes else len(modes), f"without {a.without}")
+    modes += [f"with {v}" for v in a.variant]
     for mode in modes:
       results[mode] = run_mode(m, tok, prompt, a, mode)
       report(results[mode])
