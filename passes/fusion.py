@@ -10,7 +10,9 @@ is removed, and its reduce inlined, when the consuming kernel is elementwise (no
 reduce is broadcast over one of its axes (the row) and invariant to the reduces it sits in (softmax's max inside its
 sum). A consumer that reduces itself (a matmul reading the normalized row) keeps the reduce's buffer: it would recompute
 the row's reduce for every output it makes. A tiny buffer (at most TINY elements, its reduces at most TINY_REDUCE long:
-MoE routing's gathered expert scores and their sum) is inlined into any consumer that reads it outside its long loops.
+MoE routing's gathered expert scores and their sum) is inlined into any consumer that reads it outside its long loops,
+and a small one (SMALL) even inside the loops of a consumer small enough (SMALL_WORK: the MoE top-k's expert ranks inside
+its one-hot selection); such a nested kernel gets one lane per element of its outer reduce (choose_nested_opts).
 Run any earlier and the inlined reduce would make an elementwise buffer that tinygrad is about to inline (a one-hot
 gather's mask) look costly, so tinygrad keeps it, a kernel more.
 
@@ -40,11 +42,15 @@ KERNEL_BOUNDARIES = (Ops.STAGE, Ops.STORE, Ops.AFTER)  # another kernel's buffer
 
 def in_kernel(u:UOp) -> bool: return u.op not in KERNEL_BOUNDARIES
 
+def removable_reduces(s:UOp) -> list[UOp]|None:
+  """The reduces of a realized intermediate that tinygrad may remove (None if s is no such buffer)."""
+  if s.op is not Ops.STAGE or s.arg.addrspace is not AddrSpace.GLOBAL or not s.arg.removable or s.src[0].op in (Ops.CONTIGUOUS, Ops.NOOP):
+    return None
+  return [u for u in s.src[0].toposort(gate=in_kernel) if u.op is Ops.REDUCE]
+
 def row_reduce_stage(s:UOp) -> bool:
   """A realized intermediate that reduces, in a form the row heuristic spreads over lanes, and that tinygrad may remove."""
-  if s.op is not Ops.STAGE or s.arg.addrspace is not AddrSpace.GLOBAL or not s.arg.removable or s.src[0].op in (Ops.CONTIGUOUS, Ops.NOOP):
-    return False
-  reduces = [u for u in s.src[0].toposort(gate=in_kernel) if u.op is Ops.REDUCE]
+  if (reduces:=removable_reduces(s)) is None: return False
   # what the codegen heuristic spreads over lanes: one range per reduce, a float accumulator, ADD or MAX
   return bool(reduces) and all(r.arg[0] in COMBINES and r.dtype in ACC_DTYPES and len(r.src) == 2 and r.src[1].vmax < MAX_ROW for r in reduces)
 
@@ -78,9 +84,7 @@ TINY, TINY_REDUCE = 16, 64
 def ranges_size(srcs) -> int: return prod(r.vmax+1 for r in srcs if r.op is Ops.RANGE)
 
 def tiny_stage(s:UOp) -> bool:
-  if s.op is not Ops.STAGE or s.arg.addrspace is not AddrSpace.GLOBAL or not s.arg.removable or s.src[0].op in (Ops.CONTIGUOUS, Ops.NOOP):
-    return False
-  reduces = [u for u in s.src[0].toposort(gate=in_kernel) if u.op is Ops.REDUCE]
+  if (reduces:=removable_reduces(s)) is None: return False
   return ranges_size(s.src[1:]) <= TINY and all(ranges_size(red.src[1:]) <= TINY_REDUCE for red in reduces) and not nested(reduces)
 
 def nested(reduces:list[UOp]) -> bool:
@@ -95,9 +99,7 @@ SMALL, SMALL_WORK = 64, 1 << 15
 
 def small_stage(s:UOp) -> int|None:
   """The loop iterations of one recomputed element of a small intermediate, or None if it is not one."""
-  if s.op is not Ops.STAGE or s.arg.addrspace is not AddrSpace.GLOBAL or not s.arg.removable or s.src[0].op in (Ops.CONTIGUOUS, Ops.NOOP):
-    return None
-  reduces = [u for u in s.src[0].toposort(gate=in_kernel) if u.op is Ops.REDUCE]
+  if (reduces:=removable_reduces(s)) is None: return None
   if ranges_size(s.src[1:]) > SMALL or any(ranges_size(red.src[1:]) > TINY_REDUCE for red in reduces) or nested(reduces): return None
   return max([ranges_size(red.src[1:]) for red in reduces], default=1)
 
@@ -247,7 +249,7 @@ def choose_nested_opts(k):
   if (lanes:=min(MAX_LANES, 1 << (size.bit_length() - 1))) < 2 or size % lanes: return None
   for _ in outs:  # each UPCAST moves its axis out of the global axes: the first one left is the next
     if (left:=k.axes_of(AxisType.GLOBAL)) and k.full_shape[left[0]] > 1: k.apply_opt(Opt(OptOps.UPCAST, left[0], k.full_shape[left[0]]))
-  axis = next(i for i, a in enumerate(k.axes_of(AxisType.REDUCE)) if k.rngs[a].arg[:-1] == outer_rngs[0].arg[:-1])
+  if (axis:=next((i for i, a in enumerate(k.axes_of(AxisType.REDUCE)) if k.rngs[a].arg[:-1] == outer_rngs[0].arg[:-1]), None)) is None: return None
   k.apply_opt(Opt(OptOpsExt.REDUCE_LOCAL, axis, lanes))
   return k
 
