@@ -80,6 +80,14 @@ def row_reduces_only(value:UOp, out_rngs:dict[UOp, None]) -> bool:
 # selected experts' scores, gathered by a one-hot reduce that codegen turns into a load, and their sum) is recomputed
 # wherever it is read: a few loads and adds per thread instead of a kernel launch
 TINY, TINY_REDUCE = 16, 64
+# a normalized row this short (an RMSNorm's, GLM's 768-wide q_a norm) read by a matmul this small is recomputed in it, its
+# sum of squares spread over the matvec's own lanes (matvec.py): a row kernel and its launch cost ~2.4 us on the H200, the
+# recompute in q_b (3.9M elements) 0.9 us; it grows with the matmul (every lane re-reads x and the norm weight per row)
+SHORT_ROW, SHORT_ROW_MATMUL = 1024, 8 << 20
+
+def short_row_stage(s:UOp) -> bool:
+  return row_reduce_stage(s) and len(reduces:=removable_reduces(s) or []) == 1 and reduces[0].arg[0] is Ops.ADD and \
+    all(isinstance(r.vmax, int) for r in reduces[0].src[1:]) and ranges_size(reduces[0].src[1:]) <= SHORT_ROW
 
 def ranges_size(srcs) -> int: return prod(r.vmax+1 for r in srcs if r.op is Ops.RANGE)
 
@@ -118,7 +126,7 @@ def inlinable(idx:UOp, out_rngs:dict[UOp, None], elementwise:bool, looped:set[UO
   # a tiny one is inlined where it is read outside the consumer's long loops (inside them it would be recomputed every
   # iteration, and a MoE matmul's expert ids must stay a load for its weight address)
   if tiny_stage(idx.src[0]) and idx not in looped: return inline_stage(idx)
-  if not (elementwise and row_reduce_stage(idx.src[0])): return None
+  if not ((elementwise and row_reduce_stage(idx.src[0])) or short_row_stage(idx.src[0])): return None
   return inl if row_reduces_only(inl:=inline_stage(idx), out_rngs) else None
 
 def fuse_row_reduces(root:UOp) -> UOp|None:
@@ -186,8 +194,9 @@ def realize_normalized_rows(sink:UOp) -> UOp:
       # a widening cast of a normalized row (the float32 router reading the fp16 row) reads the realized row, cast
       while n.op is Ops.CAST and n.src[0].dtype.itemsize <= n.dtype.itemsize and row((under:=skip(n.src[0], MOVEMENT, n))[0]):
         n, parent = under
-      # a tiny row (the selected experts' weights) is recomputed where it is read, as tiny buffers are (TINY above)
-      if numel(mul) < 2 * numel(n) or numel(n) <= TINY or not row(n): continue
+      # a tiny row (the selected experts' weights) is recomputed where it is read, as tiny buffers are (TINY above), and
+      # a short one in a small matmul (SHORT_ROW above)
+      if numel(mul) < 2 * numel(n) or numel(n) <= TINY or (numel(n) <= SHORT_ROW and numel(mul) <= SHORT_ROW_MATMUL) or not row(n): continue
       realized.setdefault(n, n.contiguous())
       # the consumer reads the realized row (substituting n itself would rewrite it inside its own CONTIGUOUS too)
       p = subs.get(parent, parent)

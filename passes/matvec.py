@@ -22,7 +22,7 @@ from tinygrad.dtype import dtypes
 from tinygrad.helpers import prod, ContextVar
 from tinygrad.codegen.opt import Opt, OptOps
 from tinygrad_ext import Pass, OptHeuristic, register
-from passes.reduce_local import OptOpsExt
+from passes.reduce_local import OptOpsExt, LANE_ID
 
 @dataclass(frozen=True)
 class MatvecPolicy:
@@ -127,16 +127,33 @@ def reduce_size(r:UOp) -> int|None:
   sizes = [x.vmax+1 if x.op is Ops.RANGE and isinstance(x.vmax, int) else None for x in r.src[1:]]
   return None if None in sizes else prod(sizes)
 
-def matvec_and_side_reduces(reds:list[UOp]) -> tuple[Matvec, list[UOp]]|None:
-  """The kernel's matvec (its largest matching reduce) and the small reduces beside it, not nested in it or it in them."""
+# a row reduce inside the activation (a short RMSNorm's sum of squares that fusion recomputes in the matvec: SHORT_ROW in
+# fusion.py) goes over the matvec's own lanes: each lane sums its share, the lanes combine, every lane has the row's scale
+ROW_REDUCE_MAX = 1024
+
+def matvec_and_side_reduces(reds:list[UOp]) -> tuple[Matvec, list[UOp], list[UOp]]|None:
+  """The kernel's matvec (its largest matching reduce), the small reduces beside it (not nested in it or it in them) and
+  the row reduces inside its activation."""
   matches = [(r, m, size) for r in reds if (m:=pm_matvec.rewrite(r)) is not None and (size:=reduce_size(r)) is not None]
   if not matches: return None
   main, m, size = max(matches, key=lambda x: x[2])
-  side = [r for r in reds if r is not main]
-  for r in side:
-    if (n:=reduce_size(r)) is None or n > SIDE_REDUCE_MAX or n >= size or set(r.src[1:]) & set(main.src[1:]) or \
-       main in r.backward_slice or r in main.backward_slice: return None
-  return m, side
+  side, rows = [], []
+  for r in [r for r in reds if r is not main]:
+    if (n:=reduce_size(r)) is None or set(r.src[1:]) & set(main.src[1:]) or main in r.backward_slice: return None
+    if r in m.activation.backward_slice and r.arg[0] is Ops.ADD and dtypes.is_float(r.dtype) and n <= ROW_REDUCE_MAX and \
+       len(r.src) == 2 and not any(x.op is Ops.REDUCE for x in r.src[0].backward_slice): rows.append(r)
+    elif n <= SIDE_REDUCE_MAX and n < size and r not in main.backward_slice: side.append(r)
+    else: return None
+  return m, side, rows
+
+def spread_rows_over_lanes(k, row_reduces:list[UOp]) -> bool:
+  """Each row reduce's range goes over the lane range REDUCE_LOCAL made (lane innermost, as fusion's row kernels)."""
+  lane = next((r for r in k.rngs if r.arg[0] == LANE_ID), None)
+  if lane is None or lane.arg[-1] is not AxisType.GROUP_REDUCE: return False
+  for key in [x.arg[:-1] for red in row_reduces for x in red.src[1:]]:
+    if (rng:=next((x for x in k.rngs if x.arg[:-1] == key), None)) is None or rng.src[0].divides(lane.vmax+1) is None: return False
+    k.shift_to(rng, lane.vmax+1, AxisType.GROUP_REDUCE, top=False, input_new_rng=lane)
+  return True
 
 TRANSCENDENTAL = (Ops.EXP2, Ops.LOG2, Ops.SIN, Ops.SQRT, Ops.RECIPROCAL)
 
@@ -146,7 +163,12 @@ def costly_per_element(act:UOp, reduce_ranges:set[UOp]) -> bool:
 
 def choose_matvec_opts(k):
   if (found:=matvec_and_side_reduces(k.reduceops)) is None: return None
-  m, side = found
+  m, side, row_reduces = found
+  row_keys = {x.arg[:-1] for r in row_reduces for x in r.src[1:]}
+  # the matvec's reduce axes (indices into k.rngs): the row reduces' are spread over the lanes last, separately
+  def main_red() -> list[int]: return [i for i in k.axes_of(AxisType.REDUCE) if k.rngs[i].arg[:-1] not in row_keys]
+  def unroll(i:int, amt:int): k.apply_opt(Opt(OptOps.UNROLL, k.unrollable_dims.index(i), amt))
+  def reduce_local(i:int, amt:int): k.apply_opt(Opt(OptOpsExt.REDUCE_LOCAL, k.axes_of(AxisType.REDUCE).index(i), amt))
   # out of the reduce axes: what follows counts the matvec's axes only. Found by id in the current AST: an opt rewrites
   # the AST, and a range two side reduces share (the experts' weights and their sum) is unrolled once
   for key in dict.fromkeys(x.arg[:-1] for r in side for x in r.src[1:] if x.op is Ops.RANGE and x.vmax > 0):
@@ -157,7 +179,7 @@ def choose_matvec_opts(k):
   outs = [i for i in k.axes_of(AxisType.GLOBAL) if k.rngs[i] in w_ranges and k.rngs[i] not in act_ranges]
   if not outs or any(not isinstance(s, int) for s in k.full_shape): return None
   out = max(outs, key=lambda i: k.full_shape[i])
-  pol, red = policy_for(k.ren.target.device), k.axes_of(AxisType.REDUCE)
+  pol, red = policy_for(k.ren.target.device), main_red()
   if not red: return None  # reduce axes of size 1 are no opt axes: nothing to spread over lanes
   costly = costly_per_element(m.activation, {k.rngs[i] for i in red})  # before the opts below split those ranges
   inputs, rows = prod(k.full_shape[i] for i in red), k.full_shape[out]
@@ -168,19 +190,20 @@ def choose_matvec_opts(k):
     # the last (the block's contiguous bytes), which is split over lanes_per_block lanes, each reading a contiguous run
     block_lanes = lanes_per_block(pol, blocks=k.full_shape[red[0]], block_bytes=k.full_shape[red[-1]], rows=weight_elements // inputs, inputs=inputs)
     for i in reversed(range(1, len(red))):
-      if (amt:=k.full_shape[red[i]] // (block_lanes if i == len(red) - 1 else 1)) > 1: k.apply_opt(Opt(OptOps.UNROLL, i, amt))
+      if (amt:=k.full_shape[red[i]] // (block_lanes if i == len(red) - 1 else 1)) > 1: unroll(main_red()[i], amt)
   elif k.full_shape[red[0]] % (pol.float_unroll * 2) == 0:
-    k.apply_opt(Opt(OptOps.UNROLL, 0, pol.float_unroll))
-  if (lanes:=_pow2_divisor(k.full_shape[k.axes_of(AxisType.REDUCE)[0]], pol.lanes // block_lanes)) * block_lanes < 4: return None
+    unroll(red[0], pol.float_unroll)
+  if (lanes:=_pow2_divisor(k.full_shape[main_red()[0]], pol.lanes // block_lanes)) * block_lanes < 4: return None
   # the block's lanes first: they are the fastest, adjacent lanes read adjacent bytes of a block, then adjacent blocks
-  if block_lanes > 1: k.apply_opt(Opt(OptOpsExt.REDUCE_LOCAL, 1, block_lanes))
-  if lanes > 1: k.apply_opt(Opt(OptOpsExt.REDUCE_LOCAL, 0, lanes))
+  if block_lanes > 1: reduce_local(main_red()[1], block_lanes)
+  if lanes > 1: reduce_local(main_red()[0], lanes)
+  if row_reduces and not spread_rows_over_lanes(k, row_reduces): return None
   # what is left of the block axis: loop steps of each lane
-  if pol.reduce_warps > 1 and (left:=k.axes_of(AxisType.REDUCE)) and k.full_shape[left[0]] % pol.reduce_warps == 0:
-    k.apply_opt(Opt(OptOps.GROUP, 0, pol.reduce_warps))
-  if pol.block_unroll > 1 and (left:=k.axes_of(AxisType.REDUCE)) and \
+  if pol.reduce_warps > 1 and (left:=main_red()) and k.full_shape[left[0]] % pol.reduce_warps == 0:
+    k.apply_opt(Opt(OptOps.GROUP, k.axes_of(AxisType.REDUCE).index(left[0]), pol.reduce_warps))
+  if pol.block_unroll > 1 and (left:=main_red()) and \
      (amt:=max(d for d in range(1, pol.block_unroll+1) if k.full_shape[left[0]] % d == 0)) > 1:
-    k.apply_opt(Opt(OptOps.UNROLL, k.unrollable_dims.index(left[0]), amt))
+    unroll(left[0], amt)
   upcast = pol.wide_upcast_rows if pol.wide_upcast_rows > 1 and weight_elements >= pol.wide_upcast_min_elements else pol.upcast_rows
   if pol.costly_act_upcast_rows > upcast and costly and weight_elements >= pol.costly_act_min_elements: upcast = pol.costly_act_upcast_rows
   min_elements = pol.quant_upcast_min_elements if len(red) >= 2 else pol.upcast_min_elements

@@ -10,7 +10,7 @@ from tinygrad.uop.ops import Ops
 from tinygrad_ext import without, passes_off, only
 from kernels import kernel_asts, render, cuda_renderer, metal_renderer
 from test_matvec import assert_close_fp16
-from passes.fusion import SMALL_WORK, TINY_REDUCE
+from passes.fusion import SMALL_WORK, TINY_REDUCE, SHORT_ROW, SHORT_ROW_MATMUL
 
 DEVICES = os.getenv("TINYGRAD_EXT_TEST_DEVICES", "CL,CPU").split(",")
 EXAMPLES = {"CPU": 15, "CL": 25}
@@ -85,9 +85,10 @@ def reads(ast) -> int: return sum(u.op is Ops.PARAM for u in ast.toposort()) - 1
 @pytest.mark.parametrize("device", DEVICES)
 def test_normalized_row_feeding_a_matmul_is_realized_once(device):
   # the normalized row is one kernel (its sum of squares inside) and the matmul reads it as a plain vector; with fusion
-  # off the matmul recomputes it for every output row from x, w and the sum of squares, its own kernel
+  # off the matmul recomputes it for every output row from x, w and the sum of squares, its own kernel. A row of at most
+  # SHORT_ROW elements is recomputed in the matmul with its sum of squares too: one kernel
   @settings(max_examples=EXAMPLES.get(device, 25) // 3, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-  @given(st.sampled_from([32, 300, 512, 2048]), st.integers(1, 96), st.sampled_from([dtypes.float32, dtypes.float16]), st.integers(0, 2**16))
+  @given(st.sampled_from([32, 300, 512, 1280, 2048]), st.integers(1, 96), st.sampled_from([dtypes.float32, dtypes.float16]), st.integers(0, 2**16))
   def prop(cols, outs, dtype, seed):
     rng = np.random.default_rng(seed)
     with Context(DEV=device):
@@ -102,10 +103,19 @@ def test_normalized_row_feeding_a_matmul_is_realized_once(device):
       # one output row recomputes nothing: then the schedule stays as it was, but for a sum of squares short enough to
       # recompute inside the matvec (fusion's small intermediates): one kernel
       assert len(off) == 2 and [reads(a) for a in off] == [1, 4]
-      if outs > 1: assert [reads(a) for a in on] == [2, 2]
-      else: assert [reads(a) for a in on] == ([3] if cols * cols <= SMALL_WORK and cols <= TINY_REDUCE else [1, 4])
+      if outs > 1: assert [reads(a) for a in on] == ([3] if cols <= SHORT_ROW else [2, 2])  # a short row: recomputed in the matvec
+      # one output row: the sum of squares stays a kernel, but for one short enough to recompute (fusion's small buffers)
+      else: assert [reads(a) for a in on] == ([3] if cols <= TINY_REDUCE and cols * cols <= SMALL_WORK else [1, 4])
       assert_close_fp16(make().float().numpy(), ref)
   prop()
+
+def test_short_row_is_recomputed_only_in_small_matmuls():
+  # a 768-wide normalized row: inside a 768 x 5120 matvec (GLM's q_b) one kernel; read by a matmul over SHORT_ROW_MATMUL
+  # elements it is realized once, as longer rows are (each lane would re-read x and the norm weight for every row)
+  x, w = Tensor.empty(1, 768, dtype=dtypes.half), Tensor.empty(768, dtype=dtypes.half)
+  for outs, kernels in ((5120, 1), (SHORT_ROW_MATMUL // 768 + 1, 2)):
+    m = Tensor.empty(768, outs, dtype=dtypes.half)
+    assert len(kernel_asts(lambda: rms_norm(x, w) @ m)) == kernels, outs
 
 def fused_rms_ast(cols=2048):
   x, w = Tensor.empty(1, cols, dtype=dtypes.half), Tensor.empty(cols, dtype=dtypes.half)

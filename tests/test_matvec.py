@@ -12,7 +12,7 @@ import tinygrad.codegen as codegen
 import tinygrad_ext
 from tinygrad.codegen.opt import Opt, OptOps
 from passes.reduce_local import OptOpsExt
-from kernels import kernel_asts, cuda_renderer, metal_renderer
+from kernels import kernel_asts, cuda_renderer, metal_renderer, render
 
 QTYPES = {"Q4_0": gguf.GGMLQuantizationType.Q4_0, "Q8_0": gguf.GGMLQuantizationType.Q8_0,
           "Q4_K": gguf.GGMLQuantizationType.Q4_K, "Q5_K": gguf.GGMLQuantizationType.Q5_K, "Q6_K": gguf.GGMLQuantizationType.Q6_K}
@@ -166,6 +166,18 @@ def test_matvec_fills_a_warp_where_the_reduce_is_short():
   long = quantized(rng, (4096, 2048), "Q4_0", Device.DEFAULT)  # 32 lanes a row already fill a warp: as before
   with Context(TINYGRAD_EXT_MATVEC_POLICY="min_block_threads=0"): before = applied(lambda: x @ long.T, cuda_renderer())
   assert applied(lambda: x @ long.T, cuda_renderer()) == before
+
+def test_matvec_spreads_a_short_norm_over_its_lanes():
+  # GLM's q_b reads the 768-wide q_a RMSNorm: fusion leaves the norm in the matvec, whose lanes also split its sum of
+  # squares (24 elements a lane, one butterfly), where a thread would otherwise walk all 768
+  w = quantized(rng, (5120, 768), "Q4_0", Device.DEFAULT)
+  q_a, norm = Tensor.empty(1, 1344, dtype=dtypes.float16), Tensor.empty(768, dtype=dtypes.float32)
+  def make():
+    xf = q_a[:, :768].float()
+    return (xf * (xf.square().mean(-1, keepdim=True) + 1e-5).rsqrt() * norm).cast(dtypes.half) @ w.T
+  (ast,) = kernel_asts(make)
+  src = render(ast, cuda_renderer())
+  assert "< 24;" in src and "< 768;" not in src and src.count("__shfl_xor_sync") == 5 * 3, src  # the norm's + 2 rows'
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_matvec_takes_the_moe_output_with_its_routing_weights_inside(device):
