@@ -11,6 +11,8 @@ from tinygrad_ext import without, passes_off, only
 from kernels import kernel_asts, render, cuda_renderer, metal_renderer
 from test_matvec import assert_close_fp16
 from passes.fusion import SMALL_WORK, TINY_REDUCE, SHORT_ROW, SHORT_ROW_MATMUL
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the repo root: examples.glm
+from examples.glm.model import topk_ids  # noqa: E402
 
 DEVICES = os.getenv("TINYGRAD_EXT_TEST_DEVICES", "CL,CPU").split(",")
 EXAMPLES = {"CPU": 15, "CL": 25}
@@ -204,8 +206,6 @@ def test_small_topk_ranks_are_recomputed_in_the_selection(device):
   # MoE routing's top-k: each expert's rank (a count over the 64 experts) is read by the k one-hot sums over the experts.
   # Stock tinygrad makes the ranks a kernel of their own; recomputed inside the selection (4 x 64 x 64 comparisons),
   # the top-k is one kernel. Ties (quantized scores) go to the lower id, as with fusion off.
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the repo root: examples.glm
-  from examples.glm.model import topk_ids
   @settings(max_examples=EXAMPLES.get(device, 25), deadline=None, suppress_health_check=[HealthCheck.too_slow])
   @given(st.sampled_from([8, 16, 64]), st.integers(1, 8), st.integers(1, 64), st.integers(0, 2**16))
   def prop(n, k, levels, seed):
@@ -227,8 +227,6 @@ def test_small_topk_ranks_are_recomputed_in_the_selection(device):
 
 def test_cuda_topk_is_one_lane_per_expert():
   # each lane counts one expert's rank once (64 comparisons), holds all k outputs, and the lanes sum them by shuffles
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-  from examples.glm.model import topk_ids
   (ast,) = kernel_asts(lambda: topk_ids(Tensor.empty(1, 1, 64), 4))
   src = render(ast, cuda_renderer())
   assert "__launch_bounds__(64)" in src and "blockIdx" not in src
