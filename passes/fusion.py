@@ -31,7 +31,7 @@ from tinygrad.helpers import prod, partition
 from tinygrad.schedule.indexing import BufferizeOpts
 from tinygrad.codegen.opt import KernelOptError, Opt, OptOps
 from tinygrad_ext import Pass, ScheduleStep, OptHeuristic, CodegenStep, register, is_active
-from passes.reduce_local import LANE_ID, WARP_ID, SHUFFLE_WIDTH, COMBINES, ACC_DTYPES, LANE_DTYPES, OptOpsExt, pad_to_lanes
+from passes.reduce_local import LANE_ID, WARP_ID, SHUFFLE_WIDTH, COMBINES, ACC_DTYPES, LANE_DTYPES, OptOpsExt, share_lanes
 
 NAME = "fusion"
 MAX_ROW = 1 << 16        # longer rows keep tinygrad's schedule: one workgroup per row would leave the GPU idle
@@ -235,9 +235,7 @@ def choose_row_opts(k):
   lane = UOp.range(width, LANE_ID, AxisType.GROUP_REDUCE, dtype=row.dtype)
   lane_idx = lane if warps == 1 else UOp.range(warps, WARP_ID, AxisType.GROUP_REDUCE, dtype=row.dtype) * width + lane
   for r in [row, *red_rngs]:
-    r = next(x for x in k.rngs if x.arg[:-1] == r.arg[:-1])
-    if r.src[0].divides(lanes) is None: r = pad_to_lanes(k, r, lanes)
-    try: k.shift_to(r, lanes, AxisType.GROUP_REDUCE, top=False, input_new_rng=lane_idx)
+    try: share_lanes(k, next(x for x in k.rngs if x.arg[:-1] == r.arg[:-1]), lane_idx)
     except KernelOptError: return None
   return k
 

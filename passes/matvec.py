@@ -22,7 +22,7 @@ from tinygrad.dtype import dtypes
 from tinygrad.helpers import prod, ContextVar
 from tinygrad.codegen.opt import Opt, OptOps
 from tinygrad_ext import Pass, OptHeuristic, register
-from passes.reduce_local import OptOpsExt, LANE_ID
+from passes.reduce_local import OptOpsExt, LANE_ID, share_lanes
 
 @dataclass(frozen=True)
 class MatvecPolicy:
@@ -151,8 +151,7 @@ def spread_rows_over_lanes(k, row_reduces:list[UOp]) -> bool:
   lane = next((r for r in k.rngs if r.arg[0] == LANE_ID), None)
   if lane is None or lane.arg[-1] is not AxisType.GROUP_REDUCE: return False
   for key in [x.arg[:-1] for red in row_reduces for x in red.src[1:]]:
-    if (rng:=next((x for x in k.rngs if x.arg[:-1] == key), None)) is None or rng.src[0].divides(lane.vmax+1) is None: return False
-    k.shift_to(rng, lane.vmax+1, AxisType.GROUP_REDUCE, top=False, input_new_rng=lane)
+    if (rng:=next((x for x in k.rngs if x.arg[:-1] == key), None)) is None or not share_lanes(k, rng, lane, pad=False): return False
   return True
 
 TRANSCENDENTAL = (Ops.EXP2, Ops.LOG2, Ops.SIN, Ops.SQRT, Ops.RECIPROCAL)

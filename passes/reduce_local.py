@@ -84,6 +84,16 @@ def check_reduce_local_legal(k, rng:UOp) -> None:
     check(not any(u.arg[-1] in (AxisType.REDUCE, AxisType.UNROLL, AxisType.GROUP_REDUCE) for u in red.ranges),
           "REDUCE_LOCAL cannot split a reduce nested inside another reduce")
 
+def share_lanes(k, rng:UOp, lanes:UOp, pad:bool=True) -> bool:
+  """rng goes over lanes the kernel already has (lanes: a lane range, or warp * width + lane), lane innermost as
+  REDUCE_LOCAL splits, so several reduces of one kernel combine over the same lanes (a fused row's reduces, a norm's sum
+  of squares inside a matvec). An axis the lanes do not divide is padded, or refused (False) without pad."""
+  if rng.src[0].divides(amount:=int(lanes.vmax+1)) is None:
+    if not pad: return False
+    rng = pad_to_lanes(k, rng, amount)
+  k.shift_to(rng, amount, AxisType.GROUP_REDUCE, top=False, input_new_rng=lanes)
+  return True
+
 def pad_to_lanes(k, rng:UOp, lanes:int) -> UOp:
   """rng padded to a multiple of `lanes`; the padding is gated off every load and store and is the identity of a reduce."""
   n = rng.src[0]
