@@ -23,11 +23,11 @@ then each lane writes its own elements. A row whose length the lanes do not divi
 positions so far) is padded, with the padding gated off every load and store and counted as the reduce's identity.
 """
 from __future__ import annotations
-import itertools
+import functools, itertools
 from typing import Iterator
 from tinygrad.uop.ops import UOp, Ops, GroupOp, AxisType, PatternMatcher, UPat, graph_rewrite
 from tinygrad.dtype import AddrSpace, Invalid
-from tinygrad.helpers import prod, partition
+from tinygrad.helpers import prod, partition, ContextVar
 from tinygrad.schedule.indexing import BufferizeOpts
 from tinygrad.codegen.opt import KernelOptError, Opt, OptOps
 from tinygrad_ext import Pass, ScheduleStep, OptHeuristic, CodegenStep, register, is_active
@@ -35,6 +35,10 @@ from passes.reduce_local import LANE_ID, WARP_ID, SHUFFLE_WIDTH, COMBINES, ACC_D
 
 NAME = "fusion"
 MAX_ROW = 1 << 16        # longer rows keep tinygrad's schedule: one workgroup per row would leave the GPU idle
+UNROLL_REST = 8          # a lane's part of a fused row up to this many elements is unrolled, not looped
+UNROLL_PARTIALS = 8      # a fused row's partials (one per warp) up to this many are combined unrolled
+# A/B of the two: 1 keeps them loops, as before (run.py --variant TINYGRAD_EXT_FUSION_ROW_LOOPS=1)
+ROW_LOOPS = ContextVar("TINYGRAD_EXT_FUSION_ROW_LOOPS", 0)
 MAX_LANES = 256          # lanes per row: 8 warps, each lane holds row/256 elements of a 2048-wide row
 KERNEL_BOUNDARIES = (Ops.STAGE, Ops.STORE, Ops.AFTER)  # another kernel's buffer, or a store: not part of this kernel's value
 
@@ -237,6 +241,13 @@ def choose_row_opts(k):
   for r in [row, *red_rngs]:
     try: share_lanes(k, next(x for x in k.rngs if x.arg[:-1] == r.arg[:-1]), lane_idx)
     except KernelOptError: return None
+  # what each lane keeps of the row and of its reduces, when short and static, is unrolled: the row's elements are then
+  # loaded once for the reduce and the output (one index), and loads that do not wait on the reduce can be issued before
+  # the lanes combine
+  for r in [row, *red_rngs] if not ROW_LOOPS.value else []:
+    rest = next((x for x in k.rngs if x.arg[:-1] == r.arg[:-1]), None)  # none left where the lanes took it all
+    if rest is not None and rest.src[0].op is Ops.CONST and 1 < rest.src[0].arg <= UNROLL_REST:  # a padded row keeps its loop
+      k.shift_to(rest, rest.src[0].arg, AxisType.UPCAST if rest.arg[-1] is AxisType.LOOP else AxisType.UNROLL)
   return k
 
 # *** codegen: a small intermediate recomputed inside a small consumer's reduce ***
@@ -268,19 +279,23 @@ def own_group_loop(ctx:Iterator[int], r:UOp) -> UOp|None:
   so a fused row's max and sum, grouped over the same lanes, would share one loop)."""
   group, rest = partition(r.src[1:], lambda u: u.op is Ops.RANGE and u.arg[-1] is AxisType.GROUP_REDUCE)
   if not group: return None
-  loops = [UOp.range(g.vmax+1, next(ctx), AxisType.REDUCE, dtype=g.dtype) for g in group]
   others = sorted([u for u in r.toposort() if u.op is Ops.RANGE and u.arg[-1] is AxisType.LOCAL], key=lambda u: u.arg)
   partial = r.replace(src=(r.src[0], *rest)) if rest else r.src[0]
-  buf = partial.bufferize(*others, *group, arg=BufferizeOpts(group[0].arg[0], AddrSpace.LOCAL)).index(*others, *loops)
-  return buf.reduce(*loops, arg=(r.arg[0], 0))
+  buf = partial.bufferize(*others, *group, arg=BufferizeOpts(group[0].arg[0], AddrSpace.LOCAL))
+  if prod(g.vmax+1 for g in group) <= UNROLL_PARTIALS and not ROW_LOOPS.value:
+    # few partials are read unrolled: no loop, so loads that do not wait on the barrier can be placed before it
+    return functools.reduce(lambda a, b: a.alu(r.arg[0], b), [buf.index(*others, *(g.const_like(i) for g, i in zip(group, idx)))
+                                                               for idx in itertools.product(*[range(g.vmax+1) for g in group])])
+  loops = [UOp.range(g.vmax+1, next(ctx), AxisType.REDUCE, dtype=g.dtype) for g in group]
+  return buf.index(*others, *loops).reduce(*loops, arg=(r.arg[0], 0))
 
 def separate_group_loops(sink:UOp, ren) -> UOp:
   grouped = [u for u in sink.toposort() if u.op is Ops.REDUCE and any(x.op is Ops.RANGE and x.arg[-1] is AxisType.GROUP_REDUCE for x in u.src[1:])]
-  if len(grouped) < 2: return sink
+  if len(grouped) < (2 if ROW_LOOPS.value else 1): return sink
   ids = itertools.count(max(u.arg[0] for u in sink.toposort() if u.op is Ops.RANGE) + 1)
   return graph_rewrite(sink, PatternMatcher([(UPat(Ops.REDUCE, name="r"), own_group_loop)]), ctx=ids, name="fusion: a loop per grouped reduce")
 
 FUSION = register(Pass(NAME, "runs a row's reduces (RMSNorm, softmax) inside their elementwise consumer: one kernel, rows over shared lanes",
   (ScheduleStep("convert copy to store", realize_normalized_rows), ScheduleStep("symbolic+reduce_collapse+debuf", fuse_kernels),
    OptHeuristic(choose_row_opts), OptHeuristic(choose_nested_opts),
-   CodegenStep("expander", separate_group_loops))))
+   CodegenStep("expander", separate_group_loops)), settings=(ROW_LOOPS,)))

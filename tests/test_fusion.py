@@ -131,6 +131,15 @@ def test_cuda_fused_rms_norm_is_one_block_of_shuffling_lanes():
   # the output loop comes after the reduce: each lane writes its 8 elements, nothing is recomputed per element
   assert src.index("__syncthreads") < src.index("*(data0_2048+")
 
+def test_cuda_fused_rms_norm_loads_every_element_once_before_the_barrier():
+  # a lane's 8 elements are unrolled: x is loaded once for the sum of squares and the output, and the weight loads,
+  # which do not wait on the reduce, are issued before the lanes combine (one memory round trip, not three)
+  src = render(fused_rms_ast(), cuda_renderer())
+  barrier = src.index("__syncthreads")
+  x_loads, w_loads = [[i for i in range(len(src)) if src.startswith(f"(*(data{b}_2048+", i)] for b in (1, 2)]
+  assert len(x_loads) == len(w_loads) == 8 and max(x_loads + w_loads) < barrier
+  assert "for (" not in src  # the 8 warps' partials are combined unrolled too
+
 def test_cuda_fused_softmax_over_a_symbolic_row():
   big = Tensor.empty(20, 4096)
   (ast,) = kernel_asts(lambda: big[:, :UOp.variable("start_pos", 0, 4095).bind(37) + 1].softmax(-1))

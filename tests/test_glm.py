@@ -137,6 +137,7 @@ def test_run_smoke(tiny, tmp_path):
     assert res["profile"]["kernels_by_kind"]["matmul"] > 0
     launches = res["profile"]["launches"]
     assert len(launches) == res["kernels_per_token"] and sum(k["us"] for k in launches) == pytest.approx(res["profile"]["total_us"])
+    assert res["profile"]["step_device_ms"] > 0  # one replay of the whole step, timed by the device
   assert r["ceiling"]["gbs"] > 0 and (tmp_path / "roofline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert [p.name for p in tmp_path.iterdir() if p.name.startswith("tmp")] == []  # the plot's temporary file is gone
 

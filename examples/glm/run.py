@@ -182,8 +182,9 @@ def run_mode(m:glm.GLM, tok:Tokenizer, prompt:list[int], a, mode:str) -> dict:
       res["benchmark"] = {"steps": a.benchmark, "ms_per_token": dt * 1e3, "tok_per_s": 1 / dt}
     if a.profile:
       while jit.captured is None: t, _ = step(t, pos); pos += 1
-      res["profile"] = stats.summarize(stats.time_kernels(jit, (m.token.bind(t), m.start_pos.bind(pos)),
-                                                          classify(kernel_roles(m))))
+      args = (m.token.bind(t), m.start_pos.bind(pos))
+      res["profile"] = stats.summarize(stats.time_kernels(jit, args, classify(kernel_roles(m))))
+      res["profile"]["step_device_ms"] = stats.step_device_seconds(jit, args) * 1e3
     if a.prefill:
       # one forward over the whole prompt, not jitted: the first call schedules and compiles, the second schedules again
       # (the KV cache it wrote is a new buffer state), the third finds its schedule cached: the steady state
@@ -217,7 +218,8 @@ def report(res:dict):
   if "profile" in res:
     print(stats.format_table(res["profile"]))
     if ms is not None:  # what the kernels leave of a token: the host's share (the jit call, the token's readback)
-      print(f"[{tag}] kernels of one token {res['profile']['total_us']/1e3:.2f} ms of {ms:.2f} ms/token")
+      print(f"[{tag}] kernels of one token {res['profile']['total_us']/1e3:.2f} ms of {ms:.2f} ms/token; the device's own time "
+            f"for one decode step {res['profile']['step_device_ms']:.2f} ms (the rest is the host's)")
 
 def main(argv=None) -> int:
   try:

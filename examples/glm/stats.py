@@ -58,6 +58,16 @@ def time_kernels(jit, args:tuple, classify=None, repeats:int=3, graph_launches:i
                           int(sym_infer(estimate_uop(call).mem, var_vals))))
   return out
 
+def step_device_seconds(jit, args:tuple, repeats:int=3) -> float:
+  """The device's own time for one replay of the captured jit: each of its graph batches (or, without graphs, each
+  kernel) launched and waited on, timed by the device, summed; median of `repeats` after one untimed replay. The host's
+  work per call (the jit's argument handling, the graph's parameter updates, the token's readback) is not in it, so
+  ms/token minus this is what the host adds to a token."""
+  input_uops, var_vals, _, _ = _prepare_jit_inputs(args, {})
+  ctx = ExecContext(var_vals, tuple(input_uops), update_stats=False, wait=True)
+  calls = jit.captured.linear.src
+  return statistics.median([sum(e or 0.0 for c in calls for e in (pm_exec.rewrite(c, ctx) or [])) for _ in range(repeats + 1)][1:])
+
 def has_graph() -> bool: return Device[Device.DEFAULT].graph is not None
 
 def timing_method() -> str:
