@@ -241,10 +241,10 @@ def choose_row_opts(k):
   for r in [row, *red_rngs]:
     try: share_lanes(k, next(x for x in k.rngs if x.arg[:-1] == r.arg[:-1]), lane_idx)
     except KernelOptError: return None
-  # what each lane keeps of the row and of its reduces, when short and static, is unrolled: the row's elements are then
+  # what each lane keeps of the rows and of their reduces, when short and static, is unrolled: the row's elements are then
   # loaded once for the reduce and the output (one index), and loads that do not wait on the reduce can be issued before
   # the lanes combine
-  for r in [row, *red_rngs] if not ROW_LOOPS.value else []:
+  for r in [*rows, *red_rngs] if not ROW_LOOPS.value else []:
     rest = next((x for x in k.rngs if x.arg[:-1] == r.arg[:-1]), None)  # none left where the lanes took it all
     if rest is not None and rest.src[0].op is Ops.CONST and 1 < rest.src[0].arg <= UNROLL_REST:  # a padded row keeps its loop
       k.shift_to(rest, rest.src[0].arg, AxisType.UPCAST if rest.arg[-1] is AxisType.LOOP else AxisType.UNROLL)
@@ -280,7 +280,8 @@ def own_group_loop(ctx:Iterator[int], r:UOp) -> UOp|None:
   group, rest = partition(r.src[1:], lambda u: u.op is Ops.RANGE and u.arg[-1] is AxisType.GROUP_REDUCE)
   if not group: return None
   others = sorted([u for u in r.toposort() if u.op is Ops.RANGE and u.arg[-1] is AxisType.LOCAL], key=lambda u: u.arg)
-  partial = r.replace(src=(r.src[0], *rest)) if rest else r.src[0]
+  # what the lanes combine: the reduce over its other ranges and its unrolled (horizontal) axes
+  partial = r.replace(src=(r.src[0], *rest)) if rest or r.arg[1] else r.src[0]
   buf = partial.bufferize(*others, *group, arg=BufferizeOpts(group[0].arg[0], AddrSpace.LOCAL))
   if prod(g.vmax+1 for g in group) <= UNROLL_PARTIALS and not ROW_LOOPS.value:
     # few partials are read unrolled: no loop, so loads that do not wait on the barrier can be placed before it

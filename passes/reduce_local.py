@@ -97,7 +97,8 @@ def share_lanes(k, rng:UOp, lanes:UOp, pad:bool=True) -> bool:
 def pad_to_lanes(k, rng:UOp, lanes:int) -> UOp:
   """rng padded to a multiple of `lanes`; the padding is gated off every load and store and is the identity of a reduce."""
   n = rng.src[0]
-  padded = rng.replace(src=(((n + (lanes-1)) // lanes) * lanes,))
+  # simplified: a static axis pads to a constant, which later opts can split (a fused row's share of each lane unrolls)
+  padded = rng.replace(src=((((n + (lanes-1)) // lanes) * lanes).simplify(),))
   valid = padded < n
   k.ast = k.ast.substitute({rng: padded}, name=f"pad {rng.arg[:-1]} to {lanes} lanes")
   stores = {s.src[0] for s in k.ast.backward_slice_with_self if s.op is Ops.STORE}
