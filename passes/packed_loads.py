@@ -7,17 +7,28 @@ with one ushort (uint) load where the index arithmetic proves the run's first by
 by the width (`UOp.divides`, as tinygrad's coalescing checks). The bytes are then (word >> 8*i) & 0xff: GPUs and the CPUs
 tinygrad targets are little-endian. Runs whose alignment cannot be proven keep their byte loads.
 
+Gated loads (MoE: the weight is addressed through an expert id checked against the expert count) pack with loads of the
+same gate, and a word selects 0 where the gate fails, as the gated bytes gave. tinygrad gates an index by selecting it
+(`gate ? idx : 0`), one select and one 64-bit address a word: 10 a Q4_0 loop step of a MoE matvec. Where every clause of
+the gate bounds an integer expression, the root is computed once with those expressions clamped into their bounds
+instead, and the words are read ungated at root + offset if that stays inside the buffer for every value the clamped
+root can take: the same address wherever the gate holds, a valid one where it does not.
+
 Hook: a CodegenStep after tinygrad's "add images" step, the one right after its memory coalescing.
 """
 from __future__ import annotations
 import itertools
 from collections import defaultdict
 from tinygrad.uop.ops import UOp, Ops
+from tinygrad.uop.symbolic import parse_valid
 from tinygrad.dtype import dtypes, AddrSpace
 from tinygrad.renderer import Renderer
+from tinygrad.helpers import ContextVar
 from tinygrad_ext import Pass, CodegenStep, register
 
 BYTE_DTYPES = (dtypes.uint8, dtypes.int8)
+# A/B: 1 selects every gated word's index, as tinygrad gates an index (run.py --variant TINYGRAD_EXT_PACKED_LOADS_SELECT_INDEX=1)
+SELECT_INDEX = ContextVar("TINYGRAD_EXT_PACKED_LOADS_SELECT_INDEX", 0)
 WORDS = {4: dtypes.uint32, 2: dtypes.uint16}
 
 def _root_and_offset(idx:UOp) -> tuple[UOp, int]:
@@ -25,6 +36,23 @@ def _root_and_offset(idx:UOp) -> tuple[UOp, int]:
   if idx.op is Ops.ADD and idx.src[1].op is Ops.CONST and isinstance(idx.src[1].arg, int): return idx.src[0], idx.src[1].arg
   if idx.op is Ops.ADD and idx.src[0].op is Ops.CONST and isinstance(idx.src[0].arg, int): return idx.src[1], idx.src[0].arg
   return idx, 0
+
+def clamped_root(root:UOp, gate:UOp) -> UOp|None:
+  """root with every expression the gate bounds clamped into those bounds: the same index wherever the gate holds, and
+  one whose range the index arithmetic can bound where it does not (a MoE expert id is checked against the expert
+  count). None where a clause of the gate is no bound on an integer expression."""
+  bounds: dict[UOp, tuple[int, int]] = {}
+  for clause in gate.split_uop(Ops.AND):
+    if (parsed:=parse_valid(clause)) is None: return None
+    expr, is_upper, c = parsed
+    lo, hi = bounds.get(expr, (expr.vmin, expr.vmax))
+    bounds[expr] = (lo, min(hi, c)) if is_upper else (max(lo, c), hi)
+  # through stand-ins: a clamp holds the expression it replaces
+  stand_in = {e: UOp.variable(f"clamped{i}", lo, hi, e.dtype) for i, (e, (lo, hi)) in enumerate(bounds.items())}
+  # clamped in int32 (a value outside it is outside the gate too), min as -max(-x): the range of a MAX is exact, and the
+  # index arithmetic's width is chosen from the ranges
+  def clamp(e:UOp, lo:int, hi:int) -> UOp: return (-((-e.cast(dtypes.int32).maximum(lo)).maximum(-hi))).cast(e.dtype)
+  return root.substitute(stand_in).substitute({v: clamp(e, v.vmin, v.vmax) for e, v in stand_in.items()})
 
 def packed_byte_loads(sink:UOp, ren:Renderer) -> UOp:
   # (buffer, gate, root) -> offset -> loads; a gated load (MoE: the expert id is checked against the expert count) joins
@@ -41,13 +69,20 @@ def packed_byte_loads(sink:UOp, ren:Renderer) -> UOp:
     runs[(buf, gate, root)].setdefault(off, []).append(u)
   subs: dict[UOp, UOp] = {}
   for (buf, gate, root), by_offset in runs.items():
+    # a gated run reads its words ungated at the clamped root where every such word lies inside the buffer: one index
+    # a lane for the run, its offsets in the load instructions, where a gated index is a select per word
+    clamped = None if gate is None or SELECT_INDEX.value else clamped_root(root, gate)
     for _, grp in itertools.groupby(enumerate(sorted(by_offset)), lambda x: x[1]-x[0]):
       offsets = [o for _, o in grp]
       while offsets:
         start = root + offsets[0]
         width = next((w for w in WORDS if w <= len(offsets) and start.divides(w) is not None), 1)
         if width > 1:
-          word = buf.index(start if gate is None else start.valid(gate)).cast(WORDS[width]).load()
+          # the clamped root keeps the root's alignment: divides() held for every value of its variables
+          if gate is None: idx = start
+          elif clamped is not None and clamped.vmin + offsets[0] >= 0 and clamped.vmax + offsets[0] + width <= buf.shape[0]: idx = clamped + offsets[0]
+          else: idx = start.valid(gate)
+          word = buf.index(idx).cast(WORDS[width]).load()
           # tinygrad gates a load through its INDEX, a pointer cast hides that: the invalid index is clamped to a valid
           # address and the gate selects 0 here, as a gated byte load yields
           if gate is not None: word = gate.where(word, word.const_like(0))
@@ -58,4 +93,4 @@ def packed_byte_loads(sink:UOp, ren:Renderer) -> UOp:
   return sink.substitute(subs, name="packed_loads") if subs else sink
 
 PACKED_LOADS = register(Pass("packed_loads", "adjacent byte loads become one 2/4-byte load (alignment proven from the index) plus shifts and masks",
-                             (CodegenStep("add images", packed_byte_loads),)))
+                             (CodegenStep("add images", packed_byte_loads),), settings=(SELECT_INDEX,)))

@@ -1,5 +1,5 @@
 """packed_loads: byte loads of GGUF blocks become ushort/uint loads where alignment is proven; results are bit-identical."""
-import os
+import os, re
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st, HealthCheck
@@ -23,9 +23,9 @@ def test_packed_loads_are_bit_identical(device):
       rng = np.random.default_rng(seed)
       inp = nblocks * (256 if qtype.endswith("_K") else 32)
       x = Tensor(rng.uniform(-1, 1, (1, inp)).astype(np.float16), device=device).realize()
-      if kind == "moe":  # the expert id gates the weight's loads
+      if kind == "moe":  # the expert id gates the weight's loads; ids past the experts select 0, negative ones wrap
         w = quantized(rng, (4, out, inp), qtype, device)
-        sel = Tensor(rng.permutation(4)[:2].astype(np.int32).reshape(1, 1, 2), device=device).realize()
+        sel = Tensor(rng.integers(-4, 8, 2).astype(np.int32).reshape(1, 1, 2), device=device).realize()
         make = lambda: (x.reshape(1, 1, 1, inp).unsqueeze(-2) @ w[sel].transpose(-1, -2)).float()
       else:
         w = quantized(rng, (out, inp), qtype, device)
@@ -61,6 +61,12 @@ def test_gated_moe_loads_are_packed_under_their_gate():
   with tinygrad_ext.without("packed_loads"): off = render(ast, cuda_renderer())
   assert on.count("*((unsigned short*)") >= 9 and "unsigned char val" not in on, on
   assert on.count("?val") == on.count("*((unsigned short*)"), on  # each word is selected by the gate
+  # read at the expert id clamped to the experts (once a thread), not at an index selected per word
+  words = re.findall(r"unsigned short val\d+ = .*data3_\d+\+(.*);", on)
+  assert len(words) == on.count("*((unsigned short*)") and not any("?" in w for w in words), words
+  assert not re.search(r"\?\(alu\d+\+\d+\):0\)", on), on  # no index selected per word: (gate?(idx+k):0)
+  with Context(TINYGRAD_EXT_PACKED_LOADS_SELECT_INDEX=1): selected = render(ast, cuda_renderer())  # the A/B setting: as before
+  assert re.search(r"\?\(alu\d+\+\d+\):0\)", selected) and selected.count("*((unsigned short*)") == on.count("*((unsigned short*)")
   assert "*((unsigned short*)" not in off and off.count("unsigned char val") >= 18, off
 
 def test_unprovable_alignment_keeps_byte_loads():
