@@ -7,4 +7,3 @@ from passes import long_reduce  # noqa: F401,E402
 from passes import packed_loads  # noqa: F401,E402
 from passes import hoist  # noqa: F401,E402
 from passes import int_to_float  # noqa: F401,E402
-from passes import early_loads  # noqa: F401,E402

@@ -9,7 +9,6 @@ Hook points (tinygrad 0.14.0):
   tinygrad.codegen.opt.search.actions       BEAM can choose those opts (a list: extended, then shrunk back)
   tinygrad.codegen.<PatternMatcher>          MatcherRules passes append rules to a codegen matcher (e.g. pm_add_loads)
   tinygrad.schedule.rangeify.graph_rewrite  ScheduleStep passes run after the named step of get_kernel_graph
-  tinygrad.codegen.linearize                Linearized passes reorder the program order it returns
   tinygrad.codegen.to_program_key           the in-memory program cache key gets the active passes' cache_id()
   tinygrad.engine.realize.to_program_key    (realize imported it by name)
   tinygrad.codegen.to_program_context       the switches and pass settings travel with every kernel to the compile workers
@@ -31,14 +30,13 @@ from tinygrad.codegen.opt.postrange import Scheduler
 from tinygrad.uop.ops import Ops, UOp
 from tinygrad.helpers import NOOPT
 from tinygrad.renderer import Renderer
-from tinygrad_ext.registry import PASSES, CodegenStep, ScheduleStep, SchedulerOpt, OptHeuristic, MatcherRules, Linearized, on_change
+from tinygrad_ext.registry import PASSES, CodegenStep, ScheduleStep, SchedulerOpt, OptHeuristic, MatcherRules, on_change
 from tinygrad_ext.config import SWITCHES, is_active, cache_id
 
 # captured at import, before install() replaces them: a spawned compile worker imports this module fresh, and
-# tinygrad's compiled PatternMatchers keep the graph_rewrite and linearize they first saw (so the replacement outlives uninstall())
+# tinygrad's compiled PatternMatchers keep the graph_rewrite they first saw (so the replacement outlives uninstall())
 _tinygrad_init_worker = worker._init_worker
 _tinygrad_schedule_graph_rewrite = rangeify.graph_rewrite
-_tinygrad_linearize = codegen.linearize
 _originals: dict[tuple[object, str], object] = {}
 
 def _replace(module:object, attr:str, new:object) -> None:
@@ -71,14 +69,6 @@ def _full_rewrite_to_sink(ast:UOp, ren:Renderer, optimize:bool=True) -> UOp:
   token = _current_renderer.set(ren)
   try: return _originals[(codegen, "full_rewrite_to_sink")](ast, ren, optimize)
   finally: _current_renderer.reset(token)
-
-# *** program order ***
-
-def _linearize(sink:UOp) -> list[UOp]:
-  # pm_to_program, compiled while this hook was installed, keeps calling it: once uninstalled it calls straight through
-  lst = _tinygrad_linearize(sink)
-  for h in registered_hooks(Linearized, True) if installed() else []: lst = h.rewrite(lst)
-  return lst
 
 # *** schedule steps ***
 
@@ -171,7 +161,6 @@ def install() -> None:
   _replace(schedule, "schedule_cache", PassKeyedCache())
   _replace(Scheduler, "apply_opt", _apply_opt)
   _replace(codegen, "apply_opts", _apply_opts)
-  _replace(codegen, "linearize", _linearize)
   _sync_registered()
   on_change.append(_sync_registered)
 

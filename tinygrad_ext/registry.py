@@ -50,15 +50,7 @@ class MatcherRules:
   matcher: object
   def where(self) -> str: return f"tinygrad.codegen.{self.attr}: +{len(self.matcher.patterns)} rule(s)"
 
-@dataclass(frozen=True)
-class Linearized:
-  """Runs `rewrite(uops) -> uops` on a kernel's program order: the list tinygrad.codegen.linearize returns, before
-  tinygrad's cleanups, register allocation and rendering. The result must hold the same UOps in an order that is still
-  valid (every UOp after its sources, nothing moved into or out of a loop, a branch or past a barrier)."""
-  rewrite: Callable[[list[UOp]], list[UOp]]
-  def where(self) -> str: return "tinygrad.codegen.linearize: on the program order it returns"
-
-Hook = Union[CodegenStep, ScheduleStep, SchedulerOpt, OptHeuristic, MatcherRules, Linearized]
+Hook = Union[CodegenStep, ScheduleStep, SchedulerOpt, OptHeuristic, MatcherRules]
 
 @dataclass(frozen=True)
 class Pass:
