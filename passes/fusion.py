@@ -19,7 +19,9 @@ gather's mask) look costly, so tinygrad keeps it, a kernel more.
 Codegen heuristic (before REDUCE_LOCAL's matvec heuristic and tinygrad's): in such a kernel the row axis stays an in-kernel
 loop, one workgroup per row, and every reduce of the row and the row's elementwise outputs are spread over the same lanes
 (lane-strided, REDUCE_LOCAL's lane range): the lanes combine each reduce (shuffles, then shared memory across warps), and
-then each lane writes its own elements. A row whose length the lanes do not divide (symbolic lengths: attention over the
+then each lane writes its own elements. A lane's few elements (static, at most UNROLL_REST) and the warps' few partials
+are unrolled: the row is then loaded once for its reduces and its outputs, and what does not wait on the reduce (the
+norm's weight) is loaded before the lanes combine, one memory round trip where there were three. A row whose length the lanes do not divide (symbolic lengths: attention over the
 positions so far) is padded, with the padding gated off every load and store and counted as the reduce's identity.
 """
 from __future__ import annotations
@@ -271,12 +273,14 @@ def choose_nested_opts(k):
   k.apply_opt(Opt(OptOpsExt.REDUCE_LOCAL, axis, lanes))
   return k
 
-# *** codegen: each of a row's grouped reduces gets its own loop over the partials ***
+# *** codegen: each grouped reduce combines its partials on its own, few of them unrolled ***
 
 def own_group_loop(ctx:Iterator[int], r:UOp) -> UOp|None:
   """REDUCE over GROUP_REDUCE ranges -> the partials in shared memory, read back and reduced by every thread: tinygrad's
   fix_group_for_reduce, except that the loop range is the REDUCE's own (tinygrad derives its id from the group range's,
-  so a fused row's max and sum, grouped over the same lanes, would share one loop)."""
+  so a fused row's max and sum, grouped over the same lanes, would share one loop), and that up to UNROLL_PARTIALS
+  partials are read without a loop (a loop's END is placed before loads that do not wait on it, so a row kernel's
+  weight loads followed the barrier; without it tinygrad's linearizer issues them first)."""
   group, rest = partition(r.src[1:], lambda u: u.op is Ops.RANGE and u.arg[-1] is AxisType.GROUP_REDUCE)
   if not group: return None
   others = sorted([u for u in r.toposort() if u.op is Ops.RANGE and u.arg[-1] is AxisType.LOCAL], key=lambda u: u.arg)

@@ -47,6 +47,7 @@ def clamped_root(root:UOp, gate:UOp) -> UOp|None:
     expr, is_upper, c = parsed
     lo, hi = bounds.get(expr, (expr.vmin, expr.vmax))
     bounds[expr] = (lo, min(hi, c)) if is_upper else (max(lo, c), hi)
+  if any(lo < dtypes.int32.min or hi > dtypes.int32.max for lo, hi in bounds.values()): return None  # a one-sided bound
   # through stand-ins: a clamp holds the expression it replaces
   stand_in = {e: UOp.variable(f"clamped{i}", lo, hi, e.dtype) for i, (e, (lo, hi)) in enumerate(bounds.items())}
   # clamped in int32 (a value outside it is outside the gate too), min as -max(-x): the range of a MAX is exact, and the
@@ -80,7 +81,8 @@ def packed_byte_loads(sink:UOp, ren:Renderer) -> UOp:
         if width > 1:
           # the clamped root keeps the root's alignment: divides() held for every value of its variables
           if gate is None: idx = start
-          elif clamped is not None and clamped.vmin + offsets[0] >= 0 and clamped.vmax + offsets[0] + width <= buf.shape[0]: idx = clamped + offsets[0]
+          elif clamped is not None and isinstance(n:=buf.shape[0], int) and clamped.vmin + offsets[0] >= 0 and clamped.vmax + offsets[0] + width <= n:
+            idx = clamped + offsets[0]
           else: idx = start.valid(gate)
           word = buf.index(idx).cast(WORDS[width]).load()
           # tinygrad gates a load through its INDEX, a pointer cast hides that: the invalid index is clamped to a valid
