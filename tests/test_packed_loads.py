@@ -76,3 +76,16 @@ def test_unprovable_alignment_keeps_byte_loads():
   ast = kernel_asts(lambda: x @ ggml_data_to_tensor(raw, 64 * 256, 39).reshape(64, 256).cast(dtypes.float16).T)[-1]
   src = render(ast, cuda_renderer())
   assert "unsigned short*" not in src and "unsigned int*" not in src and "unsigned char val" in src, src
+
+def test_clamped_root_bounds_what_the_gate_bounds():
+  from tinygrad.uop.ops import UOp
+  from passes.packed_loads import clamped_root
+  e = UOp.variable("expert", -1000, 1000)
+  root, gate = e * 100 + 5, (UOp.const(-1, e.dtype) < e) & (e < 64)
+  clamped = clamped_root(root, gate)
+  assert (clamped.vmin, clamped.vmax) == (5, 6305)  # the expert id in [0, 63]
+  for v in (0, 7, 63):  # the same index inside the gate
+    at = clamped.substitute({e: UOp.const(v, e.dtype)})
+    assert at.vmin == at.vmax == v * 100 + 5
+  assert clamped_root(root, e < 64).vmin < 0  # one bound: the root may still go below the buffer, so it is not used
+  assert clamped_root(root, gate & e.ne(3)) is None  # a clause that is no bound
