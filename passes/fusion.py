@@ -240,14 +240,16 @@ def choose_row_opts(k):
   if smem > k.ren.shared_max or lanes > (k.ren.local_max or (lanes,))[0]: return k
   lane = UOp.range(width, LANE_ID, AxisType.GROUP_REDUCE, dtype=row.dtype)
   lane_idx = lane if warps == 1 else UOp.range(warps, WARP_ID, AxisType.GROUP_REDUCE, dtype=row.dtype) * width + lane
+  # a range of the AST as the kernel's opts have left it (what shift_to kept of it under the same id), or None
+  def now(r:UOp) -> UOp|None: return next((x for x in k.rngs if x.arg[:-1] == r.arg[:-1]), None)
   for r in [row, *red_rngs]:
-    try: share_lanes(k, next(x for x in k.rngs if x.arg[:-1] == r.arg[:-1]), lane_idx)
+    try: share_lanes(k, now(r), lane_idx)
     except KernelOptError: return None
   # what each lane keeps of the rows and of their reduces, when short and static, is unrolled: the row's elements are then
   # loaded once for the reduce and the output (one index), and loads that do not wait on the reduce can be issued before
   # the lanes combine
   for r in [*rows, *red_rngs] if not ROW_LOOPS.value else []:
-    rest = next((x for x in k.rngs if x.arg[:-1] == r.arg[:-1]), None)  # none left where the lanes took it all
+    rest = now(r)  # none left where the lanes took it all
     if rest is not None and rest.src[0].op is Ops.CONST and 1 < rest.src[0].arg <= UNROLL_REST:  # a padded row keeps its loop
       k.shift_to(rest, rest.src[0].arg, AxisType.UPCAST if rest.arg[-1] is AxisType.LOOP else AxisType.UNROLL)
   return k

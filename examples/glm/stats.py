@@ -38,14 +38,19 @@ class KernelTime:
   seconds: float
   nbytes: int
 
+def replay_context(args:tuple) -> ExecContext:
+  """How a replay of the captured jit executes: its inputs and symbolic variables from the call's args, each launch waited
+  on and timed, nothing counted in tinygrad's global stats."""
+  input_uops, var_vals, _, _ = _prepare_jit_inputs(args, {})
+  return ExecContext(var_vals, tuple(input_uops), update_stats=False, wait=True)
+
 def time_kernels(jit, args:tuple, classify=None, repeats:int=3, graph_launches:int=20) -> list[KernelTime]:
   """Replays the captured kernels of jit; a kernel's time is its median over `repeats` replays after one untimed replay
   (clocks, first launches). Where the device has graphs, one replay of a kernel is a graph of `graph_launches` launches
   of it (they write one buffer, so they run one after another, as in decode), timed whole and divided; else one waited
   launch. args are what the jit is called with (they set the inputs and the symbolic variables). classify(call, bufs)
   -> kind. A replay writes the KV cache row of the position it is given, as the jit itself would."""
-  input_uops, var_vals, _, _ = _prepare_jit_inputs(args, {})
-  ctx, calls = ExecContext(var_vals, tuple(input_uops), update_stats=False, wait=True), kernel_calls(jit)
+  ctx, calls = replay_context(args), kernel_calls(jit)
   graphed = has_graph() and graph_launches > 1
   def timed(call:UOp) -> float:
     run = create_graph_call([call] * graph_launches) if graphed else call
@@ -55,7 +60,7 @@ def time_kernels(jit, args:tuple, classify=None, repeats:int=3, graph_launches:i
   for call in calls:
     bufs = [b.buffer for b in resolve_params(call, ctx.input_uops)]
     out.append(KernelTime(ansistrip(call.src[0].arg.name), classify(call, bufs) if classify else "other", timed(call),
-                          int(sym_infer(estimate_uop(call).mem, var_vals))))
+                          int(sym_infer(estimate_uop(call).mem, ctx.var_vals))))
   return out
 
 def step_device_seconds(jit, args:tuple, repeats:int=3) -> float:
@@ -63,9 +68,7 @@ def step_device_seconds(jit, args:tuple, repeats:int=3) -> float:
   kernel) launched and waited on, timed by the device, summed; median of `repeats` after one untimed replay. The host's
   work per call (the jit's argument handling, the graph's parameter updates, the token's readback) is not in it, so
   ms/token minus this is what the host adds to a token."""
-  input_uops, var_vals, _, _ = _prepare_jit_inputs(args, {})
-  ctx = ExecContext(var_vals, tuple(input_uops), update_stats=False, wait=True)
-  calls = jit.captured.linear.src
+  ctx, calls = replay_context(args), jit.captured.linear.src
   return statistics.median([sum(e or 0.0 for c in calls for e in (pm_exec.rewrite(c, ctx) or [])) for _ in range(repeats + 1)][1:])
 
 def has_graph() -> bool: return Device[Device.DEFAULT].graph is not None
