@@ -21,7 +21,8 @@ loop, one workgroup per row, and every reduce of the row and the row's elementwi
 (lane-strided, REDUCE_LOCAL's lane range): the lanes combine each reduce (shuffles, then shared memory across warps), and
 then each lane writes its own elements. A lane's few elements (static, at most UNROLL_REST) and the warps' few partials
 are unrolled: the row is then loaded once for its reduces and its outputs, and what does not wait on the reduce (the
-norm's weight) is loaded before the lanes combine, one memory round trip where there were three. A row whose length the lanes do not divide (symbolic lengths: attention over the
+norm's weight) is loaded before the lanes combine, one memory round trip where there were three. A row whose length
+the lanes do not divide (symbolic lengths: attention over the
 positions so far) is padded, with the padding gated off every load and store and counted as the reduce's identity.
 """
 from __future__ import annotations
@@ -38,7 +39,7 @@ from passes.reduce_local import LANE_ID, WARP_ID, SHUFFLE_WIDTH, COMBINES, ACC_D
 NAME = "fusion"
 MAX_ROW = 1 << 16        # longer rows keep tinygrad's schedule: one workgroup per row would leave the GPU idle
 UNROLL_REST = 8          # a lane's part of a fused row up to this many elements is unrolled, not looped
-UNROLL_PARTIALS = 8      # a fused row's partials (one per warp) up to this many are combined unrolled
+UNROLL_PARTIALS = 8      # a grouped reduce's partials (one per warp) up to this many are combined unrolled, in any kernel
 # A/B of the two: 1 keeps them loops, as before (run.py --variant TINYGRAD_EXT_FUSION_ROW_LOOPS=1)
 ROW_LOOPS = ContextVar("TINYGRAD_EXT_FUSION_ROW_LOOPS", 0)
 MAX_LANES = 256          # lanes per row: 8 warps, each lane holds row/256 elements of a 2048-wide row
