@@ -34,12 +34,16 @@ def random_bytes(rng, shape, qtype:str) -> np.ndarray:
 def quantized(rng, shape, qtype:str, device:str) -> Tensor:
   """A weight as tinygrad.llm loads it from GGUF: raw bytes on the device, dequantized lazily, cast to fp16."""
   if qtype == "F16": return Tensor((rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float16), device=device).realize()
+  if qtype == "BF16":  # as a GGUF BF16 tensor loads: bfloat16 values, read through a cast to the activation's fp16
+    return Tensor((rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float32), device=device).cast(dtypes.bfloat16).realize().cast(dtypes.float16)
   raw = random_bytes(rng, shape, qtype)
   return ggml_data_to_tensor(Tensor(raw.reshape(-1), device=device).realize(), int(np.prod(shape)), int(QTYPES[qtype])).reshape(shape).cast(dtypes.float16)
 
 @st.composite
 def matvecs(draw, device:str):
-  qtype = draw(st.sampled_from(["Q4_0", "Q8_0", "F16", "Q4_K", "Q6_K"]))
+  # every GGML type tinygrad.llm dequantizes that GLM files use, and plain float weights (BF16 not on CPU: clang 14 has
+  # no __bf16 for the target tinygrad's CPU backend compiles to)
+  qtype = draw(st.sampled_from(["Q4_0", "Q8_0", "F16", "Q4_K", "Q5_K", "Q6_K"] + (["BF16"] if device != "CPU" else [])))
   block = 256 if qtype.endswith("_K") else 32
   inp = block * draw(st.sampled_from([1, 2, 3, 4, 6, 8] if block == 32 else [1, 2]))
   out = draw(st.sampled_from([4, 8, 12, 16, 24, 32]))
@@ -54,7 +58,9 @@ def matvecs(draw, device:str):
     scale = Tensor(rng.uniform(0, 1, (side, 1)).astype(np.float16), device=device).realize()
     return lambda: ((rows * scale).sum(0) + x @ w.T).float()
   w = quantized(rng, (experts, out, inp), qtype, device)
-  sel = Tensor(rng.permutation(experts)[:2].astype(np.int32).reshape(1, 1, 2), device=device).realize()
+  # ids as top-k gives them, or any: past the experts they select 0, negative ones wrap (the gate the weight reads under)
+  ids = rng.permutation(experts)[:2] if draw(st.booleans()) else rng.integers(-experts - 2, experts + 3, 2)
+  sel = Tensor(ids.astype(np.int32).reshape(1, 1, 2), device=device).realize()
   return lambda: (x.reshape(1, 1, 1, inp).unsqueeze(-2) @ w[sel].transpose(-1, -2)).float()
 
 def assert_close_fp16(got:np.ndarray, ref:np.ndarray) -> None:
@@ -83,14 +89,17 @@ def applied(make, ren) -> tuple:
 rng = np.random.default_rng(0)
 x = Tensor.empty(1, 2048, dtype=dtypes.float16)
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0", "F16"])
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "F16", "BF16"])
 def test_matvec_picks_reduce_local_for_decode_matvecs(qtype):
   w = quantized(rng, (256, 2048), qtype, Device.DEFAULT)
   opts = applied(lambda: x @ w.T, cuda_renderer())
-  assert any(o.op is OptOpsExt.REDUCE_LOCAL and o.arg == 32 for o in opts), opts
+  # a lane per quant block (the largest power of two up to 32 that divides them): 2048 inputs are 64 blocks of Q4_0 and
+  # Q8_0 and 256 steps of 8 float weights, but 8 super-blocks of a K-quant
+  lanes = 8 if qtype.endswith("_K") else 32
+  assert any(o.op is OptOpsExt.REDUCE_LOCAL and o.arg == lanes for o in opts), opts
   # CUDA: 2 rows per lane on quantized weights at any size (a fused activation is computed once for both); small float
   # matrices (the float32 router) keep one
-  assert any(o.op is OptOps.UPCAST and o.arg == 2 for o in opts) == (qtype != "F16"), opts
+  assert any(o.op is OptOps.UPCAST and o.arg == 2 for o in opts) == (qtype not in ("F16", "BF16")), opts
   assert any(o.op is OptOpsExt.REDUCE_LOCAL for o in applied(lambda: x @ w.T, metal_renderer()))
   with tinygrad_ext.passes_off(): assert not any(o.op is OptOpsExt.REDUCE_LOCAL for o in applied(lambda: x @ w.T, cuda_renderer()))
   with tinygrad_ext.only("reduce_local"): assert not any(o.op is OptOpsExt.REDUCE_LOCAL for o in applied(lambda: x @ w.T, cuda_renderer()))
