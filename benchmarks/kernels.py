@@ -337,7 +337,14 @@ def parse_args(argv:list[str]|None=None):
   p.add_argument("--without", type=str, default="", help="comma-separated passes: also time passes on without each, in the same run")
   p.add_argument("--policy", action="append", default=[], metavar="NAME=FIELD=V,...",
                  help="also time passes on with this matvec policy override (TINYGRAD_EXT_MATVEC_POLICY), e.g. l64=lanes=64; repeatable")
+  p.add_argument("--variant", action="append", default=[], metavar="NAME=SETTING=VALUE",
+                 help="also time passes on with this pass setting (tinygrad_ext.settings()), e.g. gates=TINYGRAD_EXT_HOIST_KEEP_GATES=1; repeatable")
   args = p.parse_args(argv)
+  for v in args.variant:
+    name, _, spec = v.partition("=")
+    key, _, val = spec.partition("=")
+    if not name or key not in tinygrad_ext.settings() or not val:
+      p.error(f"--variant {v}: need NAME=SETTING=VALUE, SETTING one of {', '.join(tinygrad_ext.settings())}")
   defaults = dict(iters=3, budget=0.05, rounds=1, rotate_mb=0.25, call_mb=0, ceiling_mb=16) if args.small else \
              dict(iters=100, budget=0.5, rounds=2, rotate_mb=256, call_mb=1024, ceiling_mb=1024)
   for k, v in defaults.items():
@@ -363,7 +370,11 @@ def main(argv:list[str]|None=None) -> dict:
   for name, spec in policies.items():
     parse_override(spec)  # a bad field fails here, before any compile
     SETTINGS[f"policy_{name}"] = lambda spec=spec: Context(TINYGRAD_EXT_MATVEC_POLICY=spec)
-  extra = [f"without_{n}" for n in without] + [f"policy_{n}" for n in policies]
+  # each --variant: one more setting, every pass on with that pass setting
+  variants = {name: spec.split("=", 1) for name, _, spec in (v.partition("=") for v in args.variant)}
+  for name, (key, val) in variants.items():
+    SETTINGS[f"variant_{name}"] = lambda key=key, val=val: Context(**{key: int(val) if val.isdigit() else val})
+  extra = [f"without_{n}" for n in without] + [f"policy_{n}" for n in policies] + [f"variant_{n}" for n in variants]
   rows, st = select_rows(args.rows, args.small), time.perf_counter()
   # torch first: once tinygrad's CUDA context is current, the CUDA runtime would run torch in it
   args.torch_us = {}
@@ -384,7 +395,7 @@ def main(argv:list[str]|None=None) -> dict:
           f"rel err {max(res['off']['rel_err'], res['on']['rel_err']):.1e} ({res['wall_s']:.1f} s)", flush=True)
   print(table(results, ceiling))
   if extra:
-    # without_X: every pass on but X; policy_X: every pass on, matvec policy X (its spec is in the JSON's args)
+    # without_X: every pass on but X; policy_X: every pass on, matvec policy X; variant_X: a pass setting (specs in the JSON's args)
     print("| kernel | on us | " + " | ".join(f"{e.replace('_', ' ', 1)} us | on speedup vs {e.replace('_', ' ', 1)}" for e in extra) + " |")
     print("|" + "---|" * (2 + 2 * len(extra)))
     for r in results:

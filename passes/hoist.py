@@ -1,4 +1,4 @@
-"""hoist: loop-invariant factors leave the reduce ranges they do not depend on.
+"""hoist: loop-invariant factors and gates leave the reduce ranges they do not depend on.
 
 A fused dequant matvec sums x[b,j] * (q[b,j] - 8) * d[b] over the blocks b and the elements j of each block: the scale
 d[b] is the same for every j, yet it is converted and multiplied once per element. This pass rewrites
@@ -14,19 +14,31 @@ float(a_h) * float(b_h), float(half(y)) -> y): one rounding to half fewer per el
 the exact sum (tested against float64), as C allows evaluating half expressions at a higher precision
 (FLT_EVAL_METHOD). Sums whose value has no hoistable factor keep their casts exactly.
 
+A gate leaves the sum the same way. A MoE matvec's weight is addressed through an expert id checked against the expert
+count, and that check selects every dequantized element against 0 and every weight word it loads (packed_loads): 44
+selects a Q4_0 loop step of two rows. Where the summand has a factor `where(c, t, 0)` whose c reads none of the sum's
+ranges, REDUCE(ADD, s) is where(c, REDUCE(ADD, s'), 0), with s' the summand where c holds: its selects on c take their
+true side, and its gated loads read at their index with the gated expressions clamped into the bounds the gate puts on
+them (packed_loads.clamped_root) where that stays inside the buffer: the same address wherever c holds, a valid one
+where it does not, whose value the outer select then drops. A load whose clamped index cannot be bounded keeps its gate.
+`TINYGRAD_EXT_HOIST_KEEP_GATES=1` leaves gates where they are, for A/B runs.
+
 Hook: a CodegenStep after tinygrad's "postopt symbolic", the step before the expander (ranges still carry their types).
 """
 from __future__ import annotations
 import functools
 from tinygrad.uop.ops import UOp, Ops, AxisType, PatternMatcher, UPat, graph_rewrite
-from tinygrad.dtype import dtypes
-from tinygrad.helpers import prod
+from tinygrad.dtype import dtypes, Invalid
+from tinygrad.helpers import prod, ContextVar
 from tinygrad.renderer import Renderer
 from tinygrad_ext import Pass, CodegenStep, register
+from passes.packed_loads import clamped_root
 
 # ranges a single thread iterates (a loop) or holds unrolled; lanes and warps (GROUP_REDUCE) are other threads' work
 INNER_AXES = (AxisType.REDUCE, AxisType.UNROLL)
 NARROW_FLOATS = (dtypes.half, dtypes.bfloat16)
+# A/B: 1 leaves a loop-invariant gate inside the sum (run.py --variant TINYGRAD_EXT_HOIST_KEEP_GATES=1)
+KEEP_GATES = ContextVar("TINYGRAD_EXT_HOIST_KEEP_GATES", 0)
 
 pm_widen = PatternMatcher([
   (UPat(Ops.CAST, dtypes.float32, src=(UPat(Ops.MUL, NARROW_FLOATS, src=(UPat.var("a"), UPat.var("b"))),)),
@@ -79,10 +91,41 @@ def hoist_factors(ctx:set[UOp], r:UOp) -> UOp|None:
   outer = [x for x in rngs if x not in inner]
   return hoisted.reduce(*outer, arg=(Ops.ADD, 0)) if outer else hoisted
 
+# *** a loop-invariant gate leaves the sum ***
+
+def is_zero(u:UOp) -> bool: return u.op is Ops.CONST and u.arg == 0
+
+def invariant_gate(r:UOp, stored:set[UOp]) -> UOp|None:
+  """c of a factor where(c, t, 0) of r's summand that reads none of r's ranges and no buffer the kernel stores to."""
+  rngs = set(r.src[1:])
+  return next((f.src[0] for f in factors(r.src[0]) if f.op is Ops.WHERE and is_zero(f.src[2]) and f.src[0].op is not Ops.CONST
+               and not set(f.src[0].ranges) & rngs and not reads(f.src[0]) & stored), None)
+
+def index_where_gate_holds(buf:UOp, idx:UOp, gate:UOp) -> UOp|None:
+  """idx with what the gate bounds clamped into those bounds, where every value it then takes is inside buf; else None."""
+  if buf.op is not Ops.PARAM or (clamped:=clamped_root(idx, gate)) is None or not isinstance(n:=buf.shape[0], int): return None
+  return clamped if isinstance(clamped.vmin, int) and isinstance(clamped.vmax, int) and 0 <= clamped.vmin and clamped.vmax < n else None
+
+# the summand where the gate (ctx) holds: its selects on the gate take their true side, its gated loads read ungated
+pm_gate_holds = PatternMatcher([
+  (UPat(Ops.INDEX, src=(UPat.var("buf"), UPat(Ops.WHERE, src=(UPat.var("g"), UPat.var("idx"), UPat(Ops.CONST, arg=Invalid))))),
+   lambda ctx, buf, g, idx: buf.index(i) if g is ctx and (i:=index_where_gate_holds(buf, idx, g)) is not None else None),
+  (UPat(Ops.WHERE, src=(UPat.var("g"), UPat.var("t"), UPat.var("f"))),
+   lambda ctx, g, t, f: t if g is ctx and not (f.op is Ops.CONST and f.arg is Invalid) else None),
+])
+
+def hoist_gate(ctx:set[UOp], r:UOp) -> UOp|None:
+  # ctx: the buffers the kernel stores to
+  if r.arg[0] is not Ops.ADD or not dtypes.is_float(r.dtype) or (gate:=invariant_gate(r, ctx)) is None: return None
+  body = graph_rewrite(r.src[0], pm_gate_holds, ctx=gate, name="hoist: the summand where its gate holds")
+  return gate.where(r.replace(src=(body, *r.src[1:])), r.const_like(0))
+
 def hoist_invariant_factors(sink:UOp, ren:Renderer) -> UOp:
   if not any(u.op is Ops.REDUCE for u in sink.toposort()): return sink
   stored = {x.src[0].src[0] for x in sink.toposort() if x.op is Ops.STORE and x.src[0].op is Ops.INDEX}
-  return graph_rewrite(sink, PatternMatcher([(UPat(Ops.REDUCE, name="r"), hoist_factors)]), ctx=stored, name="hoist: invariant factors")
+  sink = graph_rewrite(sink, PatternMatcher([(UPat(Ops.REDUCE, name="r"), hoist_factors)]), ctx=stored, name="hoist: invariant factors")
+  if KEEP_GATES.value: return sink
+  return graph_rewrite(sink, PatternMatcher([(UPat(Ops.REDUCE, name="r"), hoist_gate)]), ctx=stored, name="hoist: invariant gates")
 
-HOIST = register(Pass("hoist", "loop-invariant factors (a quant block's scale) leave the reduce ranges they do not read",
-                      (CodegenStep("postopt symbolic", hoist_invariant_factors),)))
+HOIST = register(Pass("hoist", "loop-invariant factors (a quant block's scale) and gates (a MoE expert id's check) leave the reduce ranges they do not read",
+                      (CodegenStep("postopt symbolic", hoist_invariant_factors),), settings=(KEEP_GATES,)))

@@ -1,6 +1,6 @@
 """hoist and int_to_float: a quant block's scale leaves the per-element sum, small integers convert through the exponent
 bits; results equal the passes off (bit-identical for the conversions, within float rounding for the reassociation)."""
-import os
+import os, shutil
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st, HealthCheck
@@ -142,3 +142,20 @@ def test_moe_scale_is_applied_once_per_block():
     on = [u for u, _ in scale_users(ast, cuda_renderer())]
     with without("hoist"): off = [u for u, _ in scale_users(ast, cuda_renderer())]
     assert len(on) == 1 and len(off) == 32, (len(on), len(off))  # a block per lane (4x256 rows < 2048 inputs): 32 products
+
+def test_moe_gate_leaves_the_loop():
+  # the expert id's check against the expert count gates the MoE weight: with hoist, the sum is selected once after the
+  # lanes combine it, and no select (of a word, an element or the scale) is left inside the loop over the blocks
+  from test_packed_loads import gated_moe_matvec_ast
+  ast = gated_moe_matvec_ast()
+  def in_loop_selects() -> int:
+    prog = lowered(ast, cuda_renderer())
+    at = loop_depths(prog)
+    return sum(1 for u in prog if u.op is Ops.WHERE and at[u] > 0)
+  on = in_loop_selects()
+  with without("hoist"): off = in_loop_selects()
+  assert on == 0 and off >= 10, (on, off)
+  src = render(ast, cuda_renderer())
+  assert src.count("?") == 5, src  # the id's wrap and clamp (3), and one select of each row's sum
+  if shutil.which("nvcc") is None: pytest.fail("nvcc is needed to compile the rendered CUDA")
+  assert len(cuda_renderer().compiler.compile(src)) > 0

@@ -50,22 +50,26 @@ def test_q4_0_matvec_reads_ushorts_with_the_pass_and_bytes_without():
   from tinygrad.codegen import full_rewrite_to_sink
   assert any(u.op.name == "LOAD" and u.dtype == dtypes.uint16 for u in full_rewrite_to_sink(ast, cuda_renderer()).toposort())
 
-def test_gated_moe_loads_are_packed_under_their_gate():
-  # MoE: the expert id is checked against the expert count, so every weight load is gated; the words are loaded under
-  # that gate and select 0 where it fails, as the gated byte loads did
+def gated_moe_matvec_ast():
   raw = Tensor.empty(8 * 256 * 2048 // 32 * 18, dtype=dtypes.uint8)
   x, sel = Tensor.empty(1, 1, 1, 2048, dtype=dtypes.float16), Tensor.empty(1, 1, 4, dtype=dtypes.int32)
   w = ggml_data_to_tensor(raw, 8 * 256 * 2048, 2).reshape(8, 256, 2048)
-  ast = kernel_asts(lambda: (x.unsqueeze(-2) @ w[sel].cast(dtypes.float16).transpose(-1, -2)).contiguous())[0]
-  on = render(ast, cuda_renderer())
-  with tinygrad_ext.without("packed_loads"): off = render(ast, cuda_renderer())
+  return kernel_asts(lambda: (x.unsqueeze(-2) @ w[sel].cast(dtypes.float16).transpose(-1, -2)).contiguous())[0]
+
+def test_gated_moe_loads_are_packed_under_their_gate():
+  # MoE: the expert id is checked against the expert count, so every weight load is gated; the words are loaded under
+  # that gate and select 0 where it fails, as the gated byte loads did (with hoist off: hoist takes the gate out of the
+  # sum, and the words with it, test_hoist.py)
+  ast = gated_moe_matvec_ast()
+  with tinygrad_ext.without("hoist"): on = render(ast, cuda_renderer())
+  with tinygrad_ext.without("hoist", "packed_loads"): off = render(ast, cuda_renderer())
   assert on.count("*((unsigned short*)") >= 9 and "unsigned char val" not in on, on
   assert on.count("?val") == on.count("*((unsigned short*)"), on  # each word is selected by the gate
   # read at the expert id clamped to the experts (once a thread), not at an index selected per word
   words = re.findall(r"unsigned short val\d+ = .*data3_\d+\+(.*);", on)
   assert len(words) == on.count("*((unsigned short*)") and not any("?" in w for w in words), words
   assert not re.search(r"\?\(alu\d+\+\d+\):0\)", on), on  # no index selected per word: (gate?(idx+k):0)
-  with Context(TINYGRAD_EXT_PACKED_LOADS_SELECT_INDEX=1): selected = render(ast, cuda_renderer())  # the A/B setting: as before
+  with Context(TINYGRAD_EXT_PACKED_LOADS_SELECT_INDEX=1), tinygrad_ext.without("hoist"): selected = render(ast, cuda_renderer())  # the A/B setting: as before
   assert re.search(r"\?\(alu\d+\+\d+\):0\)", selected) and selected.count("*((unsigned short*)") == on.count("*((unsigned short*)")
   assert "*((unsigned short*)" not in off and off.count("unsigned char val") >= 18, off
 
