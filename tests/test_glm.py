@@ -44,14 +44,44 @@ def test_stacked_projections(model, tiny):
   # one kernel less per stacked pair in a decode step (q_a+kv_a and gate+up in every block, the experts' in MoE blocks)
   separate = glm.load(tiny, max_context=32, stack=False)[0]
   assert [len(b.q_a_kv_a) for b in model.blk] == [1] * 3 and [len(b.q_a_kv_a) for b in separate.blk] == [2] * 3
-  assert model.blk[1].gate_up_exps[0].shape == (8, 2 * 256, 256) and len(separate.blk[1].gate_up_exps) == 2
+  # (the shared expert is the routed experts' ninth: test_shared_expert_in_experts)
+  assert model.blk[1].gate_up_exps[0].shape == (8 + 1, 2 * 256, 256) and len(separate.blk[1].gate_up_exps) == 2
   (tok, stacked_logits), (tok_sep, separate_logits) = model.prefill(PROMPT), separate.prefill(PROMPT)
   # fp16 rounding differs (the shared expert's gate is stored before its silu, not after): 1.5e-3 measured
   assert rel_err(stacked_logits.numpy()[0], separate_logits.numpy()[0].astype(np.float64)) <= 5e-3 and tok == tok_sep
   from kernels import kernel_asts
   def count(m): return len(kernel_asts(lambda: m.step(m.token.bind(5), m.start_pos.bind(len(PROMPT)))[0]))
-  pairs = sum(2 + b.moe for b in model.blk)
+  pairs = sum(2 + (b.moe and not b.shared_in_experts) for b in model.blk)  # q_a+kv_a, gate+up, the shared expert's gate+up
   assert count(model) == count(separate) - pairs
+
+def test_shared_expert_in_experts(model, tiny):
+  # load_weights appends each MoE block's shared expert to its routed experts (SHARED_INTO), and every token selects it
+  # with weight 1: the logits of the separate shared expert, and one kernel less per MoE block in a decode step (the
+  # shared expert's gate+up; its down matvec goes into the routed experts' and the weighted sum keeps its own kernel)
+  separate = glm.load(tiny, max_context=32, shared_in_experts=False)[0]
+  moe = [b for b in model.blk if b.moe]
+  assert moe and all(b.shared_in_experts for b in moe) and not any(b.shared_in_experts for b in separate.blk if b.moe)
+  c = model.cfg
+  assert all(b.down_exps.shape[0] == c.n_experts + 1 and b.gate_up_exps[0].shape[0] == c.n_experts + 1 for b in moe)
+  assert all(b.down_exps.shape[0] == c.n_experts for b in separate.blk if b.moe)
+  (tok, logits), (tok_sep, separate_logits) = model.prefill(PROMPT), separate.prefill(PROMPT)
+  # fp16 rounding differs: the shared expert's down row is stored in fp16 before the sum, as the routed ones are
+  assert rel_err(logits.numpy()[0], separate_logits.numpy()[0].astype(np.float64)) <= 5e-3 and tok == tok_sep
+  from kernels import kernel_asts
+  def count(m): return len(kernel_asts(lambda: m.step(m.token.bind(5), m.start_pos.bind(len(PROMPT)))[0]))
+  assert count(model) == count(separate) - len(moe)
+  # the projections kept separate (--separate-projections) join the routed experts one by one
+  both = glm.load(tiny, max_context=32, stack=False)[0]
+  assert all(b.shared_in_experts and [w.shape[0] for w in b.gate_up_exps] == [c.n_experts + 1] * 2 for b in both.blk if b.moe)
+  assert both.prefill(PROMPT)[0] == tok
+
+def test_shared_expert_stays_separate_where_it_cannot_join(tmp_path):
+  # a shared expert whose type differs from the routed experts' (a quant mix) keeps its own matvecs, in every projection
+  from examples.glm.model import appendable, TensorInfo
+  e = TensorInfo("blk.1.ffn_down_exps.weight", (8, 256, 256), 2, 0, 8 * 256 * 256 // 32 * 18)
+  assert appendable(e, TensorInfo("blk.1.ffn_down_shexp.weight", (256, 256), 2, 0, 256 * 256 // 32 * 18))
+  assert not appendable(e, TensorInfo("blk.1.ffn_down_shexp.weight", (256, 256), 8, 0, 256 * 256 // 32 * 34))
+  assert not appendable(e, TensorInfo("blk.1.ffn_down_shexp.weight", (512, 256), 2, 0, 512 * 256 // 32 * 18))
 
 def _greedy(model, n:int) -> list[int]:
   jit, out, tok = model.decoder(), [], PROMPT[0]

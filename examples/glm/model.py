@@ -110,6 +110,25 @@ STACKED = {"attn_q_a_kv_a.weight": ("attn_q_a.weight", "attn_kv_a_mqa.weight"), 
            "ffn_gate_up_shexp.weight": ("ffn_gate_shexp.weight", "ffn_up_shexp.weight"),
            "ffn_gate_up_exps.weight": ("ffn_gate_exps.weight", "ffn_up_exps.weight")}
 
+# The shared expert appended to the routed experts as one more expert (its id n_experts), which every token selects with
+# weight 1: the MoE matvecs then compute it with the routed ones, two kernels a MoE block fewer (the shared expert's
+# gate+up, and its down matvec beside the weighted sum). SGLang's and vLLM's "shared experts fusion" for DeepSeek V3/R1
+# (sglang#4918, vllm#15502); GGML rows are whole quant blocks, so appending an expert is concatenating its bytes.
+# routed experts' tensor -> the shared expert's, in the block
+SHARED_INTO = {"ffn_gate_up_exps.weight": "ffn_gate_up_shexp.weight", "ffn_gate_exps.weight": "ffn_gate_shexp.weight",
+               "ffn_up_exps.weight": "ffn_up_shexp.weight", "ffn_down_exps.weight": "ffn_down_shexp.weight"}
+
+def appendable(exps:TensorInfo, shared:TensorInfo) -> bool:
+  # not where their type or one expert's shape differ (DeepSeek-V2-Lite's two shared experts are one matrix twice an
+  # expert's width; a quant mix may give the shared down another type than the routed ones)
+  return exps.ggml_type == shared.ggml_type and len(exps.shape) == 3 and exps.shape[1:] == shared.shape
+
+def append_expert(exps:tuple[TensorInfo, Tensor], shared:tuple[TensorInfo, Tensor]) -> tuple[TensorInfo, Tensor]:
+  """The shared expert's weight appended to the routed experts' (bytes on the device): one expert more."""
+  (e, e_raw), (sh, sh_raw) = exps, shared
+  raw = Tensor.cat(e_raw.reshape(e.shape[0], -1), sh_raw.reshape(1, -1)).reshape(-1).realize()
+  return TensorInfo(e.name, (e.shape[0] + 1, *e.shape[1:]), e.ggml_type, -1, e.nbytes + sh.nbytes), raw
+
 def stack_rows(parts:list[tuple[TensorInfo, Tensor]], name:str) -> tuple[TensorInfo, Tensor]|None:
   """The parts' rows stacked into one weight (bytes on the device), or None where they differ in type or columns."""
   (a, _), rest = parts[0], [t for t, _ in parts[1:]]
@@ -120,19 +139,23 @@ def stack_rows(parts:list[tuple[TensorInfo, Tensor]], name:str) -> tuple[TensorI
   return TensorInfo(name, shape, a.ggml_type, -1, sum(t.nbytes for t, _ in parts)), raw
 
 def load_weights(path:str|os.PathLike, infos:dict[str, TensorInfo], device:str|None=None, progress:bool=False,
-                 stack:bool=True) -> dict[str, Tensor]:
+                 stack:bool=True, shared_in_experts:bool=True) -> dict[str, Tensor]:
   """Copies each tensor's GGUF bytes from the disk to the device once; returns lazy dequant expressions over them.
   Native types (F32, F16, BF16: norms, biases, the router) are their bytes reinterpreted; that reinterpretation is done
   once here, so kernels read typed values instead of reassembling every float from bytes wherever the tensor is used.
-  With stack, the projections of STACKED are stacked as each block's pair arrives (peak memory: one pair more)."""
+  With stack, the projections of STACKED are stacked as each block's pair arrives (peak memory: one pair more); with
+  shared_in_experts, the shared expert is appended to the routed experts (SHARED_INTO) once both have arrived."""
   device, disk, out = device or Device.DEFAULT, Tensor(pathlib.Path(path)), {}
   bar = tqdm(total=sum(t.nbytes for t in infos.values()), desc=f"loading {pathlib.Path(path).name}", unit="B", unit_scale=True,
              leave=False, mininterval=1, disable=not progress)
   part_of = {part: (name, parts) for name, parts in STACKED.items() for part in parts} if stack else {}
   pending: dict[str, tuple[TensorInfo, Tensor]] = {}
+  raws: dict[str, tuple[TensorInfo, Tensor]] = {}  # the bytes of the tensors SHARED_INTO may join, by name
+  shared_names = {*SHARED_INTO, *SHARED_INTO.values()} if shared_in_experts else set()
   def add(t:TensorInfo, raw:Tensor):
     out[t.name] = ggml_data_to_tensor(raw, math.prod(t.shape), t.ggml_type).reshape(t.shape)
     if t.ggml_type in _GGML_NATIVE: out[t.name] = out[t.name].contiguous().realize()
+    if t.name.partition(".")[2].partition(".")[2] in shared_names: raws[t.name] = (t, raw)
   for t in infos.values():
     raw = disk[t.offset:t.offset + t.nbytes].to(device).realize()
     bar.update(t.nbytes)
@@ -146,6 +169,14 @@ def load_weights(path:str|os.PathLike, infos:dict[str, TensorInfo], device:str|N
       parts = [pending.pop(n) for n in names]
       for info, r in [stacked] if (stacked := stack_rows(parts, f"blk.{prefix}.{group[0]}")) else parts: add(info, r)
   for info, r in pending.values(): add(info, r)  # a part whose partner is missing stays as it is
+  # a block's shared expert joins its routed experts in every projection or in none (Block reads one layout)
+  for prefix in dict.fromkeys(n.rpartition(".weight")[0].rsplit(".", 1)[0] for n in raws):
+    names = [(e, sh) for short, short_sh in SHARED_INTO.items() if (e:=f"{prefix}.{short}") in raws and (sh:=f"{prefix}.{short_sh}") in raws]
+    if not names or len(names) * 2 != sum(n.startswith(prefix + ".") for n in raws) or \
+       not all(appendable(raws[e][0], raws[sh][0]) for e, sh in names): continue
+    for e, sh in names:
+      add(*append_expert(raws.pop(e), raws.pop(sh)))  # the separate bytes are freed as each expert tensor is replaced
+      del out[sh]
   bar.close()
   return out
 
@@ -205,7 +236,9 @@ class Block:
       self.router, self.router_bias = g("ffn_gate_inp.weight"), w.get(p + "exp_probs_b.bias")
       self.gate_up_exps = pair("ffn_gate_up_exps.weight", "ffn_gate_exps.weight", "ffn_up_exps.weight")
       self.down_exps = g("ffn_down_exps.weight")
-      if cfg.n_shared:
+      # load_weights appended the shared expert to the routed ones (SHARED_INTO): it is expert n_experts
+      self.shared_in_experts = cfg.n_shared > 0 and p + "ffn_down_shexp.weight" not in w
+      if cfg.n_shared and not self.shared_in_experts:
         self.gate_up_sh, self.down_sh = pair("ffn_gate_up_shexp.weight", "ffn_gate_shexp.weight", "ffn_up_shexp.weight"), g("ffn_down_shexp.weight")
     # the compressed KV cache: per position [kv_c (kv_lora, normed) ; k_pe (qk_rope, roped)]
     self.cache = Tensor.zeros(1, max_context, cfg.kv_lora + cfg.qk_rope, dtype=dtype).contiguous().realize()
@@ -235,11 +268,15 @@ class Block:
     weights = scores.gather(-1, sel)
     if c.expert_norm: weights = weights / weights.sum(-1, keepdim=True)
     weights = (weights * c.expert_scale).cast(x.dtype)
+    if self.shared_in_experts:  # every token selects the shared expert too, with weight 1
+      # (a pad, not a cat with a constant tensor: tinygrad would realize that constant, a kernel each)
+      sel = sel.pad(((0, 0),) * (sel.ndim - 1) + ((0, 1),), value=c.n_experts)
+      weights = weights.pad(((0, 0),) * (weights.ndim - 1) + ((0, 1),), value=1.0)
     h = x.unsqueeze(-2)                                                                            # (B, T, 1, dim)
     gate, up = projections(h, self.gate_up_exps, (c.expert_ffn,) * 2, lambda x, w: experts(w, sel, x))
     act = gate.silu() * up                                                                         # (B, T, k, expert_ffn)
     out = (experts(self.down_exps, sel, act) * weights.unsqueeze(-1)).sum(-2)                      # (B, T, dim)
-    if c.n_shared: out = out + ffn(x, self.gate_up_sh, self.down_sh)
+    if c.n_shared and not self.shared_in_experts: out = out + ffn(x, self.gate_up_sh, self.down_sh)
     return out
 
   def __call__(self, x:Tensor, start_pos:int|UOp, cos:Tensor, sin:Tensor) -> Tensor:
@@ -291,13 +328,13 @@ class GLM:
     return int(tok.item()), logits
 
 def load(path:str|os.PathLike, max_context:int|None=None, dtype:DType=dtypes.float16, device:str|None=None, progress:bool=False,
-         stack:bool=True) -> tuple[GLM, dict]:
+         stack:bool=True, shared_in_experts:bool=True) -> tuple[GLM, dict]:
   """Checks the GGUF, copies its tensor bytes to the device and builds the model. Raises GGUFError for files it cannot use."""
   kv, infos = read_header(path)
   cfg = Config.from_gguf(kv, infos)
   # fail before copying gigabytes: the tensors that deepseek2 files of other models (V2-Lite) or older conversions lack
   for name in ("blk.0.attn_q_a.weight", "blk.0.attn_k_b.weight", "output_norm.weight"):
     if name not in infos: raise GGUFError(f"missing tensor {name}")
-  w = load_weights(path, infos, device, progress, stack)
+  w = load_weights(path, infos, device, progress, stack, shared_in_experts)
   try: return GLM(cfg, w, max_context, dtype), kv
   except KeyError as e: raise GGUFError(f"missing tensor {e.args[0]}") from None

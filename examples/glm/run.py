@@ -45,6 +45,8 @@ def parse_args(argv):
   p.add_argument("--plot", metavar="PATH.png", help="with --profile: draw its kernels as achieved GB/s against the read ceiling")
   p.add_argument("--json", metavar="PATH", help="write the results as JSON")
   p.add_argument("--max-context", type=int, default=None, help="KV cache length (default min(4096, the model's context))")
+  p.add_argument("--separate-shared-expert", action="store_true",
+                 help="keep the shared expert's own matvecs (default: appended to the routed experts, computed with them; see model.SHARED_INTO)")
   p.add_argument("--separate-projections", action="store_true",
                  help="keep the GGUF's projections separate (default: stack those sharing an input, one matmul each; see model.STACKED)")
   p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="activation dtype (default float16)")
@@ -230,7 +232,7 @@ def main(argv=None) -> int:
     st = time.perf_counter()
     big = path.is_file() and path.stat().st_size > 256 << 20
     m, kv = glm.load(path, a.max_context, dtypes.float16 if a.dtype == "float16" else dtypes.float32, progress=big,
-                     stack=not a.separate_projections)
+                     stack=not a.separate_projections, shared_in_experts=not a.separate_shared_expert)
     load_s = time.perf_counter() - st
     tok = Tokenizer(kv, m.cfg.vocab)
     prompt = tok.encode(a.prompt) or [0]
@@ -248,7 +250,7 @@ def main(argv=None) -> int:
     for mode in modes:
       results[mode] = run_mode(m, tok, prompt, a, mode)
       report(results[mode])
-    out = {"model": str(path), "device": Device.DEFAULT, "dtype": a.dtype, "stacked_projections": not a.separate_projections, "prompt_tokens": len(prompt), "count": a.count,
+    out = {"model": str(path), "device": Device.DEFAULT, "dtype": a.dtype, "stacked_projections": not a.separate_projections, "shared_in_experts": not a.separate_shared_expert, "prompt_tokens": len(prompt), "count": a.count,
            "max_context": m.max_context, "load_s": load_s, "results": results}
     if a.passes == "compare":
       r_off, r_on = results["off"], results["on"]
