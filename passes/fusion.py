@@ -42,6 +42,8 @@ UNROLL_REST = 8          # a lane's part of a fused row up to this many elements
 UNROLL_PARTIALS = 8      # a grouped reduce's partials (one per warp) up to this many are combined unrolled, in any kernel
 # A/B of the two: 1 keeps them loops, as before (run.py --variant TINYGRAD_EXT_FUSION_ROW_LOOPS=1)
 ROW_LOOPS = ContextVar("TINYGRAD_EXT_FUSION_ROW_LOOPS", 0)
+# A/B: 1 keeps an intermediate with only short reduces (the MoE output) a kernel of its own (per_element_stage below)
+KEEP_PER_ELEMENT = ContextVar("TINYGRAD_EXT_FUSION_KEEP_PER_ELEMENT", 0)
 MAX_LANES = 256          # lanes per row: 8 warps, each lane holds row/256 elements of a 2048-wide row
 KERNEL_BOUNDARIES = (Ops.STAGE, Ops.STORE, Ops.AFTER)  # another kernel's buffer, or a store: not part of this kernel's value
 
@@ -118,6 +120,22 @@ def small_stage(s:UOp) -> int|None:
   if ranges_size(s.src[1:]) > SMALL or any(ranges_size(red.src[1:]) > TINY_REDUCE for red in reduces) or nested(reduces): return None
   return max([ranges_size(red.src[1:]) for red in reduces], default=1)
 
+# an intermediate whose reduces are all short (at most TINY_REDUCE: GLM's MoE output, each row the experts' rows weighted
+# by their normalized scores, plus the residual) is recomputed in a consumer that reads each of its elements once (the
+# next block's RMSNorm row, the residual in attn_output's epilogue), as an elementwise intermediate is: each element is
+# computed where it is read instead of in a kernel of its own and a round trip through memory
+def short_reduce(red:UOp) -> bool: return ranges_size(red.src[1:]) <= TINY_REDUCE
+
+def per_element_stage(s:UOp) -> bool:
+  return (reduces:=removable_reduces(s)) is not None and bool(reduces) and all(short_reduce(red) for red in reduces)
+
+def read_once(idx:UOp, value:UOp) -> bool:
+  """The consumer reads each element of idx's buffer once: every range it iterates around the read (a reduce's own ranges
+  and the ranges that reduce's value varies with, or the output ranges outside any reduce) is in the index."""
+  around = [red for red in value.toposort(gate=in_kernel) if red.op is Ops.REDUCE and idx in red.src[0].toposort(gate=in_kernel)]
+  enclosing = {r for red in around for r in (*red.src[1:], *red.ranges) if r.op is Ops.RANGE} if around else set(value.ranges)
+  return enclosing <= set(UOp.sink(*idx.src[1:]).ranges)
+
 def kernel_iterations(value:UOp, out_rngs:dict[UOp, None]) -> int:
   """How many times the innermost body of a kernel runs: its output ranges times every range its reduces loop over."""
   return ranges_size(out_rngs) * ranges_size({r for u in value.toposort(gate=in_kernel) if u.op is Ops.REDUCE for r in u.src[1:]})
@@ -127,16 +145,19 @@ def in_long_reduces(value:UOp) -> set[UOp]:
   body, where a MoE matmul reads the selected expert ids)."""
   return {a for u in value.toposort(gate=in_kernel) if u.op is Ops.REDUCE and ranges_size(u.src[1:]) > TINY for a in u.src[0].toposort(gate=in_kernel)}
 
-def inlinable(idx:UOp, out_rngs:dict[UOp, None], elementwise:bool, looped:set[UOp], iterations:int) -> UOp|None:
+def inlinable(idx:UOp, value:UOp, out_rngs:dict[UOp, None], elementwise:bool, looped:set[UOp], iterations:int,
+              per_element:set[tuple[UOp, ...]]) -> UOp|None:
   if idx.op is not Ops.INDEX or any(v.op is Ops.CONST and v.arg is Invalid for v in idx.src[1:]): return None
   if (cost:=small_stage(idx.src[0])) is not None and iterations * cost <= SMALL_WORK: return inline_stage(idx)
   # a tiny one is inlined where it is read outside the consumer's long loops (inside them it would be recomputed every
   # iteration, and a MoE matmul's expert ids must stay a load for its weight address)
   if tiny_stage(idx.src[0]) and idx not in looped: return inline_stage(idx)
+  if stage_key(idx.src[0]) in per_element and per_element_stage(idx.src[0]) and read_once(idx, value): return inline_stage(idx)
   if not ((elementwise and row_reduce_stage(idx.src[0])) or short_row_stage(idx.src[0])): return None
   return inl if row_reduces_only(inl:=inline_stage(idx), out_rngs) else None
 
-def fuse_row_reduces(root:UOp) -> UOp|None:
+def fuse_row_reduces(ctx:set[tuple[UOp, ...]], root:UOp) -> UOp|None:
+  # ctx: the per-element intermediates that every consumer reads once (per_element_everywhere)
   if root.op is Ops.STAGE:
     if root.arg.addrspace is not AddrSpace.GLOBAL: return None
     value, out = root.src[0], root.src[1:]
@@ -147,7 +168,7 @@ def fuse_row_reduces(root:UOp) -> UOp|None:
   new = value
   while True:
     looped, iterations = in_long_reduces(new), kernel_iterations(new, out_rngs)
-    if not (found := {u:inl for u in new.toposort(gate=in_kernel) if (inl:=inlinable(u, out_rngs, elementwise, looped, iterations)) is not None}): break
+    if not (found := {u:inl for u in new.toposort(gate=in_kernel) if (inl:=inlinable(u, new, out_rngs, elementwise, looped, iterations, ctx)) is not None}): break
     new = substitute_in_kernel(new, found)
   if new is value: return None
   return root.replace(src=(new,)+root.src[1:]) if root.op is Ops.STAGE else root.replace(src=(root.src[0], new)+root.src[2:])
@@ -157,8 +178,29 @@ pm_fuse_row_reduces = PatternMatcher([
   (UPat(Ops.STORE, name="root"), fuse_row_reduces),
 ])
 
+def kernel_values(sink:UOp) -> list[UOp]:
+  """The value of every kernel root (a realized intermediate, or a store) of the schedule."""
+  return [u.src[0] if u.op is Ops.STAGE else u.src[1] for u in sink.toposort()
+          if (u.op is Ops.STAGE and u.arg.addrspace is AddrSpace.GLOBAL) or u.op is Ops.STORE]
+
+# an intermediate by its ranges (its own, in the schedule): inlining into what it reads rebuilds it, these stay
+def stage_key(s:UOp) -> tuple[UOp, ...]: return s.src[1:]
+
+def per_element_everywhere(sink:UOp) -> set[tuple[UOp, ...]]:
+  """The per-element intermediates every consumer reads once: recomputed in all of them, their kernel is gone; read in a
+  loop by one (a matvec reading the row as its activation), the kernel stays and recomputing it elsewhere saves nothing."""
+  read_once_by: dict[UOp, list[bool]] = {}
+  for value in kernel_values(sink):
+    for idx in value.toposort(gate=in_kernel):
+      if idx.op is Ops.INDEX and per_element_stage(idx.src[0]): read_once_by.setdefault(idx.src[0], []).append(read_once(idx, value))
+  return {stage_key(s) for s, once in read_once_by.items() if all(once) and stage_key(s)}  # (a scalar has no ranges to tell it by)
+
 def fuse_kernels(sink:UOp) -> UOp:
-  return graph_rewrite(sink, pm_fuse_row_reduces, name="fusion: row reduces into their consumer") if is_active(NAME) else sink
+  if not is_active(NAME): return sink
+  sink = graph_rewrite(sink, pm_fuse_row_reduces, ctx=set(), name="fusion: row reduces into their consumer")
+  # then, with every other intermediate settled (a rewrite rebuilds the ones it inlines into), the per-element ones
+  if KEEP_PER_ELEMENT.value or not (per_element:=per_element_everywhere(sink)): return sink
+  return graph_rewrite(sink, pm_fuse_row_reduces, ctx=per_element, name="fusion: per-element intermediates into their consumers")
 
 # *** scheduler: a normalized row that a matmul reads is realized once ***
 
@@ -212,10 +254,21 @@ def realize_normalized_rows(sink:UOp) -> UOp:
 
 # *** codegen: one workgroup per row, reduces and outputs over the same lanes ***
 
+# a reduce this short in a kernel with a longer one is an element's own work (the MoE output recomputed in the next
+# RMSNorm: the experts' rows of one element, weighted, and the normalization of their weights): unrolled in each lane
+# that needs it, not spread over the lanes with a combine and a barrier of its own
+ELEMENT_REDUCE_MAX = 16
+
+def element_reduces(k) -> list[UOp]:
+  short = [red for red in k.reduceops if all(isinstance(r.vmax, int) for r in red.src[1:]) and ranges_size(red.src[1:]) <= ELEMENT_REDUCE_MAX]
+  return short if len(short) < len(k.reduceops) else []
+
 def row_ranges(k) -> list[UOp]:
-  """The output ranges no reduce depends on: the rows of a fused row kernel (stock schedules never make such a kernel)."""
+  """The output ranges no reduce depends on (but an element's own short reduces): the rows of a fused row kernel (stock
+  schedules never make such a kernel)."""
   if not (reduces := k.reduceops): return []
-  depends = {r for red in reduces for r in red.ranges}
+  per_element = element_reduces(k)
+  depends = {r for red in reduces if red not in per_element for r in red.ranges}
   return [r for r in k._output_rngs() if r not in depends and r.vmax > 0]
 
 def lane_count(sizes:list[int]) -> int:
@@ -226,7 +279,11 @@ def choose_row_opts(k):
   if not (rows := row_ranges(k)) or not k.ren.has_local or k.dont_use_locals: return None
   # the rows stay a loop inside the kernel, so a row's reduces run once per workgroup, not once per output element
   k.ast = k.ast.substitute({r: r.replace(arg=r.arg[:-1]+(AxisType.LOOP,)) for r in rows}, name="fusion: rows loop in the kernel")
-  reduces = k.reduceops
+  # an element's own short reduces are unrolled first (each range once, however many reduces share it)
+  for key in dict.fromkeys(x.arg[:-1] for red in element_reduces(k) for x in red.src[1:] if x.vmax > 0):
+    if (rng:=next((x for x in k.rngs if x.arg[:-1] == key and x.arg[-1] is AxisType.REDUCE), None)) is not None:
+      k.apply_opt(Opt(OptOps.UNROLL, k.unrollable_dims.index(k.rngs.index(rng)), rng.vmax+1))
+  reduces = [red for red in k.reduceops if any(x.op is Ops.RANGE and x.arg[-1] is AxisType.REDUCE for x in red.src[1:])]
   if any(red.dtype not in ACC_DTYPES for red in reduces) or any(o.op is not Ops.RANGE for red in reduces for o in red.src[1:]):
     return k  # each thread walks its rows serially: correct, one launch (the schedule step fuses only what the lanes take)
   # a reduce fused as one range may reach codegen split (a row read through a quant block's index: blocks x elements):
@@ -306,4 +363,4 @@ def separate_group_loops(sink:UOp, ren) -> UOp:
 FUSION = register(Pass(NAME, "runs a row's reduces (RMSNorm, softmax) inside their elementwise consumer: one kernel, rows over shared lanes",
   (ScheduleStep("convert copy to store", realize_normalized_rows), ScheduleStep("symbolic+reduce_collapse+debuf", fuse_kernels),
    OptHeuristic(choose_row_opts), OptHeuristic(choose_nested_opts),
-   CodegenStep("expander", separate_group_loops)), settings=(ROW_LOOPS,)))
+   CodegenStep("expander", separate_group_loops)), settings=(ROW_LOOPS, KEEP_PER_ELEMENT)))

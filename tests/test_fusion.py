@@ -211,6 +211,35 @@ def test_tiny_routing_weights_are_recomputed_where_they_are_read(device):
   assert_close_fp16(ref[0, 0], exact)
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_moe_output_is_recomputed_where_each_element_is_read_once(device):
+  # GLM's MoE output: the residual plus the experts' rows weighted by their normalized scores (reduces over the k slots
+  # and the gathered scores, all short), read by the next RMSNorm row and by the residual after the next matmul, each
+  # element once: recomputed in both, its kernel is gone. Read inside a matmul's loop (a norm short enough to be
+  # recomputed per row), it stays a kernel everywhere.
+  @settings(max_examples=EXAMPLES.get(device, 25) // 2, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+  @given(st.sampled_from([1280, 2048]), st.integers(2, 5), st.integers(0, 2**16), st.booleans())
+  def prop(dim, slots, seed, short_norm):
+    rng = np.random.default_rng(seed)
+    dim = SHORT_ROW // 2 if short_norm else dim
+    with Context(DEV=device):
+      h = Tensor(rng.standard_normal((1, 1, dim)).astype(np.float16)).realize()
+      rows = Tensor(rng.standard_normal((1, 1, slots, dim)).astype(np.float16)).realize()
+      scores = Tensor(rng.random((1, 1, 16)).astype(np.float32)).realize()
+      sel = Tensor(rng.choice(16, slots, replace=False).astype(np.int32).reshape(1, 1, slots)).realize()
+      g = Tensor(rng.standard_normal(dim).astype(np.float32)).realize()
+      w = Tensor((rng.standard_normal((48, dim)) / np.sqrt(dim)).astype(np.float16)).realize()
+      def make():
+        s = scores.gather(-1, sel)
+        x = h + (rows * (s / s.sum(-1, keepdim=True) * 1.8).cast(dtypes.half).unsqueeze(-1)).sum(-2)
+        return x[..., :48] + rms_norm(x, g) @ w.T
+      with without("fusion"): ref = make().float().numpy()
+      with Context(TINYGRAD_EXT_FUSION_KEEP_PER_ELEMENT=1): kept = len(kernel_asts(make))
+      n = len(kernel_asts(make))
+      assert n == kept - (not short_norm), (n, kept)
+      assert_close_fp16(make().float().numpy(), ref)
+  prop()
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_small_topk_ranks_are_recomputed_in_the_selection(device):
   # MoE routing's top-k: each expert's rank (a count over the 64 experts) is read by the k one-hot sums over the experts.
   # Stock tinygrad makes the ranks a kernel of their own; recomputed inside the selection (4 x 64 x 64 comparisons),
