@@ -102,6 +102,11 @@ def pad_to_lanes(k, rng:UOp, lanes:int) -> UOp:
   valid = padded < n
   k.ast = k.ast.substitute({rng: padded}, name=f"pad {rng.arg[:-1]} to {lanes} lanes")
   stores = {s.src[0] for s in k.ast.backward_slice_with_self if s.op is Ops.STORE}
+  # a padded load that another load's index reads (a gather: scores at the selected ids) is refused: tinygrad simplifies
+  # an index under its gate, which drops the inner load's own gate, and the padding would read past that buffer
+  padded_loads = [b for b in k.bufs if b not in stores and padded in b.src[1].get_idx().backward_slice_with_self]
+  check(not any(b in o.src[1].backward_slice for b in padded_loads for o in k.bufs if o is not b),
+        "padding a gather's index (a load that addresses another load) would read past its buffer")
   subs = {}
   for b in k.bufs:
     if padded in (i:=b.src[1].get_idx()).backward_slice_with_self:

@@ -1,6 +1,6 @@
 """fusion: RMSNorm and softmax schedule to one kernel each, and equal the passes off; a normalized row that a matmul reads
 is that one kernel's output, not recomputed for every output row of the matmul."""
-import os, pathlib, sys
+import os, pathlib, re, sys
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st, HealthCheck
@@ -238,6 +238,17 @@ def test_moe_output_is_recomputed_where_each_element_is_read_once(device):
       assert n == kept - (not short_norm), (n, kept)
       assert_close_fp16(make().float().numpy(), ref)
   prop()
+
+def test_padding_never_reads_a_gathers_ids_past_their_buffer():
+  # a row scaled by the sum of 4 gathered scores: spreading the 4 ids over a row's 256 padded lanes would gate the ids'
+  # load only where it feeds the scores' gate, and tinygrad's simplification under that gate reads ids[lane] ungated,
+  # past the 4 ids; the padding is refused and the kernel reads the ids at valid indices only
+  scores, sel, x = Tensor.empty(1, 64), Tensor.empty(1, 4, dtype=dtypes.int32), Tensor.empty(1, 2048)
+  (ast,) = kernel_asts(lambda: x * scores.gather(-1, sel).sum(-1, keepdim=True))
+  src = render(ast, cuda_renderer())
+  # each read of the ids: at a constant offset, or under a select
+  reads = [(line.split("data2_4+")[0], re.search(r"data2_4\+([^)]*)\)", line).group(1)) for line in src.splitlines() if "data2_4+" in line]
+  assert reads and all("?" in before or offset.strip().isdigit() for before, offset in reads), src
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_small_topk_ranks_are_recomputed_in_the_selection(device):
