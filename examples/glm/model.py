@@ -111,9 +111,10 @@ STACKED = {"attn_q_a_kv_a.weight": ("attn_q_a.weight", "attn_kv_a_mqa.weight"), 
            "ffn_gate_up_exps.weight": ("ffn_gate_exps.weight", "ffn_up_exps.weight")}
 
 # The shared expert appended to the routed experts as one more expert (its id n_experts), which every token selects with
-# weight 1: the MoE matvecs then compute it with the routed ones, two kernels a MoE block fewer (the shared expert's
-# gate+up, and its down matvec beside the weighted sum). SGLang's and vLLM's "shared experts fusion" for DeepSeek V3/R1
-# (sglang#4918, vllm#15502); GGML rows are whole quant blocks, so appending an expert is concatenating its bytes.
+# weight 1: the MoE matvecs then compute it with the routed ones, and its own gate+up and down matvecs are gone (one
+# kernel a MoE block fewer; the weighted sum left, fusion recomputes it where it is read). SGLang's and vLLM's "shared
+# experts fusion" for DeepSeek V3/R1 (sglang#4918, vllm#15502); GGML rows are whole quant blocks, so appending an
+# expert is concatenating its bytes.
 # routed experts' tensor -> the shared expert's, in the block
 SHARED_INTO = {"ffn_gate_up_exps.weight": "ffn_gate_up_shexp.weight", "ffn_gate_exps.weight": "ffn_gate_shexp.weight",
                "ffn_up_exps.weight": "ffn_up_shexp.weight", "ffn_down_exps.weight": "ffn_down_shexp.weight"}
@@ -144,7 +145,7 @@ def load_weights(path:str|os.PathLike, infos:dict[str, TensorInfo], device:str|N
   Native types (F32, F16, BF16: norms, biases, the router) are their bytes reinterpreted; that reinterpretation is done
   once here, so kernels read typed values instead of reassembling every float from bytes wherever the tensor is used.
   With stack, the projections of STACKED are stacked as each block's pair arrives (peak memory: one pair more); with
-  shared_in_experts, the shared expert is appended to the routed experts (SHARED_INTO) once both have arrived."""
+  shared_in_experts, each block's shared expert is then appended to its routed experts (SHARED_INTO)."""
   device, disk, out = device or Device.DEFAULT, Tensor(pathlib.Path(path)), {}
   bar = tqdm(total=sum(t.nbytes for t in infos.values()), desc=f"loading {pathlib.Path(path).name}", unit="B", unit_scale=True,
              leave=False, mininterval=1, disable=not progress)
@@ -237,7 +238,7 @@ class Block:
       self.gate_up_exps = pair("ffn_gate_up_exps.weight", "ffn_gate_exps.weight", "ffn_up_exps.weight")
       self.down_exps = g("ffn_down_exps.weight")
       # load_weights appended the shared expert to the routed ones (SHARED_INTO): it is expert n_experts
-      self.shared_in_experts = cfg.n_shared > 0 and p + "ffn_down_shexp.weight" not in w
+      self.shared_in_experts = cfg.n_shared > 0 and self.down_exps.shape[0] == cfg.n_experts + 1
       if cfg.n_shared and not self.shared_in_experts:
         self.gate_up_sh, self.down_sh = pair("ffn_gate_up_shexp.weight", "ffn_gate_shexp.weight", "ffn_up_shexp.weight"), g("ffn_down_shexp.weight")
     # the compressed KV cache: per position [kv_c (kv_lora, normed) ; k_pe (qk_rope, roped)]
