@@ -13,6 +13,8 @@ the row's reduce for every output it makes. A tiny buffer (at most TINY elements
 MoE routing's gathered expert scores and their sum) is inlined into any consumer that reads it outside its long loops,
 and a small one (SMALL) even inside the loops of a consumer small enough (SMALL_WORK: the MoE top-k's expert ranks inside
 its one-hot selection); such a nested kernel gets one lane per element of its outer reduce (choose_nested_opts).
+Then, in a second rewrite, an intermediate with only short reduces (GLM's MoE output: the residual plus the
+experts' weighted rows) is recomputed in its consumers where every one of them reads each element once (per_element_stage).
 Run any earlier and the inlined reduce would make an elementwise buffer that tinygrad is about to inline (a one-hot
 gather's mask) look costly, so tinygrad keeps it, a kernel more.
 
