@@ -340,11 +340,13 @@ def parse_args(argv:list[str]|None=None):
   p.add_argument("--variant", action="append", default=[], metavar="NAME=SETTING=VALUE",
                  help="also time passes on with this pass setting (tinygrad_ext.settings()), e.g. gates=TINYGRAD_EXT_HOIST_KEEP_GATES=1; repeatable")
   args = p.parse_args(argv)
+  args.variants = {}  # name -> (setting, value)
   for v in args.variant:
     name, _, spec = v.partition("=")
     key, _, val = spec.partition("=")
     if not name or key not in tinygrad_ext.settings() or not val:
       p.error(f"--variant {v}: need NAME=SETTING=VALUE, SETTING one of {', '.join(tinygrad_ext.settings())}")
+    args.variants[name] = (key, val)
   defaults = dict(iters=3, budget=0.05, rounds=1, rotate_mb=0.25, call_mb=0, ceiling_mb=16) if args.small else \
              dict(iters=100, budget=0.5, rounds=2, rotate_mb=256, call_mb=1024, ceiling_mb=1024)
   for k, v in defaults.items():
@@ -371,7 +373,7 @@ def main(argv:list[str]|None=None) -> dict:
     parse_override(spec)  # a bad field fails here, before any compile
     SETTINGS[f"policy_{name}"] = lambda spec=spec: Context(TINYGRAD_EXT_MATVEC_POLICY=spec)
   # each --variant: one more setting, every pass on with that pass setting
-  variants = {name: spec.split("=", 1) for name, _, spec in (v.partition("=") for v in args.variant)}
+  variants = args.variants
   for name, (key, val) in variants.items():
     SETTINGS[f"variant_{name}"] = lambda key=key, val=val: Context(**{key: int(val) if val.isdigit() else val})
   extra = [f"without_{n}" for n in without] + [f"policy_{n}" for n in policies] + [f"variant_{n}" for n in variants]

@@ -36,7 +36,7 @@ from tinygrad.helpers import prod, partition, ContextVar
 from tinygrad.schedule.indexing import BufferizeOpts
 from tinygrad.codegen.opt import KernelOptError, Opt, OptOps
 from tinygrad_ext import Pass, ScheduleStep, OptHeuristic, CodegenStep, register, is_active
-from passes.reduce_local import LANE_ID, WARP_ID, SHUFFLE_WIDTH, COMBINES, ACC_DTYPES, LANE_DTYPES, OptOpsExt, share_lanes
+from passes.reduce_local import LANE_ID, WARP_ID, SHUFFLE_WIDTH, COMBINES, ACC_DTYPES, LANE_DTYPES, OptOpsExt, share_lanes, unroll_whole
 
 NAME = "fusion"
 MAX_ROW = 1 << 16        # longer rows keep tinygrad's schedule: one workgroup per row would leave the GPU idle
@@ -102,9 +102,11 @@ def short_row_stage(s:UOp) -> bool:
 
 def ranges_size(srcs) -> int: return prod(r.vmax+1 for r in srcs if r.op is Ops.RANGE)
 
+def short_reduce(red:UOp) -> bool: return ranges_size(red.src[1:]) <= TINY_REDUCE
+
 def tiny_stage(s:UOp) -> bool:
   if (reduces:=removable_reduces(s)) is None: return False
-  return ranges_size(s.src[1:]) <= TINY and all(ranges_size(red.src[1:]) <= TINY_REDUCE for red in reduces) and not nested(reduces)
+  return ranges_size(s.src[1:]) <= TINY and all(short_reduce(red) for red in reduces) and not nested(reduces)
 
 def nested(reduces:list[UOp]) -> bool:
   # a reduce inside another (a top-k whose ranks were recomputed in it, below) is a small kernel's work, not a few loads
@@ -119,15 +121,13 @@ SMALL, SMALL_WORK = 64, 1 << 15
 def small_stage(s:UOp) -> int|None:
   """The loop iterations of one recomputed element of a small intermediate, or None if it is not one."""
   if (reduces:=removable_reduces(s)) is None: return None
-  if ranges_size(s.src[1:]) > SMALL or any(ranges_size(red.src[1:]) > TINY_REDUCE for red in reduces) or nested(reduces): return None
+  if ranges_size(s.src[1:]) > SMALL or not all(short_reduce(red) for red in reduces) or nested(reduces): return None
   return max([ranges_size(red.src[1:]) for red in reduces], default=1)
 
 # an intermediate whose reduces are all short (at most TINY_REDUCE: GLM's MoE output, each row the experts' rows weighted
 # by their normalized scores, plus the residual) is recomputed in a consumer that reads each of its elements once (the
 # next block's RMSNorm row, the residual in attn_output's epilogue), as an elementwise intermediate is: each element is
 # computed where it is read instead of in a kernel of its own and a round trip through memory
-def short_reduce(red:UOp) -> bool: return ranges_size(red.src[1:]) <= TINY_REDUCE
-
 def per_element_stage(s:UOp) -> bool:
   return (reduces:=removable_reduces(s)) is not None and bool(reduces) and all(short_reduce(red) for red in reduces)
 
@@ -281,10 +281,7 @@ def choose_row_opts(k):
   if not (rows := row_ranges(k)) or not k.ren.has_local or k.dont_use_locals: return None
   # the rows stay a loop inside the kernel, so a row's reduces run once per workgroup, not once per output element
   k.ast = k.ast.substitute({r: r.replace(arg=r.arg[:-1]+(AxisType.LOOP,)) for r in rows}, name="fusion: rows loop in the kernel")
-  # an element's own short reduces are unrolled first (each range once, however many reduces share it)
-  for key in dict.fromkeys(x.arg[:-1] for red in element_reduces(k) for x in red.src[1:] if x.vmax > 0):
-    if (rng:=next((x for x in k.rngs if x.arg[:-1] == key and x.arg[-1] is AxisType.REDUCE), None)) is not None:
-      k.apply_opt(Opt(OptOps.UNROLL, k.unrollable_dims.index(k.rngs.index(rng)), rng.vmax+1))
+  unroll_whole(k, element_reduces(k))  # an element's own short reduces first
   reduces = [red for red in k.reduceops if any(x.op is Ops.RANGE and x.arg[-1] is AxisType.REDUCE for x in red.src[1:])]
   if any(red.dtype not in ACC_DTYPES for red in reduces) or any(o.op is not Ops.RANGE for red in reduces for o in red.src[1:]):
     return k  # each thread walks its rows serially: correct, one launch (the schedule step fuses only what the lanes take)

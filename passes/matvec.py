@@ -22,7 +22,7 @@ from tinygrad.dtype import dtypes
 from tinygrad.helpers import prod, ContextVar
 from tinygrad.codegen.opt import Opt, OptOps
 from tinygrad_ext import Pass, OptHeuristic, register
-from passes.reduce_local import OptOpsExt, LANE_ID, share_lanes
+from passes.reduce_local import OptOpsExt, LANE_ID, share_lanes, unroll_whole
 
 @dataclass(frozen=True)
 class MatvecPolicy:
@@ -168,11 +168,9 @@ def choose_matvec_opts(k):
   def main_red() -> list[int]: return [i for i in k.axes_of(AxisType.REDUCE) if k.rngs[i].arg[:-1] not in row_keys]
   def unroll(i:int, amt:int): k.apply_opt(Opt(OptOps.UNROLL, k.unrollable_dims.index(i), amt))
   def reduce_local(i:int, amt:int): k.apply_opt(Opt(OptOpsExt.REDUCE_LOCAL, k.axes_of(AxisType.REDUCE).index(i), amt))
-  # out of the reduce axes: what follows counts the matvec's axes only. Found by id in the current AST: an opt rewrites
-  # the AST, and a range two side reduces share (the experts' weights and their sum) is unrolled once
-  for key in dict.fromkeys(x.arg[:-1] for r in side for x in r.src[1:] if x.op is Ops.RANGE and x.vmax > 0):
-    if (rng:=next((x for x in k.rngs if x.arg[:-1] == key and x.arg[-1] is AxisType.REDUCE), None)) is not None:
-      k.apply_opt(Opt(OptOps.UNROLL, k.unrollable_dims.index(k.rngs.index(rng)), rng.vmax+1))
+  # out of the reduce axes: what follows counts the matvec's axes only (a range two side reduces share, the experts'
+  # weights and their sum, is unrolled once)
+  unroll_whole(k, side)
   act_ranges, w_ranges = set(m.activation.ranges), set(m.weight.ranges)
   # the weight's rows: global axes the activation does not read (MoE: the expert slot axis is read by both)
   outs = [i for i in k.axes_of(AxisType.GLOBAL) if k.rngs[i] in w_ranges and k.rngs[i] not in act_ranges]

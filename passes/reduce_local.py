@@ -84,6 +84,13 @@ def check_reduce_local_legal(k, rng:UOp) -> None:
     check(not any(u.arg[-1] in (AxisType.REDUCE, AxisType.UNROLL, AxisType.GROUP_REDUCE) for u in red.ranges),
           "REDUCE_LOCAL cannot split a reduce nested inside another reduce")
 
+def unroll_whole(k, reduces:list[UOp]) -> None:
+  """Each reduce range of these reduces unrolled whole, each once however many of them share it (found by id in the
+  current AST: an opt rewrites the AST): small reduces beside a kernel's main one, computed in every lane that needs them."""
+  for key in dict.fromkeys(x.arg[:-1] for r in reduces for x in r.src[1:] if x.op is Ops.RANGE and x.vmax > 0):
+    if (rng:=next((x for x in k.rngs if x.arg[:-1] == key and x.arg[-1] is AxisType.REDUCE), None)) is not None:
+      k.apply_opt(Opt(OptOps.UNROLL, k.unrollable_dims.index(k.rngs.index(rng)), rng.vmax+1))
+
 def share_lanes(k, rng:UOp, lanes:UOp, pad:bool=True) -> bool:
   """rng goes over lanes the kernel already has (lanes: a lane range, or warp * width + lane), lane innermost as
   REDUCE_LOCAL splits, so several reduces of one kernel combine over the same lanes (a fused row's reduces, a norm's sum

@@ -75,7 +75,7 @@ def test_shared_expert_in_experts(model, tiny):
   assert all(b.shared_in_experts and [w.shape[0] for w in b.gate_up_exps] == [c.n_experts + 1] * 2 for b in both.blk if b.moe)
   assert both.prefill(PROMPT)[0] == tok
 
-def test_shared_expert_stays_separate_where_it_cannot_join(tmp_path):
+def test_shared_expert_stays_separate_where_it_cannot_join():
   # a shared expert whose type differs from the routed experts' (a quant mix) keeps its own matvecs, in every projection
   from examples.glm.model import appendable, TensorInfo
   e = TensorInfo("blk.1.ffn_down_exps.weight", (8, 256, 256), 2, 0, 8 * 256 * 256 // 32 * 18)
