@@ -184,7 +184,9 @@ def reduce_range(r:UOp, range_id:int) -> UOp|None:
 
 def combine_lanes(ctx:tuple[Callable, dict]|None, r:UOp) -> UOp|None:
   if (lane:=reduce_range(r, LANE_ID)) is None: return None
-  warps = tuple(w for w in (reduce_range(r, WARP_ID),) if w is not None)
+  # the warps (REDUCE_LOCAL's past 32 lanes, or a GROUP's splitting the lanes' steps) combine after the lanes: tinygrad's
+  # shared-memory reduce indexes its buffer by the ranges it reduces and the output's, not by lanes left in its source
+  warps = tuple(x for x in r.src[1:] if x.op is Ops.RANGE and x.arg[-1] is AxisType.GROUP_REDUCE and x is not lane)
   rest = tuple(x for x in r.src[1:] if x is not lane and x not in warps)
   v = r.src[0] if not rest and r.arg[1] == 0 else r.replace(src=(r.src[0],)+rest)
   if ctx is None:

@@ -45,7 +45,8 @@ def matvecs(draw, device:str):
   # no __bf16 for the target tinygrad's CPU backend compiles to)
   qtype = draw(st.sampled_from(["Q4_0", "Q8_0", "F16", "Q4_K", "Q5_K", "Q6_K"] + (["BF16"] if device != "CPU" else [])))
   block = 256 if qtype.endswith("_K") else 32
-  inp = block * draw(st.sampled_from([1, 2, 3, 4, 6, 8] if block == 32 else [1, 2]))
+  # long rows leave each lane several blocks: a policy's reduce_warps splits those over warps
+  inp = block * draw(st.sampled_from([1, 2, 3, 4, 6, 8, 48, 80] if block == 32 else [1, 2, 6]))
   out = draw(st.sampled_from([4, 8, 12, 16, 24, 32]))
   experts, side = draw(st.sampled_from([0, 0, 8])), draw(st.sampled_from([0, 0, 2, 4]))
   rng = np.random.default_rng(draw(st.integers(0, 2**16)))
@@ -74,11 +75,26 @@ def test_matvec_passes_on_equal_passes_off(device):
   def prop(data):
     with Context(DEV=device):
       make = data.draw(matvecs(device))
-      # the backend's policy, or one that splits each quant block over lanes (the CUDA choice, run here too)
-      policy = data.draw(st.sampled_from(["", "lanes_per_block=2", "lanes=32,lanes_per_block=4"]))
+      # the backend's policy, or one that splits each quant block over lanes, or a row's blocks over warps (CUDA's
+      # choices, run here too)
+      policy = data.draw(st.sampled_from(["", "lanes_per_block=2", "lanes=32,lanes_per_block=4", "lanes=32,lanes_per_block=2,reduce_warps=8"]))
       with tinygrad_ext.passes_off(): ref = make().numpy()
       with Context(TINYGRAD_EXT_MATVEC_POLICY=policy): assert_close_fp16(make().numpy(), ref)
   prop()
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("qtype, inp", [("Q4_0", 1536), ("Q4_0", 2560), ("Q8_0", 1536), ("Q4_K", 3072)])
+def test_matvec_rows_split_over_warps_equal_passes_off(device, qtype, inp):
+  # reduce_warps: each lane's blocks split over 3 or 5 warps (a GROUP after REDUCE_LOCAL), the warps' sums combined after
+  # each warp's lanes (that order once went wrong: every lane stored into its warp's one slot)
+  with Context(DEV=device):
+    w, r = quantized(rng, (16, inp), qtype, device), np.random.default_rng(inp)
+    xs = Tensor(r.uniform(-1, 1, (1, inp)).astype(np.float16), device=device).realize()
+    with tinygrad_ext.passes_off(): ref = (xs @ w.T).float().numpy()
+    with Context(TINYGRAD_EXT_MATVEC_POLICY="lanes=16,reduce_warps=8"):
+      if Device[device].renderer.has_local:  # where the heuristic runs at all (CPU has no local threads)
+        assert any(o.op is OptOps.GROUP and o.arg in (3, 5) for o in applied(lambda: xs @ w.T, Device[device].renderer))
+      assert_close_fp16((xs @ w.T).float().numpy(), ref)
 
 def applied(make, ren) -> tuple:
   """Opts of the matvec kernel (stock tinygrad copies Q8_0's int8 view into a kernel of its own first)."""

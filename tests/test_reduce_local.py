@@ -52,9 +52,12 @@ def check_against_noopt(data, device):
   # a second REDUCE_LOCAL on the rest of the axis composes its lanes with the first (slower lane bits)
   more = [a for a in (2, 4, 8, 16) if red % amount == 0 and (red // amount) % a == 0 and amount * a <= 32]
   compose = data.draw(st.sampled_from([(), *[(REDUCE_LOCAL(0, a),) for a in more]]))
+  # a GROUP on what the lanes leave of the axis (BEAM may pick it; the matvec policy's reduce_warps does): warps of lanes
+  left = -(-red // amount) // (compose[0].arg if compose else 1)
+  group = data.draw(st.sampled_from([(), *[(Opt(OptOps.GROUP, 0, g),) for g in (2, 3, 5) if left % g == 0]]))
   upcast = data.draw(st.sampled_from([(), (Opt(OptOps.UPCAST, 0, 2),)]))
   ref = reference(make_reference)
-  try: got = realize_with_opts(make, REDUCE_LOCAL(0, amount), *compose, *upcast)
+  try: got = realize_with_opts(make, REDUCE_LOCAL(0, amount), *compose, *group, *upcast)
   except KernelOptError as e:
     # the only legal refusal here: the upcast does not divide the output axis
     assert upcast and "divide" in str(e), e
