@@ -38,8 +38,11 @@ class MatvecPolicy:
   # more rows per lane on the largest matrices (an output head), where the row parallelism is plenty
   wide_upcast_rows: int = 0
   wide_upcast_min_elements: int = 0
-  # warps sharing one row's reduce (GROUP on the block axis after the lanes: the warps combine through shared memory)
+  # warps sharing one row's reduce (GROUP on what is left of the block axis after the lanes; the warps combine through
+  # shared memory): the smallest amount from 2 up to this that divides those blocks, on quantized matrices of fewer than
+  # reduce_warps_max_elements weights (0: any size). A small matrix fills few warps, each walking many blocks
   reduce_warps: int = 1
+  reduce_warps_max_elements: int = 0
   # blocks per lane per loop step (UNROLL of what is left of the block axis after the lanes): more loads in flight
   block_unroll: int = 1
   # rows per lane where the activation costs a transcendental per element (a MoE down matvec reading silu(gate) * up),
@@ -70,9 +73,13 @@ POLICIES = {
   # 4 rows per lane where the activation is silu(gate) * up (examples/glm/results/h200-full-q4_0-2026-11-23-costly-act.txt,
   # in the model): MoE down 9.4 -> 7.3 us, dense ffn down 19.2 -> 17.8, but the shared expert's down (3.1M elements)
   # 4.1 -> 5.4, so from 8M elements
+  # reduce_warps stays 1 until measured: every timing of it so far (2026-11-23; 2026-12-01, below 11M elements: attn_q_a
+  # 3.8 -> 2.5 us, attn_q_b 3.0 -> 2.6, attn_output 6.2 -> 5.7, shexp down 3.2 -> 2.5, losses from 12.6M) was of wrong
+  # kernels (reduce_local combined the warps before the lanes); `reduce_warps=8` is the A/B of the size gate below
   "CUDA": MatvecPolicy(lanes=32, rows_per_block=4, upcast_rows=2, upcast_min_elements=5 << 20, quant_upcast_min_elements=0,
                        float_unroll=8, lanes_per_block=2, wide_upcast_rows=4, wide_upcast_min_elements=64 << 20,
-                       costly_act_upcast_rows=4, costly_act_min_elements=8 << 20, min_row_blocks=64, min_block_threads=32),
+                       costly_act_upcast_rows=4, costly_act_min_elements=8 << 20, min_row_blocks=64, min_block_threads=32,
+                       reduce_warps_max_elements=11 << 20),
   # a simdgroup is 32 wide; not measured (no Apple hardware here), so no row upcast until it is
   "METAL": MatvecPolicy(lanes=32, rows_per_block=4, upcast_rows=1, upcast_min_elements=0, quant_upcast_min_elements=0, float_unroll=8),
   "generic": MatvecPolicy(lanes=16, rows_per_block=4, upcast_rows=1, upcast_min_elements=0, quant_upcast_min_elements=0, float_unroll=4),
@@ -118,6 +125,10 @@ def lanes_per_block(pol:MatvecPolicy, blocks:int, block_bytes:int, rows:int, inp
   fits = [n for n in (pol.lanes_per_block, 2 * pol.lanes_per_block) if block_bytes % n == 0 and block_bytes >= 4 * n]
   # the smallest split whose blocks fill every lane, else the smallest legal one
   return next((n for n in fits if _pow2_divisor(blocks, pol.lanes // n) * n == pol.lanes), fits[0] if fits else 1)
+
+def reduce_warps(pol:MatvecPolicy, lane_steps:int, weight_elements:int) -> int:
+  if pol.reduce_warps_max_elements and weight_elements >= pol.reduce_warps_max_elements: return 1
+  return next((d for d in range(2, pol.reduce_warps + 1) if lane_steps % d == 0), 1)
 
 # a reduce this small beside the matvec in its kernel (GLM's MoE output: the sum over the selected experts' rows, added
 # to the shared expert's down matvec) is unrolled, each lane computing it whole
@@ -196,8 +207,8 @@ def choose_matvec_opts(k):
   if lanes > 1: reduce_local(main_red()[0], lanes)
   if row_reduces and not spread_rows_over_lanes(k, row_reduces): return None
   # what is left of the block axis: loop steps of each lane
-  if pol.reduce_warps > 1 and (left:=main_red()) and k.full_shape[left[0]] % pol.reduce_warps == 0:
-    k.apply_opt(Opt(OptOps.GROUP, k.axes_of(AxisType.REDUCE).index(left[0]), pol.reduce_warps))
+  if len(red) >= 2 and (left:=main_red()) and (warps:=reduce_warps(pol, k.full_shape[left[0]], weight_elements)) > 1:
+    k.apply_opt(Opt(OptOps.GROUP, k.axes_of(AxisType.REDUCE).index(left[0]), warps))
   if pol.block_unroll > 1 and (left:=main_red()) and \
      (amt:=max(d for d in range(1, pol.block_unroll+1) if k.full_shape[left[0]] % d == 0)) > 1:
     unroll(left[0], amt)
