@@ -401,7 +401,9 @@ def main(argv:list[str]|None=None) -> dict:
     print("| kernel | on us | " + " | ".join(f"{e.replace('_', ' ', 1)} us | on speedup vs {e.replace('_', ' ', 1)}" for e in extra) + " |")
     print("|" + "---|" * (2 + 2 * len(extra)))
     for r in results:
-      print(f"| {r['desc']} | {r['on']['us']:.1f} | " + " | ".join(f"{r[e]['us']:.1f} | {r[e]['us']/r['on']['us']:.2f}" for e in extra) + " |")
+      # a setting whose numerics fail says so beside its time: a wrong kernel's speed is no result
+      print(f"| {r['desc']} | {r['on']['us']:.1f} | " + " | ".join(f"{r[e]['us']:.1f}{'' if r[e]['numerics_ok'] else ' FAIL'} | "
+                                                                   f"{r[e]['us']/r['on']['us']:.2f}" for e in extra) + " |")
   out = {"device": device_name(), "dev": Device.DEFAULT, "small": args.small, "tinygrad": importlib.metadata.version("tinygrad"),
          "tinygrad_ext": tinygrad_ext.__version__, "active_passes": active, "cache_id": cid, "tolerance": TOL,
          "torch": torch.__version__ if args.torch_us else None, "ceiling": ceiling, "rows": results,

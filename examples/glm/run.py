@@ -263,6 +263,11 @@ def main(argv=None) -> int:
       out["first_logits"] = logit_agreement(r_off["first_logits"], r_on["first_logits"])
       print(f"first token's logits, on vs off: max|on-off|/max|off| {out['first_logits']['rel_err']:.2e}; off's top two logits differ by "
             f"{out['first_logits']['off_top2_gap']:.2e} of max|off|, {out['first_logits']['off_within_err']} logits lie within that error of off's top")
+    if "on" in results:  # an A/B setting computes what passes on compute: a wrong kernel shows here, not only in the time
+      for mode in [m for m in results if m.startswith(("with ", "without "))]:
+        agree = results[mode]["logits_vs_on"] = logit_agreement(results["on"]["first_logits"], results[mode]["first_logits"])
+        print(f"[passes {mode}] first token's logits vs passes on: max|a-on|/max|on| {agree['rel_err']:.2e}, tokens "
+              f"{'identical' if results[mode]['tokens'] == results['on']['tokens'] else 'DIFFER'}")
     for r in results.values(): del r["first_logits"]  # the logits themselves stay out of the JSON
     if a.plot:
       from benchmarks.kernels import read_ceiling
