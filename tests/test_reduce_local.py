@@ -123,6 +123,18 @@ def test_composed_lanes_read_adjacent_bytes_of_a_block_and_share_one_butterfly()
   assert "(lidx0>>1)" in src and "((lidx0&1)<<3)" in src, src  # lane = block-in-warp * 2 + half of the block
   assert src.count("*((unsigned short*)") == 5, src  # 8 nibble bytes in 4 words, and the block's scale
 
+def test_a_group_after_reduce_local_combines_each_warps_lanes_first_and_compiles():
+  # a Q4_0 row's 96 blocks: 32 lanes, each lane's 3 steps over 3 warps (GROUP), 4 rows a block: the butterfly runs in
+  # every warp, then one value per warp and row goes through shared memory (that order once was the other way round)
+  from test_packed_loads import q4_0_matvec_ast
+  opts = (Opt(OptOps.UNROLL, 2, 16), Opt(OptOps.UNROLL, 1, 2), REDUCE_LOCAL(0, 32), Opt(OptOps.GROUP, 0, 3), Opt(OptOps.LOCAL, 0, 4))
+  src = render(with_opts(q4_0_matvec_ast(64, 3072), *opts), cuda_renderer())
+  assert sorted(set(shuffle_offsets(src)), reverse=True) == [16, 8, 4, 2, 1], src
+  assert re.search(r"__shared__ __align__\(\d+\) float buf0\[12\];", src), src  # 3 warps x 4 rows, no slot per lane
+  assert src.index("__shfl_xor_sync") < src.index("__syncthreads"), src
+  if shutil.which("nvcc") is None: pytest.fail("nvcc is needed to compile the rendered CUDA")
+  assert len(cuda_renderer().compiler.compile(src)) > 0
+
 def test_reduce_local_cuda_wider_than_a_warp_combines_warps_through_shared_memory():
   src = render(with_opts(matvec_ast(8, 1024), REDUCE_LOCAL(0, 128)), cuda_renderer())
   assert sorted(set(shuffle_offsets(src)), reverse=True) == [16, 8, 4, 2, 1]
