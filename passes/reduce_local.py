@@ -7,7 +7,8 @@ them: the padding is gated off every load and counted as the reduce's identity (
   - CUDA, HIP: a __shfl_xor_sync / __shfl_xor butterfly; Metal: simd_sum / simd_max over 32 lanes, else a
     simd_shuffle_xor butterfly.
   - more than 32 lanes: 32-lane butterflies, then the warps combine through shared memory with one barrier
-    (tinygrad's own GROUP_REDUCE machinery, fed one value per warp).
+    (tinygrad's own GROUP_REDUCE machinery, fed one value per warp). A GROUP/GROUPTOP on what the lanes leave of the
+    axis (BEAM's, or the matvec policy's reduce_warps) combines its warps the same way, after the lanes.
   - any other backend with local memory: the same butterfly through shared memory (a tree: log2(lanes) steps, each a
     store, a barrier and a load of lane^offset's value).
 Why: stock tinygrad splits a reduce only through GROUP/GROUPTOP, which always goes through shared memory, a barrier and
