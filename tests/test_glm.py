@@ -179,6 +179,9 @@ def test_run_variant(tiny, tmp_path):
   r = json.loads((tmp_path / "r.json").read_text())["results"]
   assert list(r) == ["on", "with TINYGRAD_EXT_MATVEC_POLICY=upcast_rows=1"]
   assert r["on"]["tokens"] == r["with TINYGRAD_EXT_MATVEC_POLICY=upcast_rows=1"]["tokens"]
+  # and says how far its logits are from passes on's: a wrong kernel shows there, not only in its time
+  assert r["with TINYGRAD_EXT_MATVEC_POLICY=upcast_rows=1"]["logits_vs_on"]["rel_err"] < 2e-3
+  assert "first token's logits vs passes on" in out.stdout and "tokens identical" in out.stdout
 
 # ***** bad input: one line on stderr, exit code 2 *****
 
