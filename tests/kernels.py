@@ -51,8 +51,12 @@ def realize_with_opts(make:Callable[[], Tensor], *opts):
   from tinygrad.engine.realize import run_linear
   t = make()
   lin = t.schedule_linear()
-  subs = {c.src[0]: with_opts(c.src[0], *opts) for c in lin.src
-          if c.src[0].op is Ops.SINK and any(u.op is Ops.REDUCE for u in c.src[0].toposort())}
-  assert subs, "no reduce kernel"
-  run_linear(lin.substitute(subs))
+  # each CALL rebuilt with its kernel replaced: UOp.substitute does not reach a CALL's kernel, so a substitute left every
+  # kernel as it was and the opts were silently never applied
+  def forced(c:UOp) -> UOp:
+    if c.op is not Ops.CALL or c.src[0].op is not Ops.SINK or not any(u.op is Ops.REDUCE for u in c.src[0].toposort()): return c
+    return c.replace(src=(with_opts(c.src[0], *opts),)+c.src[1:])
+  new = lin.replace(src=tuple(forced(c) for c in lin.src))
+  assert new is not lin, "no reduce kernel"
+  run_linear(new)
   return t.numpy()
