@@ -63,6 +63,12 @@ def apply_reduce_local(k, opt:Opt) -> tuple[UOp, UOp]:
     # adjacent elements of the first split (a quant block split over 2 lanes, 16 blocks per warp)
     check(len(prior) == 1 and prior[0].arg[0] == LANE_ID and (width:=prior[0].vmax+1) * amount <= SHUFFLE_WIDTH,
           f"a second REDUCE_LOCAL composes lanes within one warp ({SHUFFLE_WIDTH} lanes), without warps")
+    # the butterfly combines every lane of a reduce: lanes that split another reduce (softmax's sum beside its max)
+    # would each add the same partial once per lane of the first split
+    check(reduces_over(k, rng) == reduces_over(k, prior[0]), "a second REDUCE_LOCAL composes lanes of the same reduces only")
+    # padding under composed lanes gates on lane // width and the rest together, which an UNROLL of the rest then
+    # computed wrong (found by random walks over BEAM's actions): composed lanes must divide what they split
+    check(rng.src[0].divides(amount) is not None, f"a second REDUCE_LOCAL must divide its axis ({rng.src[0].render()}), it does not pad")
   check_reduce_local_legal(k, rng)
   # an axis the lanes do not divide (a symbolic length: attention over the positions so far) is padded; ADD and MAX
   # have an identity for the padding to stand in as
@@ -78,8 +84,17 @@ def apply_reduce_local(k, opt:Opt) -> tuple[UOp, UOp]:
     return k.shift_to(rng, amount, AxisType.GROUP_REDUCE, top=False, input_new_rng=lane // width)
   return split_over_lanes(k, rng, amount)
 
+def reduces_over(k, rng:UOp) -> set[UOp]:
+  return {u for u in k.ast.backward_slice if u.op is Ops.REDUCE and rng in merge_dicts([r.ranges for r in u.src[1:]])}
+
+def guard_lanes(k, opt:Opt) -> None:
+  """tinygrad's UNROLL may take any GROUP_REDUCE axis: on the lanes it would turn hardware threads into a loop that the
+  lane epilogue still combines as lanes."""
+  if opt.op is OptOps.UNROLL and (i:=k.real_axis(opt.op, opt.axis)) >= 0 and k.rngs[i].arg[0] in (LANE_ID, WARP_ID):
+    raise KernelOptError(f"{opt}: REDUCE_LOCAL's lanes are threads, not a loop to unroll")
+
 def check_reduce_local_legal(k, rng:UOp) -> None:
-  for red in [u for u in k.ast.backward_slice if u.op is Ops.REDUCE and rng in merge_dicts([r.ranges for r in u.src[1:]])]:
+  for red in reduces_over(k, rng):
     check(red.arg[0] in COMBINES, f"REDUCE_LOCAL combines ADD and MAX reduces, not {red.arg[0]}")
     check(red.dtype in LANE_DTYPES, f"REDUCE_LOCAL needs a float32/float16/bfloat16/int32 accumulator, not {red.dtype}")
     check(not any(u.arg[-1] in (AxisType.REDUCE, AxisType.UNROLL, AxisType.GROUP_REDUCE) for u in red.ranges),
@@ -234,5 +249,5 @@ pm_load_intrinsic_operands = PatternMatcher([
 BEAM_ACTIONS = tuple(Opt(OptOpsExt.REDUCE_LOCAL, axis, amt) for amt in (4, 8, 16, 32, 64, 128, 256) for axis in range(3))
 
 REDUCE_LOCAL = register(Pass("reduce_local", "splits a reduce over warp lanes (lane innermost) and combines them with register shuffles",
-  (SchedulerOpt(OptOpsExt.REDUCE_LOCAL, apply_reduce_local, BEAM_ACTIONS), CodegenStep("expander", reduce_local_epilogue),
+  (SchedulerOpt(OptOpsExt.REDUCE_LOCAL, apply_reduce_local, BEAM_ACTIONS, guard_lanes), CodegenStep("expander", reduce_local_epilogue),
    MatcherRules("pm_add_loads", pm_load_intrinsic_operands))))

@@ -46,6 +46,24 @@ def metal_renderer(arch="Apple9"):
   from tinygrad.renderer.cstyle import MetalRenderer
   return MetalRenderer(Target(device="METAL", arch=arch))
 
+class _Captured(Exception): pass
+
+def scheduler_of(ast:UOp, ren):
+  """tinygrad's Scheduler of ast as codegen hands it to apply_opts (ranges split and simplified, loops made global):
+  the state BEAM searches from, whose opts replay exactly through realize_with_opts."""
+  from tinygrad.codegen.opt.postrange import Scheduler
+  seen: list[UOp] = []
+  def capture(sink, ren, beam=0):
+    seen.append(sink)
+    raise _Captured
+  old, codegen.apply_opts = codegen.apply_opts, capture
+  try: codegen.full_rewrite_to_sink(ast, ren, optimize=True)
+  except _Captured: pass
+  finally: codegen.apply_opts = old
+  k = Scheduler(seen[0], ren)
+  k.convert_loop_to_global()
+  return k
+
 def realize_with_opts(make:Callable[[], Tensor], *opts):
   """Realizes make() with `opts` forced on every kernel that has a REDUCE (others keep the heuristic); returns numpy."""
   from tinygrad.engine.realize import run_linear

@@ -9,7 +9,7 @@ from tinygrad.helpers import Context
 from tinygrad.codegen.opt import Opt, OptOps, KernelOptError
 import tinygrad_ext
 from passes.reduce_local import OptOpsExt
-from kernels import kernel_asts, with_opts, render, realize_with_opts, cuda_renderer, metal_renderer
+from kernels import kernel_asts, with_opts, render, realize_with_opts, cuda_renderer, metal_renderer, scheduler_of
 
 def REDUCE_LOCAL(axis, amount): return Opt(OptOpsExt.REDUCE_LOCAL, axis, amount)
 
@@ -73,6 +73,43 @@ def test_reduce_local_equals_noopt(device):
   @given(st.data())
   def prop(data):
     with Context(DEV=device): check_against_noopt(data, device)
+  prop()
+
+@st.composite
+def walk_kernels(draw):
+  """(make, dtype): float32 kernels with one reduce or several (fusion's softmax and RMSNorm rows), one or two axes."""
+  rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+  rows, n = draw(st.integers(1, 6)), draw(st.sampled_from([24, 48, 96, 100, 192]))
+  a = Tensor(rng.standard_normal((rows, n)).astype(np.float32)).realize()
+  b = Tensor(rng.standard_normal((rows, n, 3)).astype(np.float32)).realize()
+  x = Tensor(rng.standard_normal(n).astype(np.float32)).realize()
+  return draw(st.sampled_from([lambda: a.softmax(1), lambda: a * (a.square().mean(1, keepdim=True) + 1e-5).rsqrt(),
+                               lambda: b.sum(axis=(1, 2)), lambda: a @ x, lambda: a.max(1)])), dtypes.float32
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_beam_walks_from_reduce_local_equal_noopt(device):
+  # what BEAM may reach: from a REDUCE_LOCAL, a few more of BEAM's legal actions (tinygrad's and ours), drawn at random.
+  # Found this way and refused since: a second REDUCE_LOCAL over another reduce (softmax's sum beside its max) or one
+  # that pads, and tinygrad's UNROLL of the lanes
+  from tinygrad.codegen.opt.search import get_kernel_actions
+  from tinygrad.uop.ops import Ops
+  @settings(max_examples=EXAMPLES.get(device, 30), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+  @given(st.data())
+  def prop(data):
+    with Context(DEV=device):
+      make, dtype = data.draw(walk_kernels())
+      make_reference = make
+      asts = [a for a in kernel_asts(make) if any(u.op is Ops.REDUCE for u in a.toposort())]
+      k = scheduler_of(asts[-1], Device[device].renderer)
+      starts = [s for s in get_kernel_actions(k, include_0=False).values() if any(o.op is OptOpsExt.REDUCE_LOCAL for o in s.applied_opts)]
+      if not starts: return  # a reduce of 2 with 4 lanes the fewest: nothing to walk from
+      k = data.draw(st.sampled_from(starts))
+      for _ in range(data.draw(st.integers(1, 4))):
+        if not (nxt:=list(get_kernel_actions(k, include_0=False).values())): break
+        k = data.draw(st.sampled_from(nxt))
+      got = realize_with_opts(make, *k.applied_opts)
+      ref = reference(make_reference)
+      np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * max(1.0, float(np.abs(ref).max())), err_msg=str(k.applied_opts))
   prop()
 
 def matvec_ast(rows=8, red=64, dtype=dtypes.float32):

@@ -84,7 +84,10 @@ def scheduler_opt(op) -> tuple[str, SchedulerOpt]|None:
   return next(((p.name, h) for p in PASSES.values() for h in p.hooks if isinstance(h, SchedulerOpt) and h.op is op), None)
 
 def _apply_opt(self:Scheduler, opt, append_opt:bool=True):
-  if (found:=scheduler_opt(opt.op)) is None: return _originals[(Scheduler, "apply_opt")](self, opt, append_opt)
+  if (found:=scheduler_opt(opt.op)) is None:
+    for h in registered_hooks(SchedulerOpt, True):
+      if h.guard is not None: h.guard(self, opt)
+    return _originals[(Scheduler, "apply_opt")](self, opt, append_opt)
   name, ext = found
   if not is_active(name): raise KernelOptError(f"{opt.op} needs the {name} pass, which is off")
   ret = ext.apply(self, opt)

@@ -27,10 +27,13 @@ class ScheduleStep:
 @dataclass(frozen=True)
 class SchedulerOpt:
   """A new Scheduler opt. tinygrad's Scheduler.apply_opt hands Opts whose `op` is this `op` to `apply(scheduler, opt)`
-  (which raises KernelOptError where the opt is illegal), and `beam_actions` join BEAM's search space."""
+  (which raises KernelOptError where the opt is illegal), and `beam_actions` join BEAM's search space. `guard(scheduler,
+  opt)`, if given, sees each of tinygrad's own opts first and raises KernelOptError where one would undo what `apply`
+  built (BEAM tries every action on every state)."""
   op: Enum
   apply: Callable[..., object]
   beam_actions: tuple = ()
+  guard: Callable[..., None]|None = None
   def where(self) -> str:
     return f"tinygrad.codegen.opt.postrange.Scheduler.apply_opt: Opt({self.op}); tinygrad.codegen.opt.search.actions: +{len(self.beam_actions)}"
 
