@@ -14,6 +14,8 @@ the gate bounds an integer expression, the root is computed once with those expr
 instead, and the words are read ungated at root + offset if that stays inside the buffer for every value the clamped
 root can take: the same address wherever the gate holds, a valid one where it does not.
 
+Not on tinygrad's PYTHON emulator, which executes UOps and cannot read a word through a byte buffer's index.
+
 Hook: a CodegenStep after tinygrad's "add images" step, the one right after its memory coalescing.
 """
 from __future__ import annotations
@@ -23,6 +25,7 @@ from tinygrad.uop.ops import UOp, Ops
 from tinygrad.uop.symbolic import parse_valid
 from tinygrad.dtype import dtypes, AddrSpace
 from tinygrad.renderer import Renderer
+from tinygrad.runtime.ops_python import PythonRenderer
 from tinygrad.helpers import ContextVar
 from tinygrad_ext import Pass, CodegenStep, register
 
@@ -56,6 +59,9 @@ def clamped_root(root:UOp, gate:UOp) -> UOp|None:
   return root.substitute(stand_in).substitute({v: clamp(e, v.vmin, v.vmax) for e, v in stand_in.items()})
 
 def packed_byte_loads(sink:UOp, ren:Renderer) -> UOp:
+  # tinygrad's PYTHON emulator runs the UOps themselves and has no pointer reinterpretation (a word read through a
+  # uint8 buffer's index): there the bytes stay bytes
+  if isinstance(ren, PythonRenderer): return sink
   # (buffer, gate, root) -> offset -> loads; a gated load (MoE: the expert id is checked against the expert count) joins
   # runs of the same gate only, and its word is loaded under that gate
   runs: defaultdict[tuple[UOp, UOp|None, UOp], dict[int, list[UOp]]] = defaultdict(dict)

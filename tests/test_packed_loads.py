@@ -93,3 +93,15 @@ def test_clamped_root_bounds_what_the_gate_bounds():
     assert at.vmin == at.vmax == v * 100 + 5
   assert clamped_root(root, e < 64).vmin < 0  # one bound: the root may still go below the buffer, so it is not used
   assert clamped_root(root, gate & e.ne(3)) is None  # a clause that is no bound
+
+def test_python_emulator_keeps_byte_loads_and_computes_the_matvec():
+  # the emulator executes UOps and cannot read a word through a byte buffer's index: the pass leaves it the bytes
+  from tinygrad import Device
+  rng = np.random.default_rng(3)
+  with Context(DEV="PYTHON"):
+    w = quantized(rng, (4, 64), "Q4_0", "PYTHON")
+    x = Tensor(rng.uniform(-1, 1, (1, 64)).astype(np.float16)).realize()
+    ast = kernel_asts(lambda: x @ w.T)[-1]
+    assert "unsigned short" in render(ast, cuda_renderer())  # the same kernel packs for CUDA
+    with tinygrad_ext.passes_off(): ref = (x @ w.T).float().numpy()
+    np.testing.assert_allclose((x @ w.T).float().numpy(), ref, rtol=2e-3, atol=2e-3)
