@@ -35,7 +35,8 @@ class SchedulerOpt:
   beam_actions: tuple = ()
   guard: Callable[..., None]|None = None
   def where(self) -> str:
-    return f"tinygrad.codegen.opt.postrange.Scheduler.apply_opt: Opt({self.op}); tinygrad.codegen.opt.search.actions: +{len(self.beam_actions)}"
+    return f"tinygrad.codegen.opt.postrange.Scheduler.apply_opt: Opt({self.op}){' (and a guard on tinygrad opts)' if self.guard else ''}; " \
+           f"tinygrad.codegen.opt.search.actions: +{len(self.beam_actions)}"
 
 @dataclass(frozen=True)
 class OptHeuristic:
