@@ -375,7 +375,7 @@ def main(argv:list[str]|None=None) -> dict:
   # each --variant: one more setting, every pass on with that pass setting
   variants = args.variants
   for name, (key, val) in variants.items():
-    SETTINGS[f"variant_{name}"] = lambda key=key, val=val: Context(**{key: int(val) if val.isdigit() else val})
+    SETTINGS[f"variant_{name}"] = lambda key=key, val=val: tinygrad_ext.with_setting(key, val)
   extra = [f"without_{n}" for n in without] + [f"policy_{n}" for n in policies] + [f"variant_{n}" for n in variants]
   rows, st = select_rows(args.rows, args.small), time.perf_counter()
   # torch first: once tinygrad's CUDA context is current, the CUDA runtime would run torch in it

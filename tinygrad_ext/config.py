@@ -23,6 +23,11 @@ def settings() -> dict:
   """Every registered pass's settings, by key: ContextVars, so `Context(KEY=value)` scopes a change (A/B runs)."""
   return {v.key: v for p in PASSES.values() for v in p.settings}
 
+def with_setting(key:str, text:str) -> contextlib.AbstractContextManager:
+  """`with with_setting("TINYGRAD_EXT_HOIST_KEEP_GATES", "1"):` every pass on, one setting set from its text (an int
+  setting's text read as an int): the A/B runs of run.py and benchmarks/kernels.py."""
+  return Context(**{key: int(text) if isinstance(settings()[key].value, int) else text})
+
 def cache_id() -> str:
   """Identifies the code the active passes produce: '' when none is active (programs are stock tinygrad's). A pass's
   setting that is set (non-empty) is part of it: name[KEY=value]."""

@@ -16,7 +16,6 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # the repo root: examples.glm is a package
 from tinygrad import Device, Tensor, dtypes  # noqa: E402
 from tinygrad.uop.ops import Ops  # noqa: E402
-from tinygrad.helpers import Context  # noqa: E402
 from examples.glm import model as glm, synth, stats, roofline  # noqa: E402
 
 SYNTH_VERSION = 2  # bump when synth.py's output changes, so cached files are rewritten
@@ -150,8 +149,7 @@ def mode_passes(mode:str):
   if mode == "off": return tinygrad_ext.passes_off()
   if mode.startswith("without "): return tinygrad_ext.without(*mode.removeprefix("without ").split(","))
   if mode.startswith("with "):  # "with SETTING=VALUE": every pass on, one setting changed
-    key, _, val = mode.removeprefix("with ").partition("=")
-    return Context(**{key: int(val) if isinstance(tinygrad_ext.settings()[key].value, int) else val})
+    return tinygrad_ext.with_setting(*mode.removeprefix("with ").split("=", 1))
   return contextlib.nullcontext()
 
 def run_mode(m:glm.GLM, tok:Tokenizer, prompt:list[int], a, mode:str) -> dict:
