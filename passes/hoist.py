@@ -32,7 +32,7 @@ from tinygrad.dtype import dtypes, Invalid
 from tinygrad.helpers import prod, ContextVar
 from tinygrad.renderer import Renderer
 from tinygrad_ext import Pass, CodegenStep, register
-from passes.packed_loads import clamped_root
+from passes.packed_loads import clamped_root, reads_inside
 
 # ranges a single thread iterates (a loop) or holds unrolled; lanes and warps (GROUP_REDUCE) are other threads' work
 INNER_AXES = (AxisType.REDUCE, AxisType.UNROLL)
@@ -103,8 +103,8 @@ def invariant_gate(r:UOp, stored:set[UOp]) -> UOp|None:
 
 def index_where_gate_holds(buf:UOp, idx:UOp, gate:UOp) -> UOp|None:
   """idx with what the gate bounds clamped into those bounds, where every value it then takes is inside buf; else None."""
-  if buf.op is not Ops.PARAM or (clamped:=clamped_root(idx, gate)) is None or not isinstance(n:=buf.shape[0], int): return None
-  return clamped if isinstance(clamped.vmin, int) and isinstance(clamped.vmax, int) and 0 <= clamped.vmin and clamped.vmax < n else None
+  if buf.op is not Ops.PARAM or (clamped:=clamped_root(idx, gate)) is None: return None
+  return clamped if reads_inside(buf, clamped) else None
 
 # the summand where the gate (ctx) holds: its selects on the gate take their true side, its gated loads read ungated
 pm_gate_holds = PatternMatcher([

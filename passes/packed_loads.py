@@ -58,6 +58,10 @@ def clamped_root(root:UOp, gate:UOp) -> UOp|None:
   def clamp(e:UOp, lo:int, hi:int) -> UOp: return (-((-e.cast(dtypes.int32).maximum(lo)).maximum(-hi))).cast(e.dtype)
   return root.substitute(stand_in).substitute({v: clamp(e, v.vmin, v.vmax) for e, v in stand_in.items()})
 
+def reads_inside(buf:UOp, idx:UOp, width:int=1) -> bool:
+  """Every value idx can take, and the width-1 elements after it, lie inside buf (a static-size buffer)."""
+  return isinstance(n:=buf.shape[0], int) and isinstance(idx.vmin, int) and isinstance(idx.vmax, int) and idx.vmin >= 0 and idx.vmax + width <= n
+
 def packed_byte_loads(sink:UOp, ren:Renderer) -> UOp:
   # tinygrad's PYTHON emulator runs the UOps themselves and has no pointer reinterpretation (a word read through a
   # uint8 buffer's index): there the bytes stay bytes
@@ -87,8 +91,7 @@ def packed_byte_loads(sink:UOp, ren:Renderer) -> UOp:
         if width > 1:
           # the clamped root keeps the root's alignment: divides() held for every value of its variables
           if gate is None: idx = start
-          elif clamped is not None and isinstance(n:=buf.shape[0], int) and clamped.vmin + offsets[0] >= 0 and clamped.vmax + offsets[0] + width <= n:
-            idx = clamped + offsets[0]
+          elif clamped is not None and reads_inside(buf, clamped + offsets[0], width): idx = clamped + offsets[0]
           else: idx = start.valid(gate)
           word = buf.index(idx).cast(WORDS[width]).load()
           # tinygrad gates a load through its INDEX, a pointer cast hides that: the invalid index is clamped to a valid
