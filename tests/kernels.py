@@ -37,6 +37,11 @@ def cuda_renderer(arch="sm_90"):
   from tinygrad.renderer.cstyle import NVCCRenderer  # compiles with nvcc, where there is one; renders anywhere
   return NVCCRenderer(Target(device="CUDA", arch=arch))
 
+def clang_renderer():
+  # tinygrad's CPU renderer without opening the CPU device (which compiles on open: the GPU machine's gcc cannot)
+  from tinygrad.renderer.cstyle import ClangRenderer
+  return ClangRenderer(Target(device="CPU", arch="x86_64,native"))
+
 def metal_renderer(arch="Apple9"):
   # MetalRenderer imports its compiler from ops_metal, which needs macOS: stub that import to render on Linux
   if "tinygrad.runtime.ops_metal" not in sys.modules:
