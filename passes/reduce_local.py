@@ -180,12 +180,18 @@ def _elementwise(v:UOp, f:Callable[[UOp], UOp]) -> UOp:
   return UOp.stack(*[f(v.index(i)) for i in range(v.shape[0])]) if len(v.shape) == 1 else \
          UOp.stack(*[_elementwise(v.index(i), f) for i in range(v.shape[0])])
 
+def xor_partner(lane:UOp, offset:int) -> UOp:
+  """lane ^ offset (offset a power of two) written so tinygrad's range analysis bounds it by the lanes: it bounds no XOR,
+  so an index through one got a modulo with a negative-index fixup, whose select LLVM 15 (PoCL 3.1) miscompiles once
+  PoCL keeps it per work-item across a barrier (it read the bits of a packed <N x i1> as bytes: wrong sums on CL)."""
+  return (lane // (2*offset)) * (2*offset) + (lane % (2*offset) + offset) % (2*offset)
+
 def smem_shuffle(lane:UOp, others:tuple[UOp, ...]) -> Callable[[UOp, int], UOp]:
   """An xor shuffle through local memory: every lane stores its value, then reads lane^offset's. Each step gets its own
   buffer (tinygrad's STAGE/bufferize, as its GROUP_REDUCE uses), so tinygrad's implicit barriers order store and load
   and no step overwrites a value another lane has yet to read."""
   def shuffle(v:UOp, offset:int) -> UOp:
-    return v.bufferize(*others, lane, arg=BufferizeOpts(LANE_ID, AddrSpace.LOCAL)).index(*others, lane ^ offset)
+    return v.bufferize(*others, lane, arg=BufferizeOpts(LANE_ID, AddrSpace.LOCAL)).index(*others, xor_partner(lane, offset))
   return shuffle
 
 def lanes_map_to_hardware(sink:UOp, ren:Renderer) -> bool:
