@@ -73,13 +73,16 @@ POLICIES = {
   # 4 rows per lane where the activation is silu(gate) * up (examples/glm/results/h200-full-q4_0-2026-11-23-costly-act.txt,
   # in the model): MoE down 9.4 -> 7.3 us, dense ffn down 19.2 -> 17.8, but the shared expert's down (3.1M elements)
   # 4.1 -> 5.4, so from 8M elements
-  # reduce_warps stays 1 until measured: every timing of it so far (2026-11-23; 2026-12-01, below 11M elements: attn_q_a
-  # 3.8 -> 2.5 us, attn_q_b 3.0 -> 2.6, attn_output 6.2 -> 5.7, shexp down 3.2 -> 2.5, losses from 12.6M) was of wrong
-  # kernels (reduce_local combined the warps before the lanes); `reduce_warps=8` is the A/B of the size gate below
+  # a row's blocks over up to 8 warps below 11M elements (benchmarks/results/h200-2026-12-02-kernels-reduce-warps.txt, the
+  # fixed kernels: attn_q_a 3.7 -> 2.5 us, attn_q_b 3.0 -> 2.5, attn_output 6.1 -> 5.5, shexp gate+up 4.0 -> 3.5, shexp
+  # down 3.1 -> 2.5; from 11.8M it lost: ffn up 7.0 -> 8.0, MoE gate+up 8.6 -> 9.4); in the model it lost where the
+  # matvec has company in its kernel (examples/glm/results/h200-full-q4_0-2026-12-02-reduce-warps-ab.txt: q_b with the
+  # q_a norm's sum of squares 3.38 -> 4.54 us, attn_output with the MoE output's epilogue 5.96 -> 6.52), so only a
+  # matvec alone in its kernel gets it (attn_k_b 2.63 -> 2.30, attn_q_a+kv_a 3.49 -> 3.34)
   "CUDA": MatvecPolicy(lanes=32, rows_per_block=4, upcast_rows=2, upcast_min_elements=5 << 20, quant_upcast_min_elements=0,
                        float_unroll=8, lanes_per_block=2, wide_upcast_rows=4, wide_upcast_min_elements=64 << 20,
                        costly_act_upcast_rows=4, costly_act_min_elements=8 << 20, min_row_blocks=64, min_block_threads=32,
-                       reduce_warps_max_elements=11 << 20),
+                       reduce_warps=8, reduce_warps_max_elements=11 << 20),
   # a simdgroup is 32 wide; not measured (no Apple hardware here), so no row upcast until it is
   "METAL": MatvecPolicy(lanes=32, rows_per_block=4, upcast_rows=1, upcast_min_elements=0, quant_upcast_min_elements=0, float_unroll=8),
   "generic": MatvecPolicy(lanes=16, rows_per_block=4, upcast_rows=1, upcast_min_elements=0, quant_upcast_min_elements=0, float_unroll=4),
@@ -206,8 +209,10 @@ def choose_matvec_opts(k):
   if block_lanes > 1: reduce_local(main_red()[1], block_lanes)
   if lanes > 1: reduce_local(main_red()[0], lanes)
   if row_reduces and not spread_rows_over_lanes(k, row_reduces): return None
-  # what is left of the block axis: loop steps of each lane
-  if len(red) >= 2 and (left:=main_red()) and (warps:=reduce_warps(pol, k.full_shape[left[0]], weight_elements)) > 1:
+  # what is left of the block axis: loop steps of each lane, split over warps where the matvec is alone in its kernel
+  # (each warp would repeat a row reduce of the activation, and load a side reduce's operands: the epilogue)
+  if len(red) >= 2 and not side and not row_reduces and (left:=main_red()) and \
+     (warps:=reduce_warps(pol, k.full_shape[left[0]], weight_elements)) > 1:
     k.apply_opt(Opt(OptOps.GROUP, k.axes_of(AxisType.REDUCE).index(left[0]), warps))
   if pol.block_unroll > 1 and (left:=main_red()) and \
      (amt:=max(d for d in range(1, pol.block_unroll+1) if k.full_shape[left[0]] % d == 0)) > 1:

@@ -224,3 +224,24 @@ def test_matvec_takes_the_moe_output_with_its_routing_weights_inside(device):
     assert any(o.op is OptOpsExt.REDUCE_LOCAL for o in opts) and opts.count(Opt(OptOps.UNROLL, 0, 4)) == 2, opts
     with tinygrad_ext.passes_off(): ref = make().numpy()
     assert_close_fp16(make().numpy(), ref)
+
+def groups(opts) -> list: return [o for o in opts if o.op is OptOps.GROUP]
+
+def test_matvec_splits_a_rows_blocks_over_warps_only_where_it_is_alone_in_its_kernel():
+  # CUDA's reduce_warps: a lone matvec under 11M weights gets a GROUP on what the lanes leave of the blocks (5120 inputs:
+  # 160 Q4_0 blocks, 5 a lane, 5 warps); with a row reduce in its activation (q_b's fused q_a norm, which each warp would
+  # repeat) or a side reduce (attn_output's epilogue recomputing the MoE output) it gets none: both lost in the model
+  w, wq_b = quantized(rng, (256, 5120), "Q4_0", Device.DEFAULT), quantized(rng, (512, 768), "Q4_0", Device.DEFAULT)
+  x5 = Tensor.empty(1, 5120, dtype=dtypes.float16)
+  assert groups(applied(lambda: x5 @ w.T, cuda_renderer())) == [Opt(OptOps.GROUP, 0, 5)]
+  with Context(TINYGRAD_EXT_MATVEC_POLICY="reduce_warps=1"): assert not groups(applied(lambda: x5 @ w.T, cuda_renderer()))
+  q_a, norm = Tensor.empty(1, 1344, dtype=dtypes.float16), Tensor.empty(768, dtype=dtypes.float32)
+  def q_b():
+    xf = q_a[:, :768].float()
+    return (xf * (xf.square().mean(-1, keepdim=True) + 1e-5).rsqrt() * norm).cast(dtypes.half) @ wq_b.T
+  x7 = Tensor.empty(1, 768, dtype=dtypes.float16)
+  assert groups(applied(lambda: x7 @ wq_b.T, cuda_renderer())) == [Opt(OptOps.GROUP, 0, 3)]  # 24 blocks: 8 lanes x 3
+  assert not groups(applied(q_b, cuda_renderer()))
+  rows, weights = Tensor.empty(1, 4, 256, dtype=dtypes.float16), Tensor.empty(1, 4, 1, dtype=dtypes.float16)
+  opts = applied(lambda: (rows * weights).sum(1) + x5 @ w.T, cuda_renderer())
+  assert any(o.op is OptOpsExt.REDUCE_LOCAL for o in opts) and not groups(opts), opts
