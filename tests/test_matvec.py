@@ -192,15 +192,18 @@ def test_matvec_fills_a_warp_where_the_reduce_is_short():
   with Context(TINYGRAD_EXT_MATVEC_POLICY="min_block_threads=0"): before = applied(lambda: x @ long.T, cuda_renderer())
   assert applied(lambda: x @ long.T, cuda_renderer()) == before
 
-def test_matvec_spreads_a_short_norm_over_its_lanes():
-  # GLM's q_b reads the 768-wide q_a RMSNorm: fusion leaves the norm in the matvec, whose lanes also split its sum of
-  # squares (24 elements a lane, one butterfly), where a thread would otherwise walk all 768
-  w = quantized(rng, (5120, 768), "Q4_0", Device.DEFAULT)
+def q_b_reading_its_norm(w:Tensor):
+  """GLM's attn_q_b: the matvec of the q_a RMSNorm (768 of q_a+kv_a's 1344 outputs), fused into it."""
   q_a, norm = Tensor.empty(1, 1344, dtype=dtypes.float16), Tensor.empty(768, dtype=dtypes.float32)
   def make():
     xf = q_a[:, :768].float()
     return (xf * (xf.square().mean(-1, keepdim=True) + 1e-5).rsqrt() * norm).cast(dtypes.half) @ w.T
-  (ast,) = kernel_asts(make)
+  return make
+
+def test_matvec_spreads_a_short_norm_over_its_lanes():
+  # GLM's q_b reads the 768-wide q_a RMSNorm: fusion leaves the norm in the matvec, whose lanes also split its sum of
+  # squares (24 elements a lane, one butterfly), where a thread would otherwise walk all 768
+  (ast,) = kernel_asts(q_b_reading_its_norm(quantized(rng, (5120, 768), "Q4_0", Device.DEFAULT)))
   src = render(ast, cuda_renderer())
   assert "< 24;" in src and "< 768;" not in src and src.count("__shfl_xor_sync") == 5 * 3, src  # the norm's + 2 rows'
 
@@ -235,13 +238,9 @@ def test_matvec_splits_a_rows_blocks_over_warps_only_where_it_is_alone_in_its_ke
   x5 = Tensor.empty(1, 5120, dtype=dtypes.float16)
   assert groups(applied(lambda: x5 @ w.T, cuda_renderer())) == [Opt(OptOps.GROUP, 0, 5)]
   with Context(TINYGRAD_EXT_MATVEC_POLICY="reduce_warps=1"): assert not groups(applied(lambda: x5 @ w.T, cuda_renderer()))
-  q_a, norm = Tensor.empty(1, 1344, dtype=dtypes.float16), Tensor.empty(768, dtype=dtypes.float32)
-  def q_b():
-    xf = q_a[:, :768].float()
-    return (xf * (xf.square().mean(-1, keepdim=True) + 1e-5).rsqrt() * norm).cast(dtypes.half) @ wq_b.T
   x7 = Tensor.empty(1, 768, dtype=dtypes.float16)
   assert groups(applied(lambda: x7 @ wq_b.T, cuda_renderer())) == [Opt(OptOps.GROUP, 0, 3)]  # 24 blocks: 8 lanes x 3
-  assert not groups(applied(q_b, cuda_renderer()))
+  assert not groups(applied(q_b_reading_its_norm(wq_b), cuda_renderer()))
   rows, weights = Tensor.empty(1, 4, 256, dtype=dtypes.float16), Tensor.empty(1, 4, 1, dtype=dtypes.float16)
   opts = applied(lambda: (rows * weights).sum(1) + x5 @ w.T, cuda_renderer())
   assert any(o.op is OptOpsExt.REDUCE_LOCAL for o in opts) and not groups(opts), opts
