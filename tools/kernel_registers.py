@@ -2,7 +2,7 @@
 """Registers and shared memory per thread block (ptxas -v, sm_90) of each benchmarks/kernels.py row's matvec, rendered for
 CUDA here, without a GPU, under matvec policy overrides: the occupancy side of a policy change, before device time.
 
-  python tools/kernel_registers.py [ROWS|all] [POLICY ...]   e.g.  all "" reduce_warps=8
+  python tools/kernel_registers.py [ROWS|all] [POLICY ...]   e.g.  all "" reduce_warps=1
 """
 import re, subprocess, sys, tempfile, pathlib
 sys.path[:0] = [str(pathlib.Path(__file__).resolve().parents[1]), str(pathlib.Path(__file__).resolve().parents[1] / "tests")]
