@@ -10,15 +10,28 @@ converted integer down to such a u plus a constant c: constant additions, value-
 bytes (bitcast<int8>(b) = (b ^ 0x80) - 128; a byte known to be below 128 is its own value). A conversion whose range
 it cannot bound below 2^23 is left as it is.
 
+A quant value is usually a bit field of a packed word (packed_loads reads a Q4_0 block's nibbles as ushorts): the nibble
+at bits s..s+3 of w was shifted down and masked, byte by byte. The field is converted in place instead: with w's field
+kept where it is and the exponent of 2^(23-s) above it, the float's bits (w & (0xF << s)) | ((150-s) << 23) are
+exactly 2^(23-s) + n, so each value is one AND-and-OR and a subtract, with no shift and no byte split. On CUDA the
+AND-and-OR is one lop3 (inline PTX with both constants in registers): ptxas splits it into an AND and an OR, a LOP3 each,
+since one LOP3 holds one immediate. On the H200 the Q4_0 matvecs were bound by that integer pipe (nsight compute: the
+output head's ALU pipe 60% busy, 4.9 instructions a weight element, 2 of them integer ops); the lop3 removes one
+instruction an element (TINYGRAD_EXT_INT_TO_FLOAT_PER_BYTE=1 keeps the per-byte form, for A/B runs).
+
 Hook: a CodegenStep after tinygrad's "add images" step (devectorized: every conversion is a scalar CAST).
 """
 from __future__ import annotations
 from tinygrad.uop.ops import UOp, Ops, PatternMatcher, UPat, graph_rewrite
 from tinygrad.dtype import dtypes
 from tinygrad.renderer import Renderer
+from tinygrad.renderer.cstyle import CUDARenderer
+from tinygrad.helpers import ContextVar
 from tinygrad_ext import Pass, CodegenStep, register
 
 MAGIC_BITS, MAGIC = 0x4B000000, float(1 << 23)  # the float32 bits of 2^23, and 2^23
+# A/B: 1 converts each value from its own byte, shifted down and masked, as before fields were converted in place
+PER_BYTE = ContextVar("TINYGRAD_EXT_INT_TO_FLOAT_PER_BYTE", 0)
 
 def fits(u:UOp) -> bool: return isinstance(u.vmin, int) and isinstance(u.vmax, int) and 0 <= u.vmin and u.vmax < (1 << 23)
 
@@ -32,17 +45,41 @@ def unsigned_core(e:UOp) -> tuple[UOp, int]|None:
   if dtypes.is_unsigned(e.dtype) and fits(e): return e, 0
   return None
 
-def exponent_trick(x:UOp, e:UOp) -> UOp|None:
+def bit_field(e:UOp) -> tuple[UOp, int, int]:
+  """(w, s, m) with e == (w >> s) & m: the word w a chain of constant shifts, masks and unsigned casts starts from."""
+  a = e.src[1].arg if len(e.src) == 2 and e.src[1].op is Ops.CONST and isinstance(e.src[1].arg, int) and e.src[1].arg >= 0 else None
+  if a is not None and dtypes.is_unsigned(e.dtype) and e.src[0].vmin >= 0:
+    if e.op is Ops.AND: return (w:=bit_field(e.src[0]))[:2] + (w[2] & a,)
+    shift = a if e.op is Ops.SHR else a.bit_length() - 1 if e.op in (Ops.CDIV, Ops.FLOORDIV) and a & (a - 1) == 0 and a else None
+    if shift is not None: return (w:=bit_field(e.src[0]))[0], w[1] + shift, w[2] >> shift
+  if e.op is Ops.CAST and dtypes.is_unsigned(e.dtype) and dtypes.is_unsigned(e.src[0].dtype):
+    return (w:=bit_field(e.src[0]))[:2] + (w[2] & ((1 << 8 * e.dtype.itemsize) - 1),)  # a narrowing cast keeps the low bits
+  return e, 0, (1 << e.vmax.bit_length()) - 1 if isinstance(e.vmax, int) and e.vmin >= 0 else (1 << 8 * e.dtype.itemsize) - 1
+
+def and_or(w:UOp, mask:int, bits:int, ren:Renderer) -> UOp:
+  """(w & mask) | bits in uint32: on CUDA one lop3 with both constants in registers (ptxas would emit two LOP3s)."""
+  w = w.cast(dtypes.uint32)
+  if not isinstance(ren, CUDARenderer): return (w & mask) | bits
+  # lop3's truth table 0xEA is (a & b) | c; a lambda keeps the asm an expression, as a CUSTOMI renders inline
+  asm = 'lop3.b32 %0, %1, %2, %3, 0xEA;'
+  return UOp(Ops.CUSTOMI, dtypes.uint32, (w,), f'([](uint a){{{{ uint d; asm("{asm}" : "=r"(d) : "r"(a), "r"({mask}u), "r"({bits}u)); return d; }}}})({{0}})')
+
+def exponent_trick(ctx:Renderer, x:UOp, e:UOp) -> UOp|None:
   if (core:=unsigned_core(e)) is None: return None
   u, c = core
   if abs(c) >= (1 << 23): return None  # 2^23 - c must be exact
-  return (u.cast(dtypes.uint32) | MAGIC_BITS).bitcast(dtypes.float32) - (MAGIC - c)
+  w, s, m = bit_field(u)
+  # no field (the value itself: a K-quant's bits joined from two fields), or not one a float holds in place
+  if PER_BYTE.value or w is u or m & (m + 1) or not m or s + m.bit_length() > 23 or w.dtype.itemsize > 4:
+    return (u.cast(dtypes.uint32) | MAGIC_BITS).bitcast(dtypes.float32) - (MAGIC - c)
+  # the field stays at bit s; the exponent of 2^(23-s) makes its float 2^(23-s) + the field's value, exactly
+  return and_or(w, m << s, (150 - s) << 23, ctx).bitcast(dtypes.float32) - (float(1 << (23 - s)) - c)
 
 pm_int_to_float = PatternMatcher([
   (UPat(Ops.CAST, dtypes.float32, src=(UPat(dtype=dtypes.ints, name="e"),), name="x"), exponent_trick),
 ])
 
-def cheap_int_to_float(sink:UOp, ren:Renderer) -> UOp: return graph_rewrite(sink, pm_int_to_float, name="int_to_float")
+def cheap_int_to_float(sink:UOp, ren:Renderer) -> UOp: return graph_rewrite(sink, pm_int_to_float, ctx=ren, name="int_to_float")
 
-INT_TO_FLOAT = register(Pass("int_to_float", "small-range int -> float32 conversions become an OR into the exponent bits and a subtract",
-                             (CodegenStep("add images", cheap_int_to_float),)))
+INT_TO_FLOAT = register(Pass("int_to_float", "small-range int -> float32 conversions become an OR into the exponent bits and a subtract, a packed field in place",
+                             (CodegenStep("add images", cheap_int_to_float),), settings=(PER_BYTE,)))

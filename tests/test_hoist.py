@@ -102,14 +102,41 @@ def depth_of_loads(ast:UOp) -> int:
     if u.op is Ops.LOAD and u.dtype in (dtypes.uint8, dtypes.uint16): out = max(out, depth)
   return out
 
+def nibble_fields(src:str, cuda:bool) -> dict[int, int]:
+  """Nibble position s -> how many conversions OR the exponent of 2^(23-s) onto the nibble masked in place in its word."""
+  out = {}
+  for s in (0, 4, 8, 12):
+    mask, bits = 15 << s, (150 - s) << 23
+    out[s] = src.count(f'"r"({mask}u), "r"({bits}u)') if cuda else src.count(f"&{mask}u)|{bits}u)")
+  return out
+
 @one_row_per_lane()
-def test_rendered_cuda_and_metal_convert_nibbles_through_the_exponent():
+def test_rendered_cuda_and_metal_convert_nibbles_in_place_through_the_exponent():
+  # a Q4_0 block's 32 nibbles, read as 8 ushorts: each is masked where it sits in its word and gets the exponent that
+  # makes the float 2^(23-s) + n (on CUDA one lop3 with both constants in registers), with no shift and no byte split
   ast = q4_0_matvec_ast()
-  for ren in (cuda_renderer(), metal_renderer()):
+  for ren, cuda in ((cuda_renderer(), True), (metal_renderer(), False)):
     on = render(ast, ren)
+    assert nibble_fields(on, cuda) == {0: 8, 4: 8, 8: 8, 12: 8}, on
+    assert on.count("lop3.b32") == (32 if cuda else 0), on
+    assert "(float)((tg_bitcast<signed char>" not in on.replace("as_type<signed char>", "tg_bitcast<signed char>"), on
+    with Context(TINYGRAD_EXT_INT_TO_FLOAT_PER_BYTE=1): per_byte = render(ast, ren)
+    assert per_byte.count("1258291200u") == 32 and "lop3" not in per_byte, per_byte  # every nibble shifted down first
     with without("int_to_float"): off = render(ast, ren)
-    assert on.count("1258291200u") == 32 and "(float)((tg_bitcast<signed char>" not in on.replace("as_type<signed char>", "tg_bitcast<signed char>"), on
-    assert "1258291200u" not in off, off
+    assert "1258291200u" not in off and "lop3" not in off, off
+  if shutil.which("nvcc") is None: pytest.fail("nvcc is needed to compile the rendered CUDA")
+  assert len(cuda_renderer().compiler.compile(render(ast, cuda_renderer()))) > 0
+
+def test_bit_field_reads_through_shifts_masks_and_casts():
+  # the chain packed_loads and tinygrad.llm's Q4_0 dequant leave: a byte of a word, then a nibble of the byte
+  from passes.int_to_float import bit_field
+  w = UOp.variable("w", 0, 65535, dtypes.uint16)
+  byte = ((w >> 8) & 255).cast(dtypes.uint8)
+  assert bit_field((byte // 16) & 15) == (w, 12, 15)
+  assert bit_field(byte & 15) == (w, 8, 15)
+  assert bit_field(w.cast(dtypes.uint8) >> 4) == (w, 4, 15)  # a narrowing cast keeps the low 8 bits
+  x = UOp.variable("x", 0, 200, dtypes.uint32)
+  assert bit_field(x) == (x, 0, 255)  # no field: the value itself, masked by its range
 
 def test_a_factor_read_from_a_stored_buffer_stays():
   # the factor s reads the buffer the kernel stores to: a store inside the loop could change it, so it is not moved
