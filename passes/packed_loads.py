@@ -14,7 +14,9 @@ the gate bounds an integer expression, the root is computed once with those expr
 instead, and the words are read ungated at root + offset if that stays inside the buffer for every value the clamped
 root can take: the same address wherever the gate holds, a valid one where it does not.
 
-Not on tinygrad's PYTHON emulator, which executes UOps and cannot read a word through a byte buffer's index.
+Only where the renderer is a C-style one (C, OpenCL, Metal, CUDA C), whose pointer casts read a word through a byte
+buffer's index: tinygrad's PTX renderer has no load through a cast pointer (DEV=CUDA:PTX failed to render every Q4_0
+matvec), and its PYTHON emulator executes the UOps themselves.
 
 Hook: a CodegenStep after tinygrad's "add images" step, the one right after its memory coalescing.
 """
@@ -25,7 +27,7 @@ from tinygrad.uop.ops import UOp, Ops
 from tinygrad.uop.symbolic import parse_valid
 from tinygrad.dtype import dtypes, AddrSpace
 from tinygrad.renderer import Renderer
-from tinygrad.runtime.ops_python import PythonRenderer
+from tinygrad.renderer.cstyle import CStyleLanguage
 from tinygrad.helpers import ContextVar
 from tinygrad_ext import Pass, CodegenStep, register
 
@@ -63,9 +65,9 @@ def reads_inside(buf:UOp, idx:UOp, width:int=1) -> bool:
   return isinstance(n:=buf.shape[0], int) and isinstance(idx.vmin, int) and isinstance(idx.vmax, int) and idx.vmin >= 0 and idx.vmax + width <= n
 
 def packed_byte_loads(sink:UOp, ren:Renderer) -> UOp:
-  # tinygrad's PYTHON emulator runs the UOps themselves and has no pointer reinterpretation (a word read through a
-  # uint8 buffer's index): there the bytes stay bytes
-  if isinstance(ren, PythonRenderer): return sink
+  # a word read through a uint8 buffer's index is a pointer cast: C-style renderers only (PTX has no load through one,
+  # the PYTHON emulator no pointers); elsewhere the bytes stay bytes
+  if not isinstance(ren, CStyleLanguage): return sink
   # (buffer, gate, root) -> offset -> loads; a gated load (MoE: the expert id is checked against the expert count) joins
   # runs of the same gate only, and its word is loaded under that gate
   runs: defaultdict[tuple[UOp, UOp|None, UOp], dict[int, list[UOp]]] = defaultdict(dict)

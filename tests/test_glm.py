@@ -96,6 +96,25 @@ def test_passes_on_off_same_tokens(model):
   with tinygrad_ext.passes_off(): off = _greedy(model, 4)
   assert on == off and len(on) == 4
 
+def test_decode_kernels_render_for_every_backend(model, tmp_path):
+  # every kernel of a decode step, passes on, renders for CUDA C, PTX (assembled by ptxas), Metal and C: a pass that a
+  # renderer cannot take must not fire there (packed_loads' word loads once crashed 22 of these 41 kernels on PTX)
+  import shutil
+  from tinygrad.helpers import Target
+  from tinygrad.renderer.ptx import PTXRenderer
+  from kernels import kernel_asts, render, cuda_renderer, metal_renderer, clang_renderer
+  asts = kernel_asts(lambda: model.forward([5], model.start_pos.bind(3)))
+  assert len(asts) > 30
+  for ren in (cuda_renderer(), metal_renderer(), clang_renderer()):
+    for ast in asts: assert render(ast, ren)
+  if shutil.which("ptxas") is None: pytest.fail("ptxas is needed to assemble the rendered PTX")
+  ptx = PTXRenderer(Target(device="CUDA", arch="sm_90"))
+  for i, ast in enumerate(asts):
+    # the placeholders tinygrad's PTX compiler fills in (tinygrad.runtime.support.compiler_cuda)
+    (f:=tmp_path / f"k{i}.ptx").write_text(render(ast, ptx).replace("TARGET", "sm_90").replace("VERSION", "7.8"))
+    r = subprocess.run(["ptxas", "-arch=sm_90", "-o", str(tmp_path / f"k{i}.cubin"), str(f)], capture_output=True, text=True)
+    assert r.returncode == 0, (i, r.stderr)
+
 def test_topk_ids():
   x = np.array([[[0.3, 0.9, 0.1, 0.9, 0.5, 0.2, 0.9, 0.0]]], np.float32)  # ties go to the lower id
   got = glm.topk_ids(Tensor(x), 4).numpy()
