@@ -43,8 +43,10 @@ class MatvecPolicy:
   # reduce_warps_max_elements weights (0: any size). A small matrix fills few warps, each walking many blocks
   reduce_warps: int = 1
   reduce_warps_max_elements: int = 0
-  # blocks per lane per loop step (UNROLL of what is left of the block axis after the lanes): more loads in flight
+  # blocks per lane per loop step (UNROLL of what is left of the block axis after the lanes): more loads in flight, on
+  # matrices of at least block_unroll_min_elements weights (0: any size)
   block_unroll: int = 1
+  block_unroll_min_elements: int = 0
   # rows per lane where the activation costs a transcendental per element (a MoE down matvec reading silu(gate) * up),
   # on matrices of at least costly_act_min_elements: each lane computes it once for all its rows, so more rows per lane
   # divide that work (smaller matrices lose more to fewer threads than they save)
@@ -79,10 +81,13 @@ POLICIES = {
   # matvec has company in its kernel (examples/glm/results/h200-full-q4_0-2026-12-02-reduce-warps-ab.txt: q_b with the
   # q_a norm's sum of squares 3.38 -> 4.54 us, attn_output with the MoE output's epilogue 5.96 -> 6.52), so only a
   # matvec alone in its kernel gets it (attn_k_b 2.63 -> 2.30, attn_q_a+kv_a 3.49 -> 3.34)
+  # 2 blocks a loop step on the output head only (benchmarks/results/h200-2026-12-02d-kernels-block-unroll-upcast.txt:
+  # 58.4 -> 56.3 us; ffn up 6.6 -> 6.9, MoE gate+up 8.3 -> 8.4, so from 64M elements; in the model on 2026-11-23 the head
+  # went 68.2 -> 64.0 with it)
   "CUDA": MatvecPolicy(lanes=32, rows_per_block=4, upcast_rows=2, upcast_min_elements=5 << 20, quant_upcast_min_elements=0,
                        float_unroll=8, lanes_per_block=2, wide_upcast_rows=4, wide_upcast_min_elements=64 << 20,
                        costly_act_upcast_rows=4, costly_act_min_elements=8 << 20, min_row_blocks=64, min_block_threads=32,
-                       reduce_warps=8, reduce_warps_max_elements=11 << 20),
+                       reduce_warps=8, reduce_warps_max_elements=11 << 20, block_unroll=2, block_unroll_min_elements=64 << 20),
   # a simdgroup is 32 wide; not measured (no Apple hardware here), so no row upcast until it is
   "METAL": MatvecPolicy(lanes=32, rows_per_block=4, upcast_rows=1, upcast_min_elements=0, quant_upcast_min_elements=0, float_unroll=8),
   "generic": MatvecPolicy(lanes=16, rows_per_block=4, upcast_rows=1, upcast_min_elements=0, quant_upcast_min_elements=0, float_unroll=4),
@@ -214,7 +219,7 @@ def choose_matvec_opts(k):
   if len(red) >= 2 and not side and not row_reduces and (left:=main_red()) and \
      (warps:=reduce_warps(pol, k.full_shape[left[0]], weight_elements)) > 1:
     k.apply_opt(Opt(OptOps.GROUP, k.axes_of(AxisType.REDUCE).index(left[0]), warps))
-  if pol.block_unroll > 1 and (left:=main_red()) and \
+  if pol.block_unroll > 1 and weight_elements >= pol.block_unroll_min_elements and (left:=main_red()) and \
      (amt:=max(d for d in range(1, pol.block_unroll+1) if k.full_shape[left[0]] % d == 0)) > 1:
     unroll(left[0], amt)
   upcast = pol.wide_upcast_rows if pol.wide_upcast_rows > 1 and weight_elements >= pol.wide_upcast_min_elements else pol.upcast_rows

@@ -75,9 +75,10 @@ def test_matvec_passes_on_equal_passes_off(device):
   def prop(data):
     with Context(DEV=device):
       make = data.draw(matvecs(device))
-      # the backend's policy, or one that splits each quant block over lanes, or a row's blocks over warps (CUDA's
-      # choices, run here too)
-      policy = data.draw(st.sampled_from(["", "lanes_per_block=2", "lanes=32,lanes_per_block=4", "lanes=32,lanes_per_block=2,reduce_warps=8"]))
+      # the backend's policy, or one that splits each quant block over lanes, or a row's blocks over warps, or two
+      # blocks a loop step at any size (CUDA's choices, run here too)
+      policy = data.draw(st.sampled_from(["", "lanes_per_block=2", "lanes=32,lanes_per_block=4", "lanes=32,lanes_per_block=2,reduce_warps=8",
+                                          "lanes=16,lanes_per_block=2,block_unroll=2,block_unroll_min_elements=0"]))
       with tinygrad_ext.passes_off(): ref = make().numpy()
       with Context(TINYGRAD_EXT_MATVEC_POLICY=policy): assert_close_fp16(make().numpy(), ref)
   prop()
@@ -244,3 +245,18 @@ def test_matvec_splits_a_rows_blocks_over_warps_only_where_it_is_alone_in_its_ke
   rows, weights = Tensor.empty(1, 4, 256, dtype=dtypes.float16), Tensor.empty(1, 4, 1, dtype=dtypes.float16)
   opts = applied(lambda: (rows * weights).sum(1) + x5 @ w.T, cuda_renderer())
   assert any(o.op is OptOpsExt.REDUCE_LOCAL for o in opts) and not groups(opts), opts
+
+def test_matvec_unrolls_two_blocks_a_step_only_on_the_largest_matrices():
+  # CUDA's block_unroll=2 from 64M weights: the output head (154880 x 2048) takes two of its blocks a loop step, which won
+  # on it and lost on the dense ffn up and MoE gate+up (21M, 25M weights); Tensor.empty bytes: only the opts are looked at
+  def q4_0(rows:int, inp:int) -> Tensor:
+    return ggml_data_to_tensor(Tensor.empty(rows * inp // 32 * 18, dtype=dtypes.uint8), rows * inp, 2).reshape(rows, inp).cast(dtypes.float16)
+  def block_unrolls(w:Tensor) -> list:
+    """The opts the policy in force applies beyond block_unroll=1's, in order (the same opts can occur twice)."""
+    opts = list(applied(lambda: x @ w.T, cuda_renderer()))
+    with Context(TINYGRAD_EXT_MATVEC_POLICY="block_unroll=1"): plain = applied(lambda: x @ w.T, cuda_renderer())
+    for o in plain: opts.remove(o)
+    return opts
+  # 64M weights: the blocks left to a lane after the lanes (axis 1: 2048 inputs are 64 blocks, 32 lanes, 2 steps)
+  assert block_unrolls(q4_0(32768, 2048)) == [Opt(OptOps.UNROLL, 1, 2)]
+  assert block_unrolls(q4_0(16384, 2048)) == []  # 32M
