@@ -56,10 +56,14 @@ def bit_field(e:UOp) -> tuple[UOp, int, int]:
     return (w:=bit_field(e.src[0]))[:2] + (w[2] & ((1 << 8 * e.dtype.itemsize) - 1),)  # a narrowing cast keeps the low bits
   return e, 0, (1 << e.vmax.bit_length()) - 1 if isinstance(e.vmax, int) and e.vmin >= 0 else (1 << 8 * e.dtype.itemsize) - 1
 
+def has_lop3(arch:str) -> bool:
+  """PTX's lop3.b32 needs sm_50 or later."""
+  return arch.startswith("sm_") and arch[3:].rstrip("af").isdigit() and int(arch[3:].rstrip("af")) >= 50
+
 def and_or(w:UOp, mask:int, bits:int, ren:Renderer) -> UOp:
   """(w & mask) | bits in uint32: on CUDA one lop3 with both constants in registers (ptxas would emit two LOP3s)."""
   w = w.cast(dtypes.uint32)
-  if not isinstance(ren, CUDARenderer): return (w & mask) | bits
+  if not isinstance(ren, CUDARenderer) or not has_lop3(ren.target.arch): return (w & mask) | bits
   # lop3's truth table 0xEA is (a & b) | c; a lambda keeps the asm an expression, as a CUSTOMI renders inline
   asm = 'lop3.b32 %0, %1, %2, %3, 0xEA;'
   return UOp(Ops.CUSTOMI, dtypes.uint32, (w,), f'([](uint a){{{{ uint d; asm("{asm}" : "=r"(d) : "r"(a), "r"({mask}u), "r"({bits}u)); return d; }}}})({{0}})')

@@ -124,6 +124,8 @@ def test_rendered_cuda_and_metal_convert_nibbles_in_place_through_the_exponent()
     assert per_byte.count("1258291200u") == 32 and "lop3" not in per_byte, per_byte  # every nibble shifted down first
     with without("int_to_float"): off = render(ast, ren)
     assert "1258291200u" not in off and "lop3" not in off, off
+  old_gpu = render(ast, cuda_renderer("sm_35"))  # before sm_50 PTX has no lop3: an AND and an OR
+  assert "lop3" not in old_gpu and nibble_fields(old_gpu, False) == {0: 8, 4: 8, 8: 8, 12: 8}, old_gpu
   if shutil.which("nvcc") is None: pytest.fail("nvcc is needed to compile the rendered CUDA")
   assert len(cuda_renderer().compiler.compile(render(ast, cuda_renderer()))) > 0
 
