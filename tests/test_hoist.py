@@ -12,7 +12,7 @@ from tinygrad.codegen.late.linearizer import linearize
 from tinygrad_ext import without
 from passes.hoist import split_invariant
 from tinygrad.llm.gguf import ggml_data_to_tensor
-from kernels import with_opts, render, cuda_renderer, metal_renderer, kernel_asts, one_row_per_lane
+from kernels import with_opts, render, cuda_renderer, metal_renderer, kernel_asts, kernel_sources, one_row_per_lane
 from test_matvec import quantized, matvecs, assert_close_fp16
 from test_packed_loads import q4_0_matvec_ast
 
@@ -41,6 +41,26 @@ def test_int_to_float_is_bit_identical(device):
       make = lambda: w.float() * 1  # the dequant alone: every element converted from its integer
       with without("int_to_float"): ref = make().numpy()
       np.testing.assert_array_equal(make().numpy(), ref)
+  prop()
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_int_to_float_converts_any_bit_field_of_a_word_exactly(device):
+  # a field (w >> s) & (2^k - 1) of a uint8/16/32 word, plus a constant, converted in place where the float's mantissa
+  # holds it (s + k <= 23) and through the shifted value elsewhere: exactly numpy's value either way
+  @settings(max_examples=EXAMPLES.get(device, 20), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+  @given(st.sampled_from([np.uint8, np.uint16, np.uint32]), st.integers(0, 31), st.integers(1, 12), st.integers(-300, 300), st.integers(0, 2**16))
+  def prop(npdt, shift, width, c, seed):
+    bits = 8 * np.dtype(npdt).itemsize
+    shift, width = shift % bits, min(width, bits - shift % bits)
+    words = np.random.default_rng(seed).integers(0, np.iinfo(npdt).max, 64, dtype=npdt, endpoint=True)
+    want = ((words.astype(np.int64) >> shift) & ((1 << width) - 1)).astype(np.float32) + c
+    with Context(DEV=device):
+      w = Tensor(words, device=device).realize()
+      make = lambda: ((w >> shift) & ((1 << width) - 1)).cast(dtypes.float32) + c
+      np.testing.assert_array_equal(make().numpy(), want)
+      if shift + width <= 23:  # in place: the field's mask and the exponent of 2^(23-shift), no shift of the word
+        src = "\n".join(kernel_sources(make, device))
+        assert f"{((1 << width) - 1) << shift}u" in src and f"{(150 - shift) << 23}u" in src, src
   prop()
 
 def test_int_to_float_covers_every_int8_and_nibble():
