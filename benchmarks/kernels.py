@@ -20,7 +20,7 @@ Measuring follows targets.md (../shared/targets.md):
   DEV=CPU python benchmarks/kernels.py --small        # scaled-down shapes, seconds on a CPU
 """
 from __future__ import annotations
-import argparse, contextlib, importlib.metadata, json, math, sys, time
+import argparse, contextlib, importlib.metadata, json, math, re, sys, time
 from dataclasses import dataclass, replace
 from typing import Callable
 import numpy as np
@@ -325,7 +325,7 @@ def table(rows:list[dict], ceiling:dict) -> str:
 def parse_args(argv:list[str]|None=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--small", action="store_true", help="scaled-down shapes, rotation and timing: seconds on DEV=CPU")
-  p.add_argument("--rows", type=str, default="", help="comma-separated row names: " + ",".join(r.name for r in ROWS))
+  p.add_argument("--rows", type=str, default="", help="comma-separated row names: " + ",".join(r.name for r in ROWS) + ", or dense_OUTxIN / moe_KofE_OUTxIN")
   p.add_argument("--iters", type=int, default=None, help="at most this many timed JIT calls per measurement")
   p.add_argument("--budget", type=float, default=None, help="seconds per measurement: fewer calls when a call is slow")
   p.add_argument("--rounds", type=int, default=None, help="interleaved off/on timing rounds, best of each")
@@ -354,11 +354,19 @@ def parse_args(argv:list[str]|None=None):
   args.rotate_bytes, args.call_bytes = int(args.rotate_mb * 1e6), int(args.call_mb * 1e6)
   return args
 
+def shape_row(name:str) -> Row|None:
+  """A row of any shape, outside targets.md: dense_OUTxIN or moe_KofE_OUTxIN (a tiny one prices a launch)."""
+  if m := re.fullmatch(r"dense_(\d+)x(\d+)", name): return Row(name, "dense", int(m[1]), int(m[2]), None)
+  if m := re.fullmatch(r"moe_(\d+)of(\d+)_(\d+)x(\d+)", name): return Row(name, "MoE", int(m[3]), int(m[4]), None, int(m[2]), int(m[1]))
+  return None
+
 def select_rows(names:str, small:bool) -> list[Row]:
   rows = {r.name: small_row(r) if small else r for r in ROWS}
   if not names: return list(rows.values())
-  if (bad := [n for n in names.split(",") if n not in rows]): raise SystemExit(f"unknown rows {bad}, have {list(rows)}")
-  return [rows[n] for n in names.split(",")]
+  picked = [rows.get(n) or shape_row(n) for n in names.split(",")]
+  if (bad := [n for n, r in zip(names.split(","), picked) if r is None or r.inp % QK]):
+    raise SystemExit(f"unknown rows {bad}: have {list(rows)}, or dense_OUTxIN / moe_KofE_OUTxIN with IN a multiple of {QK}")
+  return picked
 
 def main(argv:list[str]|None=None) -> dict:
   args = parse_args(argv)
@@ -393,7 +401,9 @@ def main(argv:list[str]|None=None) -> dict:
   results = []
   for r in rows:
     results.append(res := bench_row(r, args, ceiling["gbs"]))
-    print(f"  {r.name}: off {res['off']['us']:.1f} us, on {res['on']['us']:.1f} us, "
+    # every setting's time as soon as its row is done: a run cut short keeps what it measured
+    others = "".join(f", {e} {res[e]['us']:.1f}{'' if res[e]['numerics_ok'] else ' FAIL'}" for e in extra)
+    print(f"  {r.name}: off {res['off']['us']:.1f} us, on {res['on']['us']:.1f} us{others}, "
           f"rel err {max(res['off']['rel_err'], res['on']['rel_err']):.1e} ({res['wall_s']:.1f} s)", flush=True)
   print(table(results, ceiling))
   if extra:

@@ -35,6 +35,9 @@ class MatvecPolicy:
   # lanes sharing one quant block, each reading a contiguous run of its bytes (twice this where the blocks would not fill
   # all the lanes otherwise), for matrices with at least as many rows as inputs (1: a whole block per lane)
   lanes_per_block: int = 1
+  # the same where the matrix has fewer rows than inputs and its rows are split over warps (reduce_warps below; 1: a whole
+  # block per lane there): the warps make up for the longer walk of each lane
+  lanes_per_block_wide: int = 1
   # more rows per lane on the largest matrices (an output head), where the row parallelism is plenty
   wide_upcast_rows: int = 0
   wide_upcast_min_elements: int = 0
@@ -47,6 +50,9 @@ class MatvecPolicy:
   # matrices of at least block_unroll_min_elements weights (0: any size)
   block_unroll: int = 1
   block_unroll_min_elements: int = 0
+  # the whole block loop unrolled where at most this many steps are left to it, on a matvec whose rows are split over
+  # warps (each warp walks few blocks); 0: never
+  short_loop_unroll: int = 0
   # rows per lane where the activation costs a transcendental per element (a MoE down matvec reading silu(gate) * up),
   # on matrices of at least costly_act_min_elements: each lane computes it once for all its rows, so more rows per lane
   # divide that work (smaller matrices lose more to fewer threads than they save)
@@ -84,10 +90,17 @@ POLICIES = {
   # 2 blocks a loop step on the output head only (benchmarks/results/h200-2026-12-02d-kernels-block-unroll-upcast.txt:
   # 58.4 -> 56.3 us; ffn up 6.6 -> 6.9, MoE gate+up 8.3 -> 8.4, so from 64M elements; in the model on 2026-11-23 the head
   # went 68.2 -> 64.0 with it)
+  # where rows < inputs and warps split the rows, blocks split in two over lanes (a whole block a lane before), and the
+  # steps left to each warp unrolled whole (benchmarks/results/h200-2026-12-02e-kernels.txt, one run: attn_output 5.4 ->
+  # 4.6 us, attn_q_a 2.3 -> 2.1, shexp gate+up 3.4 -> 3.2; the split alone: attn_output 5.0, the -sweep-attn file); in the
+  # model (examples/glm/results/h200-full-q4_0-2026-12-02e-policy-ab.txt) q_a+kv_a 3.02 -> 2.54 us a call. Unrolling
+  # the short loops of MoE matvecs too (no warps) won alone (MoE gate+up 8.3 -> 7.9) and lost in the model (8.95 ->
+  # 10.78, down 6.78 -> 7.49), so only where warps split the rows
   "CUDA": MatvecPolicy(lanes=32, rows_per_block=4, upcast_rows=2, upcast_min_elements=5 << 20, quant_upcast_min_elements=0,
                        float_unroll=8, lanes_per_block=2, wide_upcast_rows=4, wide_upcast_min_elements=64 << 20,
                        costly_act_upcast_rows=4, costly_act_min_elements=8 << 20, min_row_blocks=64, min_block_threads=32,
-                       reduce_warps=8, reduce_warps_max_elements=11 << 20, block_unroll=2, block_unroll_min_elements=64 << 20),
+                       reduce_warps=8, reduce_warps_max_elements=11 << 20, block_unroll=2, block_unroll_min_elements=64 << 20,
+                       lanes_per_block_wide=2, short_loop_unroll=8),
   # a simdgroup is 32 wide; not measured (no Apple hardware here), so no row upcast until it is
   "METAL": MatvecPolicy(lanes=32, rows_per_block=4, upcast_rows=1, upcast_min_elements=0, quant_upcast_min_elements=0, float_unroll=8),
   "generic": MatvecPolicy(lanes=16, rows_per_block=4, upcast_rows=1, upcast_min_elements=0, quant_upcast_min_elements=0, float_unroll=4),
@@ -128,14 +141,18 @@ pm_matvec = PatternMatcher([
 def _pow2_divisor(n:int, most:int) -> int:
   return next((a for a in (256, 128, 64, 32, 16, 8, 4, 2) if a <= most and n % a == 0), 1)
 
-def lanes_per_block(pol:MatvecPolicy, blocks:int, block_bytes:int, rows:int, inputs:int) -> int:
-  if pol.lanes_per_block == 1 or rows < inputs: return 1
-  fits = [n for n in (pol.lanes_per_block, 2 * pol.lanes_per_block) if block_bytes % n == 0 and block_bytes >= 4 * n]
+def lanes_per_block(pol:MatvecPolicy, blocks:int, block_bytes:int, rows:int, inputs:int, warps_split_rows:bool) -> int:
+  if (split:=pol.lanes_per_block if rows >= inputs else pol.lanes_per_block_wide if warps_split_rows else 1) == 1: return 1
+  # each lane reads at least one 2-byte word of the block
+  fits = [n for n in (split, 2 * split) if block_bytes % n == 0 and block_bytes >= 2 * n]
   # the smallest split whose blocks fill every lane, else the smallest legal one
   return next((n for n in fits if _pow2_divisor(blocks, pol.lanes // n) * n == pol.lanes), fits[0] if fits else 1)
 
+def warps_may_split_rows(pol:MatvecPolicy, weight_elements:int) -> bool:
+  return pol.reduce_warps > 1 and not (pol.reduce_warps_max_elements and weight_elements >= pol.reduce_warps_max_elements)
+
 def reduce_warps(pol:MatvecPolicy, lane_steps:int, weight_elements:int) -> int:
-  if pol.reduce_warps_max_elements and weight_elements >= pol.reduce_warps_max_elements: return 1
+  if not warps_may_split_rows(pol, weight_elements): return 1
   return next((d for d in range(2, pol.reduce_warps + 1) if lane_steps % d == 0), 1)
 
 # a reduce this small beside the matvec in its kernel (GLM's MoE output: the sum over the selected experts' rows, added
@@ -201,10 +218,14 @@ def choose_matvec_opts(k):
   inputs, rows = prod(k.full_shape[i] for i in red), k.full_shape[out]
   weight_elements = prod(k.full_shape[i] for i in k.axes_of(AxisType.GLOBAL)) * inputs
   block_lanes = 1
+  # a row's blocks may go over warps where the matvec is alone in its kernel (each warp would repeat a row reduce of the
+  # activation, and load a side reduce's operands: the epilogue)
+  warps_split = len(red) >= 2 and not side and not row_reduces and warps_may_split_rows(pol, weight_elements)
   if len(red) >= 2:
     # a dequant chain splits the reduce: the axes after the first are inside a quant block. They are unrolled, but for
     # the last (the block's contiguous bytes), which is split over lanes_per_block lanes, each reading a contiguous run
-    block_lanes = lanes_per_block(pol, blocks=k.full_shape[red[0]], block_bytes=k.full_shape[red[-1]], rows=weight_elements // inputs, inputs=inputs)
+    block_lanes = lanes_per_block(pol, blocks=k.full_shape[red[0]], block_bytes=k.full_shape[red[-1]], rows=weight_elements // inputs,
+                                  inputs=inputs, warps_split_rows=warps_split)
     for i in reversed(range(1, len(red))):
       if (amt:=k.full_shape[red[i]] // (block_lanes if i == len(red) - 1 else 1)) > 1: unroll(main_red()[i], amt)
   elif k.full_shape[red[0]] % (pol.float_unroll * 2) == 0:
@@ -215,11 +236,12 @@ def choose_matvec_opts(k):
   if lanes > 1: reduce_local(main_red()[0], lanes)
   if row_reduces and not spread_rows_over_lanes(k, row_reduces): return None
   # what is left of the block axis: loop steps of each lane, split over warps where the matvec is alone in its kernel
-  # (each warp would repeat a row reduce of the activation, and load a side reduce's operands: the epilogue)
-  if len(red) >= 2 and not side and not row_reduces and (left:=main_red()) and \
-     (warps:=reduce_warps(pol, k.full_shape[left[0]], weight_elements)) > 1:
+  warps = 1
+  if warps_split and (left:=main_red()) and (warps:=reduce_warps(pol, k.full_shape[left[0]], weight_elements)) > 1:
     k.apply_opt(Opt(OptOps.GROUP, k.axes_of(AxisType.REDUCE).index(left[0]), warps))
-  if pol.block_unroll > 1 and weight_elements >= pol.block_unroll_min_elements and (left:=main_red()) and \
+  if warps > 1 and (left:=main_red()) and 1 < (steps:=k.full_shape[left[0]]) <= pol.short_loop_unroll:
+    unroll(left[0], steps)
+  elif pol.block_unroll > 1 and weight_elements >= pol.block_unroll_min_elements and (left:=main_red()) and \
      (amt:=max(d for d in range(1, pol.block_unroll+1) if k.full_shape[left[0]] % d == 0)) > 1:
     unroll(left[0], amt)
   upcast = pol.wide_upcast_rows if pol.wide_upcast_rows > 1 and weight_elements >= pol.wide_upcast_min_elements else pol.upcast_rows

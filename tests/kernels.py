@@ -7,9 +7,10 @@ from tinygrad.uop.ops import Ops, UOp, ProgramInfo
 from tinygrad.helpers import Target, Context
 import tinygrad.codegen as codegen
 
-def one_row_per_lane():
-  """The matvec policy without row upcasts: structural tests count the loads and products of one row's block."""
-  return Context(TINYGRAD_EXT_MATVEC_POLICY="upcast_rows=1,wide_upcast_rows=0")
+def a_row_and_a_block_per_lane():
+  """The matvec policy without row upcasts and with each quant block whole in one lane: structural tests count the loads
+  and products of one row's block."""
+  return Context(TINYGRAD_EXT_MATVEC_POLICY="upcast_rows=1,wide_upcast_rows=0,lanes_per_block_wide=1")
 
 def kernel_asts(make:Callable[[], Tensor]) -> list[UOp]:
   """The SINK of every kernel that realizing make() would run (built fresh, nothing is realized; shapes may be symbolic)."""

@@ -45,6 +45,12 @@ def test_select_rows():
   assert [r.name for r in bk.select_rows("moe_down,attn_q_a", small=False)] == ["moe_down", "attn_q_a"]
   assert all(r.target_us is None and r.inp % 32 == 0 for r in bk.select_rows("", small=True))
   with pytest.raises(SystemExit): bk.select_rows("nope", small=True)
+  # rows of any shape beside targets.md's (a tiny one prices a launch)
+  dense, moe = bk.select_rows("dense_64x256,moe_2of8_64x96", small=False)
+  assert (dense.out, dense.inp, dense.experts, dense.target_us) == (64, 256, 0, None)
+  assert (moe.out, moe.inp, moe.experts, moe.k) == (64, 96, 8, 2) and moe.q4_bytes == 2 * 64 * 96 // 32 * 18
+  for bad in ("dense_64x100", "dense_64", "moe_2of8_64"):
+    with pytest.raises(SystemExit): bk.select_rows(bad, small=False)
 
 def test_small_run_on_cpu(tmp_path):
   out = tmp_path / "kernels.json"

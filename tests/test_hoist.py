@@ -12,7 +12,7 @@ from tinygrad.codegen.late.linearizer import linearize
 from tinygrad_ext import without
 from passes.hoist import split_invariant
 from tinygrad.llm.gguf import ggml_data_to_tensor
-from kernels import with_opts, render, cuda_renderer, metal_renderer, kernel_asts, kernel_sources, one_row_per_lane
+from kernels import with_opts, render, cuda_renderer, metal_renderer, kernel_asts, kernel_sources, a_row_and_a_block_per_lane
 from test_matvec import quantized, matvecs, assert_close_fp16
 from test_packed_loads import q4_0_matvec_ast
 
@@ -96,7 +96,7 @@ def scale_load_depths(ast:UOp, ren) -> list[int]:
   at = loop_depths(prog)
   return [at[x] for s in block_scales(prog) for x in s.toposort() if x.op is Ops.LOAD]
 
-@one_row_per_lane()
+@a_row_and_a_block_per_lane()
 def test_scale_is_applied_once_per_block():
   # the matvec heuristic unrolls a block per lane: the 32 products of a block are summed, then scaled once
   ast = q4_0_matvec_ast()
@@ -130,7 +130,7 @@ def nibble_fields(src:str, cuda:bool) -> dict[int, int]:
     out[s] = src.count(f'"r"({mask}u), "r"({bits}u)') if cuda else src.count(f"&{mask}u)|{bits}u)")
   return out
 
-@one_row_per_lane()
+@a_row_and_a_block_per_lane()
 def test_rendered_cuda_and_metal_convert_nibbles_in_place_through_the_exponent():
   # a Q4_0 block's 32 nibbles, read as 8 ushorts: each is masked where it sits in its word and gets the exponent that
   # makes the float 2^(23-s) + n (on CUDA one lop3 with both constants in registers), with no shift and no byte split
@@ -177,7 +177,7 @@ def test_plain_float_matvec_keeps_its_casts():
   with without("hoist"): off = render(ast, cuda_renderer())
   assert on == off
 
-@one_row_per_lane()
+@a_row_and_a_block_per_lane()
 def test_moe_scale_is_applied_once_per_block():
   # MoE: the expert id gates every weight load, and a select wraps the dequantized weight; as ExpertWeights builds it
   # (contiguous) and as a kernel that assigns into an existing buffer (the select's 0 is then a weak float)

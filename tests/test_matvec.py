@@ -75,10 +75,13 @@ def test_matvec_passes_on_equal_passes_off(device):
   def prop(data):
     with Context(DEV=device):
       make = data.draw(matvecs(device))
-      # the backend's policy, or one that splits each quant block over lanes, or a row's blocks over warps, or two
-      # blocks a loop step at any size (CUDA's choices, run here too)
+      # the backend's policy, or one that splits each quant block over lanes (down to a 2-byte word a lane), or a row's
+      # blocks over warps (with wide matrices' blocks split too and short loops unrolled whole), or two blocks a loop
+      # step at any size (CUDA's choices, run here too)
       policy = data.draw(st.sampled_from(["", "lanes_per_block=2", "lanes=32,lanes_per_block=4", "lanes=32,lanes_per_block=2,reduce_warps=8",
-                                          "lanes=16,lanes_per_block=2,block_unroll=2,block_unroll_min_elements=0"]))
+                                          "lanes=16,lanes_per_block=2,block_unroll=2,block_unroll_min_elements=0",
+                                          "lanes=32,lanes_per_block=8,block_unroll=4,block_unroll_min_elements=0",
+                                          "lanes=32,lanes_per_block=2,lanes_per_block_wide=2,reduce_warps=8,short_loop_unroll=8"]))
       with tinygrad_ext.passes_off(): ref = make().numpy()
       with Context(TINYGRAD_EXT_MATVEC_POLICY=policy): assert_close_fp16(make().numpy(), ref)
   prop()
@@ -92,7 +95,7 @@ def test_matvec_rows_split_over_warps_equal_passes_off(device, qtype, inp):
     w, r = quantized(rng, (16, inp), qtype, device), np.random.default_rng(inp)
     xs = Tensor(r.uniform(-1, 1, (1, inp)).astype(np.float16), device=device).realize()
     with tinygrad_ext.passes_off(): ref = (xs @ w.T).float().numpy()
-    with Context(TINYGRAD_EXT_MATVEC_POLICY="lanes=16,reduce_warps=8"):
+    with Context(TINYGRAD_EXT_MATVEC_POLICY="lanes=16,reduce_warps=8,lanes_per_block_wide=1"):
       if Device[device].renderer.has_local:  # where the heuristic runs at all (CPU has no local threads)
         assert any(o.op is OptOps.GROUP and o.arg in (3, 5) for o in applied(lambda: xs @ w.T, Device[device].renderer))
       assert_close_fp16((xs @ w.T).float().numpy(), ref)
@@ -109,11 +112,15 @@ x = Tensor.empty(1, 2048, dtype=dtypes.float16)
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "F16", "BF16"])
 def test_matvec_picks_reduce_local_for_decode_matvecs(qtype):
   w = quantized(rng, (256, 2048), qtype, Device.DEFAULT)
-  opts = applied(lambda: x @ w.T, cuda_renderer())
+  def lanes(opts) -> int: return prod(o.arg for o in opts if o.op is OptOpsExt.REDUCE_LOCAL)
   # a lane per quant block (the largest power of two up to 32 that divides them): 2048 inputs are 64 blocks of Q4_0 and
   # Q8_0 and 256 steps of 8 float weights, but 8 super-blocks of a K-quant
-  lanes = 8 if qtype.endswith("_K") else 32
-  assert any(o.op is OptOpsExt.REDUCE_LOCAL and o.arg == lanes for o in opts), opts
+  with Context(TINYGRAD_EXT_MATVEC_POLICY="lanes_per_block_wide=1"):
+    assert lanes(applied(lambda: x @ w.T, cuda_renderer())) == (8 if qtype.endswith("_K") else 32)
+  # CUDA's policy: fewer rows than inputs and the rows split over warps, so the quantized blocks are split over lanes
+  # too (2 a Q4_0/Q8_0 block, 4 a K-quant super-block): 32 lanes a row either way
+  opts = applied(lambda: x @ w.T, cuda_renderer())
+  assert lanes(opts) == 32, opts
   # CUDA: 2 rows per lane on quantized weights at any size (a fused activation is computed once for both); small float
   # matrices (the float32 router) keep one
   assert any(o.op is OptOps.UPCAST and o.arg == 2 for o in opts) == (qtype not in ("F16", "BF16")), opts
@@ -235,9 +242,12 @@ def test_matvec_splits_a_rows_blocks_over_warps_only_where_it_is_alone_in_its_ke
   # CUDA's reduce_warps: a lone matvec under 11M weights gets a GROUP on what the lanes leave of the blocks (5120 inputs:
   # 160 Q4_0 blocks, 5 a lane, 5 warps); with a row reduce in its activation (q_b's fused q_a norm, which each warp would
   # repeat) or a side reduce (attn_output's epilogue recomputing the MoE output) it gets none: both lost in the model
+  # (with its blocks split in two over lanes, 10 lane steps, 2 warps: the next test)
   w, wq_b = quantized(rng, (256, 5120), "Q4_0", Device.DEFAULT), quantized(rng, (512, 768), "Q4_0", Device.DEFAULT)
   x5 = Tensor.empty(1, 5120, dtype=dtypes.float16)
-  assert groups(applied(lambda: x5 @ w.T, cuda_renderer())) == [Opt(OptOps.GROUP, 0, 5)]
+  with Context(TINYGRAD_EXT_MATVEC_POLICY="lanes_per_block_wide=1"):
+    assert groups(applied(lambda: x5 @ w.T, cuda_renderer())) == [Opt(OptOps.GROUP, 0, 5)]
+  assert groups(applied(lambda: x5 @ w.T, cuda_renderer())) == [Opt(OptOps.GROUP, 0, 2)]
   with Context(TINYGRAD_EXT_MATVEC_POLICY="reduce_warps=1"): assert not groups(applied(lambda: x5 @ w.T, cuda_renderer()))
   x7 = Tensor.empty(1, 768, dtype=dtypes.float16)
   assert groups(applied(lambda: x7 @ wq_b.T, cuda_renderer())) == [Opt(OptOps.GROUP, 0, 3)]  # 24 blocks: 8 lanes x 3
@@ -245,6 +255,31 @@ def test_matvec_splits_a_rows_blocks_over_warps_only_where_it_is_alone_in_its_ke
   rows, weights = Tensor.empty(1, 4, 256, dtype=dtypes.float16), Tensor.empty(1, 4, 1, dtype=dtypes.float16)
   opts = applied(lambda: (rows * weights).sum(1) + x5 @ w.T, cuda_renderer())
   assert any(o.op is OptOpsExt.REDUCE_LOCAL for o in opts) and not groups(opts), opts
+
+def q4_0_empty(*shape:int) -> Tensor:
+  """A Q4_0 weight of Tensor.empty bytes: only the opts are looked at."""
+  return ggml_data_to_tensor(Tensor.empty(prod(shape) // 32 * 18, dtype=dtypes.uint8), prod(shape), 2).reshape(*shape).cast(dtypes.float16)
+
+def test_matvec_splits_wide_blocks_and_unrolls_short_loops_where_warps_split_rows():
+  # CUDA (benchmarks/results/h200-2026-12-02e-kernels.txt): a wide matrix whose rows go over warps (attn_output, 2048 x
+  # 5120) splits its blocks in two over lanes, and the 5 steps left to each of its 2 warps are unrolled whole (5.4 ->
+  # 4.6 us); with no warps the loops stay: MoE gate+up (4 of 64 x 3072 x 2048) unrolled was faster alone (8.3 -> 7.9)
+  # and slower in the model (examples/glm/results/h200-full-q4_0-2026-12-02e-policy-ab.txt: 8.95 -> 10.78 a call), the
+  # dense ffn up (10240 x 2048) slower alone (6.6 -> 6.8)
+  def block_opts(make) -> list:
+    return [o for o in applied(make, cuda_renderer()) if o.op in (OptOps.GROUP, OptOps.UNROLL, OptOpsExt.REDUCE_LOCAL)]
+  x5, w = Tensor.empty(1, 5120, dtype=dtypes.float16), q4_0_empty(2048, 5120)
+  # the block's 16 bytes: 8 a lane; 2 lanes a block, 16 blocks a warp step, 2 warps, 5 steps unrolled
+  assert block_opts(lambda: x5 @ w.T) == [Opt(OptOps.UNROLL, 2, 8), Opt(OptOps.UNROLL, 1, 2), Opt(OptOpsExt.REDUCE_LOCAL, 1, 2),
+                                          Opt(OptOpsExt.REDUCE_LOCAL, 0, 16), Opt(OptOps.GROUP, 0, 2), Opt(OptOps.UNROLL, 2, 5)]
+  with Context(TINYGRAD_EXT_MATVEC_POLICY="lanes_per_block_wide=1,short_loop_unroll=0"):
+    assert block_opts(lambda: x5 @ w.T) == [Opt(OptOps.UNROLL, 2, 16), Opt(OptOps.UNROLL, 1, 2), Opt(OptOpsExt.REDUCE_LOCAL, 0, 32),
+                                            Opt(OptOps.GROUP, 0, 5)]
+  with Context(TINYGRAD_EXT_MATVEC_POLICY="short_loop_unroll=0"): assert block_opts(lambda: x5 @ w.T)[-1] == Opt(OptOps.GROUP, 0, 2)
+  experts, sel = q4_0_empty(64, 3072, 2048), Tensor.empty(1, 1, 4, dtype=dtypes.int32)
+  moe = lambda: (x.reshape(1, 1, 1, 2048).unsqueeze(-2) @ experts[sel].transpose(-1, -2)).contiguous()
+  w_up = q4_0_empty(10240, 2048)
+  for make in (moe, lambda: x @ w_up.T): assert block_opts(make)[-1].op is OptOpsExt.REDUCE_LOCAL, block_opts(make)
 
 def test_matvec_unrolls_two_blocks_a_step_only_on_the_largest_matrices():
   # CUDA's block_unroll=2 from 64M weights: the output head (154880 x 2048) takes two of its blocks a loop step, which won

@@ -7,7 +7,7 @@ from tinygrad import Tensor, dtypes
 from tinygrad.helpers import Context
 from tinygrad.llm.gguf import ggml_data_to_tensor
 import tinygrad_ext
-from kernels import kernel_asts, render, cuda_renderer, metal_renderer, one_row_per_lane
+from kernels import kernel_asts, render, cuda_renderer, metal_renderer, a_row_and_a_block_per_lane
 from test_matvec import quantized
 
 DEVICES = os.getenv("TINYGRAD_EXT_TEST_DEVICES", "CL,CPU").split(",")
@@ -39,7 +39,7 @@ def q4_0_matvec_ast(rows=256, inp=2048):
   x = Tensor.empty(1, inp, dtype=dtypes.float16)
   return kernel_asts(lambda: x @ ggml_data_to_tensor(raw, rows * inp, 2).reshape(rows, inp).cast(dtypes.float16).T)[0]
 
-@one_row_per_lane()
+@a_row_and_a_block_per_lane()
 def test_q4_0_matvec_reads_ushorts_with_the_pass_and_bytes_without():
   ast = q4_0_matvec_ast()
   for ren, word, byte in ((cuda_renderer(), "*((unsigned short*)", "unsigned char val"), (metal_renderer(), "*((device unsigned short*)", "unsigned char val")):
