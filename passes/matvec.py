@@ -151,8 +151,7 @@ def lanes_per_block(pol:MatvecPolicy, blocks:int, block_bytes:int, rows:int, inp
 def warps_may_split_rows(pol:MatvecPolicy, weight_elements:int) -> bool:
   return pol.reduce_warps > 1 and not (pol.reduce_warps_max_elements and weight_elements >= pol.reduce_warps_max_elements)
 
-def reduce_warps(pol:MatvecPolicy, lane_steps:int, weight_elements:int) -> int:
-  if not warps_may_split_rows(pol, weight_elements): return 1
+def reduce_warps(pol:MatvecPolicy, lane_steps:int) -> int:
   return next((d for d in range(2, pol.reduce_warps + 1) if lane_steps % d == 0), 1)
 
 # a reduce this small beside the matvec in its kernel (GLM's MoE output: the sum over the selected experts' rows, added
@@ -237,7 +236,7 @@ def choose_matvec_opts(k):
   if row_reduces and not spread_rows_over_lanes(k, row_reduces): return None
   # what is left of the block axis: loop steps of each lane, split over warps where the matvec is alone in its kernel
   warps = 1
-  if warps_split and (left:=main_red()) and (warps:=reduce_warps(pol, k.full_shape[left[0]], weight_elements)) > 1:
+  if warps_split and (left:=main_red()) and (warps:=reduce_warps(pol, k.full_shape[left[0]])) > 1:
     k.apply_opt(Opt(OptOps.GROUP, k.axes_of(AxisType.REDUCE).index(left[0]), warps))
   if warps > 1 and (left:=main_red()) and 1 < (steps:=k.full_shape[left[0]]) <= pol.short_loop_unroll:
     unroll(left[0], steps)
