@@ -283,9 +283,7 @@ def test_matvec_splits_wide_blocks_and_unrolls_short_loops_where_warps_split_row
 
 def test_matvec_unrolls_two_blocks_a_step_only_on_the_largest_matrices():
   # CUDA's block_unroll=2 from 64M weights: the output head (154880 x 2048) takes two of its blocks a loop step, which won
-  # on it and lost on the dense ffn up and MoE gate+up (21M, 25M weights); Tensor.empty bytes: only the opts are looked at
-  def q4_0(rows:int, inp:int) -> Tensor:
-    return ggml_data_to_tensor(Tensor.empty(rows * inp // 32 * 18, dtype=dtypes.uint8), rows * inp, 2).reshape(rows, inp).cast(dtypes.float16)
+  # on it and lost on the dense ffn up and MoE gate+up (21M, 25M weights)
   def block_unrolls(w:Tensor) -> list:
     """The opts the policy in force applies beyond block_unroll=1's, in order (the same opts can occur twice)."""
     opts = list(applied(lambda: x @ w.T, cuda_renderer()))
@@ -293,5 +291,5 @@ def test_matvec_unrolls_two_blocks_a_step_only_on_the_largest_matrices():
     for o in plain: opts.remove(o)
     return opts
   # 64M weights: the blocks left to a lane after the lanes (axis 1: 2048 inputs are 64 blocks, 32 lanes, 2 steps)
-  assert block_unrolls(q4_0(32768, 2048)) == [Opt(OptOps.UNROLL, 1, 2)]
-  assert block_unrolls(q4_0(16384, 2048)) == []  # 32M
+  assert block_unrolls(q4_0_empty(32768, 2048)) == [Opt(OptOps.UNROLL, 1, 2)]
+  assert block_unrolls(q4_0_empty(16384, 2048)) == []  # 32M
