@@ -15,6 +15,9 @@ Measuring follows targets.md (../shared/targets.md):
     max|a-ref|/max|ref|.
   - torch fp16 (cuBLAS `x @ W.T`; MoE: index the selected experts, then matmul), rotated the same way, one CUDA graph
     timed with CUDA events, where torch has a GPU. It runs first, before tinygrad creates its CUDA context.
+  - the read floor (cupy, where it has a GPU; also before tinygrad): a kernel that only reads each row's bytes, with
+    16-byte loads, rotated and replayed as the rows are. What a kernel reading those bytes takes, launch included: the
+    room a row has left that is not the GPU's.
 
   DEV=CUDA python benchmarks/kernels.py [--json out.json] [--rows attn_q_a,moe_down] [--iters N]
   DEV=CPU python benchmarks/kernels.py --small        # scaled-down shapes, seconds on a CPU
@@ -272,6 +275,60 @@ def torch_us(r:Row, args) -> float:
   torch.cuda.empty_cache()
   return us
 
+# ***** read floor (cupy) *****
+
+# reads 16-byte words once, N a thread at a stride of the grid, all in flight. The words are zeros: the guarded store
+# never happens, and the compiler cannot drop the loads. (A runtime count and a bounds check per load read 0.2-0.7 us
+# slower on the H200.)
+FLOOR_SRC = r"""
+template <int N> __device__ void read_words(const uint4* __restrict__ p, unsigned* out) {
+  long i = (long)blockIdx.x * blockDim.x + threadIdx.x, t = (long)gridDim.x * blockDim.x;
+  unsigned acc = 0;
+  #pragma unroll
+  for (int j = 0; j < N; j++) { uint4 v = p[i + j * t]; acc += v.x ^ v.w; }
+  if (acc == 0x9e3779b9u) out[i] = acc;
+}
+extern "C" __global__ void read_words_1(const uint4* p, unsigned* out) { read_words<1>(p, out); }
+extern "C" __global__ void read_words_4(const uint4* p, unsigned* out) { read_words<4>(p, out); }
+"""
+
+def cupy_cuda():
+  try:
+    import cupy
+    return cupy if cupy.cuda.runtime.getDeviceCount() > 0 else None
+  except Exception: return None
+
+def floor_us(nbytes:int, args, block:int=256) -> float:
+  """us per launch of a kernel that only reads nbytes (16-byte loads, 1 or 4 a thread: the faster; rounded down to whole
+  thread blocks, at most 16 KB less), replayed as one CUDA graph of dependent launches rotated over distinct copies as
+  the rows are (cupy): what a kernel reading a row's bytes takes on this GPU, launch included."""
+  import cupy as cp
+  words = nbytes // 16
+  plan = rotation(Row("floor", "", 1, 1, None), words * 16, args.rotate_bytes, args.call_bytes)
+  pool, out = cp.zeros(len({c for c, _ in plan}) * words * 4, dtype=cp.uint32), cp.zeros(1, dtype=cp.uint32)
+  mod, best = cp.RawModule(code=FLOOR_SRC), float("inf")
+  for per_thread in (1, 4):
+    fn, grid = mod.get_function(f"read_words_{per_thread}"), words // (per_thread * block)
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+      fn((grid,), (block,), (pool, out))  # loads the module outside the capture
+      stream.begin_capture()
+      for c, _ in plan: fn((grid,), (block,), (pool[c * words * 4:], out))
+      graph = stream.end_capture()
+      def timed(n:int) -> float:
+        st, en = cp.cuda.Event(), cp.cuda.Event()
+        st.record(stream)
+        for _ in range(n): graph.launch(stream)
+        en.record(stream)
+        en.synchronize()
+        return cp.cuda.get_elapsed_time(st, en) * 1e-3 / n
+      timed(1)
+      n = max(2, min(args.iters, int(args.budget / max(timed(1), 1e-9))))
+      best = min(best, min(timed(n) for _ in range(args.rounds)) / len(plan) * 1e6)
+  del graph, pool
+  cp.get_default_memory_pool().free_all_blocks()
+  return best
+
 # ***** the run *****
 
 def device_name() -> str:
@@ -299,6 +356,7 @@ def bench_row(r:Row, args, ceiling_gbs:float) -> dict:
     res[s].update(us=us, gbs=gbs, frac=gbs / ceiling_gbs, calls=t["calls"])
   res["speedup"] = res["off"]["us"] / res["on"]["us"]
   res["torch_us"] = args.torch_us.get(r.name)
+  res["floor_us"] = args.floor_us.get(r.name)
   res["met"] = None if r.target_us is None else res["on"]["us"] <= r.target_us
   res["wall_s"] = time.perf_counter() - st
   return res
@@ -308,7 +366,7 @@ def fmt_num(v:float) -> str: return f"{v:.0f}" if v >= 100 else f"{v:.3g}"  # CP
 
 def table(rows:list[dict], ceiling:dict) -> str:
   head = ["kernel", "Q4_0 MB", "launches", "off us", "off GB/s", "off %ceil", "on us", "on GB/s", "on %ceil", "on/off speedup",
-          "torch fp16 us", "target us", "met", "rel err off/on"]
+          "torch fp16 us", "read floor us", "target us", "met", "rel err off/on"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   def us(t:dict) -> str: return f"{t['us']:.1f}"
   for r in rows:
@@ -316,10 +374,10 @@ def table(rows:list[dict], ceiling:dict) -> str:
     err = f"{off['rel_err']:.1e}/{on['rel_err']:.1e}" + ("" if off["numerics_ok"] and on["numerics_ok"] else " FAIL")
     lines.append("| " + " | ".join([r["desc"], f"{r['q4_bytes']/1e6:.2f}", str(r["launches"]),
       us(off), fmt_num(off["gbs"]), fmt_num(off["frac"]*100), us(on), fmt_num(on["gbs"]), fmt_num(on["frac"]*100),
-      f"{r['speedup']:.2f}", fmt(r["torch_us"], ".1f"), fmt(r["target_us"], "g"),
+      f"{r['speedup']:.2f}", fmt(r["torch_us"], ".1f"), fmt(r["floor_us"], ".1f"), fmt(r["target_us"], "g"),
       "-" if r["met"] is None else ("yes" if r["met"] else "no"), err]) + " |")
   lines.append(f"read ceiling: {ceiling['gbs']:.0f} GB/s ({ceiling['kernel']} over {ceiling['mb']:.0f} MB); met = passes on "
-               f"within target; rel err = max|a-ref|/max|ref| vs float64, tolerance {TOL:g}")
+               f"within target; read floor = a kernel that only reads the row's bytes, same rotation and graph (cupy); rel err = max|a-ref|/max|ref| vs float64, tolerance {TOL:g}")
   return "\n".join(lines)
 
 def parse_args(argv:list[str]|None=None):
@@ -333,6 +391,7 @@ def parse_args(argv:list[str]|None=None):
   p.add_argument("--call-mb", type=float, default=None, help="weight bytes each call reads (cycling over the distinct ones)")
   p.add_argument("--ceiling-mb", type=float, default=None, help="buffer size of the read-ceiling kernels")
   p.add_argument("--no-torch", action="store_true", help="skip the torch fp16 column")
+  p.add_argument("--no-floor", action="store_true", help="skip the read floor column (cupy)")
   p.add_argument("--json", type=str, default=None, help="write all results here")
   p.add_argument("--without", type=str, default="", help="comma-separated passes: also time passes on without each, in the same run")
   p.add_argument("--policy", action="append", default=[], metavar="NAME=FIELD=V,...",
@@ -392,6 +451,11 @@ def main(argv:list[str]|None=None) -> dict:
     for r in rows:
       args.torch_us[r.name] = torch_us(r, args)
       print(f"  torch {r.name}: {args.torch_us[r.name]:.1f} us", flush=True)
+  args.floor_us = {}
+  if not args.no_floor and Device.DEFAULT.split(":")[0] in ("CUDA", "NV") and cupy_cuda() is not None:
+    for r in rows:
+      args.floor_us[r.name] = floor_us(r.q4_bytes, args)
+      print(f"  read floor {r.name}: {args.floor_us[r.name]:.1f} us", flush=True)
   tinygrad_ext.enable()  # installs the hooks even under TINYGRAD_EXT=0; each setting is a Context around its compiles
   with SETTINGS["on"](): active, cid = list(tinygrad_ext.active_passes()), tinygrad_ext.cache_id()
   # the ceiling kernels take seconds to compile on a CPU: --small measures only the first
@@ -417,7 +481,7 @@ def main(argv:list[str]|None=None) -> dict:
   out = {"device": device_name(), "dev": Device.DEFAULT, "small": args.small, "tinygrad": importlib.metadata.version("tinygrad"),
          "tinygrad_ext": tinygrad_ext.__version__, "active_passes": active, "cache_id": cid, "tolerance": TOL,
          "torch": torch.__version__ if args.torch_us else None, "ceiling": ceiling, "rows": results,
-         "args": {k: v for k, v in vars(args).items() if k not in ("json", "torch_us")}, "wall_s": time.perf_counter() - st}
+         "args": {k: v for k, v in vars(args).items() if k not in ("json", "torch_us", "floor_us")}, "wall_s": time.perf_counter() - st}
   if args.json:
     with open(args.json, "w") as f: json.dump(out, f, indent=1)
   return out
