@@ -278,7 +278,7 @@ def torch_us(r:Row, args) -> float:
 # ***** read floor (cupy) *****
 
 # reads 16-byte words once, N a thread at a stride of the grid, all in flight. The words are zeros: the guarded store
-# never happens, and the compiler cannot drop the loads. (A runtime count and a bounds check per load read 0.2-0.7 us
+# never happens, and the compiler cannot drop the loads. (A runtime count and a bounds check per load read 0.2-0.6 us
 # slower on the H200.)
 FLOOR_SRC = r"""
 template <int N> __device__ void read_words(const uint4* __restrict__ p, unsigned* out) {
