@@ -240,6 +240,13 @@ def torch_cuda():
     return torch if torch.cuda.is_available() else None
   except Exception: return None
 
+def replay_us(timed:Callable[[int], float], launches:int, args) -> float:
+  """us per launch of a CUDA graph of `launches` launches, from timed(n) (seconds per replay over n replays): the replay
+  count from one timed replay after a warm one, so slow graphs cost no more than args.budget; best of args.rounds."""
+  timed(1)
+  n = max(2, min(args.iters, int(args.budget / max(timed(1), 1e-9))))
+  return min(timed(n) for _ in range(args.rounds)) / launches * 1e6
+
 def torch_us(r:Row, args) -> float:
   """us per launch of torch fp16 `x @ W.T` (MoE: index the k selected experts, then matmul), rotated over fp16 copies as
   the tinygrad kernels are, replayed as one CUDA graph and timed with CUDA events."""
@@ -268,9 +275,7 @@ def torch_us(r:Row, args) -> float:
     en.record()
     torch.cuda.synchronize()
     return st.elapsed_time(en) * 1e-3 / n
-  timed(1)
-  n = max(2, min(args.iters, int(args.budget / max(timed(1), 1e-9))))
-  us = min(timed(n) for _ in range(args.rounds)) / len(plan) * 1e6
+  us = replay_us(timed, len(plan), args)
   del graph, ws, fn
   torch.cuda.empty_cache()
   return us
@@ -322,9 +327,7 @@ def floor_us(nbytes:int, args, block:int=256) -> float:
         en.record(stream)
         en.synchronize()
         return cp.cuda.get_elapsed_time(st, en) * 1e-3 / n
-      timed(1)
-      n = max(2, min(args.iters, int(args.budget / max(timed(1), 1e-9))))
-      best = min(best, min(timed(n) for _ in range(args.rounds)) / len(plan) * 1e6)
+      best = min(best, replay_us(timed, len(plan), args))
   del graph, pool
   cp.get_default_memory_pool().free_all_blocks()
   return best

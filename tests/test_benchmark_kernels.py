@@ -41,6 +41,18 @@ def test_rotation_reads_enough_distinct_bytes(row):
   if row.experts: assert all(0 <= g < row.experts // row.k for _, g in plan)
   else: assert all(g == 0 for _, g in plan)
 
+@pytest.mark.parametrize("replay_s", [1e-4, 0.2])
+def test_replay_us_takes_the_best_round_per_launch_within_the_budget(replay_s):
+  """The GPU-side timers (torch, read floor) share replay_us: replays calibrated to the budget, best round, per launch."""
+  class Args: iters, budget, rounds = 100, 0.05, 3
+  counts, rounds = [], iter([replay_s, replay_s, 3 * replay_s, replay_s, 2 * replay_s])  # warm-up, calibration, 3 rounds
+  def timed(n:int) -> float:
+    counts.append(n)
+    return next(rounds)
+  assert bk.replay_us(timed, 10, Args) == pytest.approx(replay_s / 10 * 1e6)
+  n = max(2, min(Args.iters, int(Args.budget / replay_s)))  # 100 replays of 0.1 ms fit the budget's cap, 2 of 0.2 s do not
+  assert counts == [1, 1, n, n, n] and n == (100 if replay_s < 1e-3 else 2)
+
 def test_select_rows():
   assert [r.name for r in bk.select_rows("moe_down,attn_q_a", small=False)] == ["moe_down", "attn_q_a"]
   assert all(r.target_us is None and r.inp % 32 == 0 for r in bk.select_rows("", small=True))
