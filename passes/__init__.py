@@ -5,5 +5,6 @@ from passes import fusion  # noqa: F401,E402
 from passes import matvec  # noqa: F401,E402
 from passes import long_reduce  # noqa: F401,E402
 from passes import packed_loads  # noqa: F401,E402
+from passes import wide_loads  # noqa: F401,E402
 from passes import hoist  # noqa: F401,E402
 from passes import int_to_float  # noqa: F401,E402

@@ -10,7 +10,7 @@
 from tinygrad_ext._version import check_tinygrad_version, SUPPORTED_TINYGRAD
 check_tinygrad_version()
 
-from tinygrad_ext.registry import Pass, CodegenStep, ScheduleStep, SchedulerOpt, OptHeuristic, MatcherRules, PASSES, register, unregister, check_pass_names  # noqa: E402
+from tinygrad_ext.registry import Pass, CodegenStep, ScheduleStep, SchedulerOpt, OptHeuristic, MatcherRules, ViewGuard, PASSES, register, unregister, check_pass_names  # noqa: E402
 from tinygrad_ext.config import __version__, enable, disable, enabled, passes_off, only, without, is_active, active_passes, cache_id, settings, with_setting  # noqa: E402
 from tinygrad_ext.config import EXT as _EXT, disabled_names as _disabled_names  # noqa: E402
 from tinygrad_ext import hooks  # noqa: E402
@@ -19,5 +19,5 @@ import passes  # noqa: E402,F401  # registers every pass of the library
 check_pass_names(_disabled_names())  # a typo in TINYGRAD_EXT_DISABLE fails here, not silently
 if _EXT.value: hooks.install()
 
-__all__ = ["Pass", "CodegenStep", "ScheduleStep", "SchedulerOpt", "OptHeuristic", "MatcherRules", "PASSES", "register", "unregister", "enable", "disable", "enabled", "passes_off", "only", "without",
+__all__ = ["Pass", "CodegenStep", "ScheduleStep", "SchedulerOpt", "OptHeuristic", "MatcherRules", "ViewGuard", "PASSES", "register", "unregister", "enable", "disable", "enabled", "passes_off", "only", "without",
            "is_active", "active_passes", "cache_id", "settings", "with_setting", "hooks", "SUPPORTED_TINYGRAD", "__version__"]

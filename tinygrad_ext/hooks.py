@@ -16,6 +16,7 @@ Hook points (tinygrad 0.14.0):
   tinygrad.engine.worker._init_worker       compile workers install these hooks before compiling anything
   tinygrad.codegen.opt.search.diskcache_get/put   BEAM results are stored on disk per cache_id()
   tinygrad.schedule.schedule_cache          the in-memory schedule cache is keyed per cache_id()
+  tinygrad.tensor._make_buffer_view         ViewGuard passes refuse views of realized buffers (tinygrad then copies)
 """
 from __future__ import annotations
 import contextvars, hashlib
@@ -25,12 +26,13 @@ import tinygrad.engine.worker as worker
 import tinygrad.codegen.opt.search as search
 import tinygrad.schedule as schedule
 import tinygrad.schedule.rangeify as rangeify
+import tinygrad.tensor as tensor
 from tinygrad.codegen.opt import KernelOptError
 from tinygrad.codegen.opt.postrange import Scheduler
 from tinygrad.uop.ops import Ops, UOp
 from tinygrad.helpers import NOOPT
 from tinygrad.renderer import Renderer
-from tinygrad_ext.registry import PASSES, CodegenStep, ScheduleStep, SchedulerOpt, OptHeuristic, MatcherRules, on_change
+from tinygrad_ext.registry import PASSES, CodegenStep, ScheduleStep, SchedulerOpt, OptHeuristic, MatcherRules, ViewGuard, on_change
 from tinygrad_ext.config import SWITCHES, is_active, cache_id
 
 # captured at import, before install() replaces them: a spawned compile worker imports this module fresh, and
@@ -77,6 +79,13 @@ def _schedule_graph_rewrite_with_steps(sink:UOp, pm, *args, name:str|None=None, 
   if name is None or not installed(): return ret
   for step in [h for h in registered_hooks(ScheduleStep, True) if h.step == name]: ret = step.rewrite(ret)
   return ret
+
+# *** buffer views ***
+
+def _make_buffer_view(src:UOp) -> UOp|None:
+  # tinygrad's contiguous_mops_to_view looks this up by name at every call: None leaves the slice to be copied
+  if not all(h.allow(src) for h in registered_hooks(ViewGuard, True)): return None
+  return _originals[(tensor, "_make_buffer_view")](src)
 
 # *** scheduler opts ***
 
@@ -164,6 +173,7 @@ def install() -> None:
   _replace(schedule, "schedule_cache", PassKeyedCache())
   _replace(Scheduler, "apply_opt", _apply_opt)
   _replace(codegen, "apply_opts", _apply_opts)
+  _replace(tensor, "_make_buffer_view", _make_buffer_view)
   _sync_registered()
   on_change.append(_sync_registered)
 
