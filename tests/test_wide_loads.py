@@ -137,3 +137,11 @@ def test_half_views_off_16_bytes_are_copied_while_the_pass_is_on():
     with tinygrad_ext.passes_off(): u = a.bitcast(dtypes.uint16)[3:].contiguous().realize()
     # a view of a view: its offset counts from the first buffer (6 + 10 bytes is aligned, 6 + 8 is not)
     assert realized(lambda: u.bitcast(dtypes.half)[5:]) == (16, True) and realized(lambda: u.bitcast(dtypes.half)[4:]) == (0, False)
+
+def test_disk_views_stay_views(tmp_path):
+  # a GGUF file is read through views of a DISK buffer at any offset, and DISK runs no kernels: a copy would fail there
+  data = np.arange(64, dtype=np.float16)
+  data.tofile(path := tmp_path / "x.bin")
+  with tinygrad_ext.only("wide_loads"):
+    t = Tensor.empty(64, dtype=dtypes.half, device=f"disk:{path}")
+    np.testing.assert_array_equal(t[3:].to("CPU").numpy(), data[3:])
