@@ -12,10 +12,10 @@ allocators and its memory planner hand out (at least) 256-byte aligned buffers, 
 instead of viewing, a contiguous slice of a realized half buffer that starts off a 16-byte boundary (tinygrad views
 such slices in place at any element: `a[:, 3:].contiguous()` is a view 6 bytes in).
 
-Where it fires, what was measured (benchmarks/results, DESIGN.md "16-byte activation loads"): CUDA C only (half8 is
+Where it fires, what was measured (benchmarks/results, DESIGN.md "wide_loads: 16-byte activation loads"): CUDA C only (half8 is
 CUDA's 16-byte vector load; Metal has no 8-wide half vectors, PTX and the emulator no pointer casts, and OpenCL on PoCL
 reads half as ushort), in kernels that split their reduce over lanes with REDUCE_LOCAL and not over warps with a GROUP
-(there half8 measured slower: attn_output 4.7 -> 5.1 us). `TINYGRAD_EXT_WIDE_LOADS_WITH_GROUP=1` fires there too, for
+(there half8 measured slower: attn_output 4.6 -> 5.1 us in one run). `TINYGRAD_EXT_WIDE_LOADS_WITH_GROUP=1` fires there too, for
 A/B runs.
 
 Hooks: a CodegenStep after tinygrad's "add images" step (right after its memory coalescing), and a ViewGuard on
@@ -29,7 +29,7 @@ from tinygrad.dtype import dtypes, AddrSpace
 from tinygrad.renderer import Renderer
 from tinygrad.renderer.cstyle import CUDARenderer
 from tinygrad.helpers import ContextVar
-from tinygrad_ext import Pass, CodegenStep, ViewGuard, register, is_active
+from tinygrad_ext import Pass, CodegenStep, ViewGuard, register
 from passes.reduce_local import OptOpsExt
 from passes.packed_loads import _root_and_offset
 
@@ -83,7 +83,7 @@ def wide_half_loads(sink:UOp, ren:Renderer) -> UOp:
 def aligned_view(src:UOp) -> bool:
   """A view of a realized buffer for a contiguous slice is allowed unless it is half and starts off a 16-byte boundary
   (DISK views are reads of files, never a kernel's buffer: always allowed)."""
-  if not is_active(NAME) or src.dtype != dtypes.half: return True
+  if src.dtype != dtypes.half: return True
   devices = src.device if isinstance(src.device, tuple) else (src.device,)
   if any(str(d).startswith("DISK") for d in devices) or (cv:=src.contiguous_view()) is None: return True
   buf, offset = cv

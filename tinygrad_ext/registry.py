@@ -59,7 +59,7 @@ class ViewGuard:
   """tinygrad turns a contiguous slice of a realized buffer (`a[:, 3:].contiguous()`) into a view of that buffer at any
   element offset (tinygrad.tensor._make_buffer_view). While its pass is on, `allow(src)` sees each such slice first; where
   it returns False the slice is copied into a buffer of its own instead (a kernel): a pass whose code needs aligned
-  buffers can make that true of every buffer its kernels read. It must return True while its pass is off."""
+  buffers can make that true of every buffer its kernels read. While its pass is off it is not asked."""
   allow: Callable[[UOp], bool]
   def where(self) -> str: return "tinygrad.tensor._make_buffer_view: a view only where allowed, else a copy"
 
