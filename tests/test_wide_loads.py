@@ -41,7 +41,9 @@ def matvec(kind:str, out:int, inp:int, device:str|None=None, seed:int=0, x_offse
 def matvec_ast(make):
   return next(a for a in kernel_asts(make) if any(u.op is Ops.REDUCE for u in a.toposort()))
 
-def vector_loads(src:str) -> Counter: return Counter(w for w in ("half8", "half4") if f"(({w}*)" in src for _ in range(src.count(f"(({w}*)")))
+def vector_loads(src:str) -> Counter:
+  """How many half8 and half4 loads the rendered CUDA has (a load reads through a cast pointer: `((half8*)`)."""
+  return Counter({w: n for w in ("half8", "half4") if (n:=src.count(f"(({w}*)"))})
 
 def sink_before_the_pass(ast, ren):
   """The kernel right after tinygrad's "add images" step, as the pass receives it (the pass itself off)."""
