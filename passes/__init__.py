@@ -7,4 +7,5 @@ from passes import long_reduce  # noqa: F401,E402
 from passes import packed_loads  # noqa: F401,E402
 from passes import wide_loads  # noqa: F401,E402
 from passes import hoist  # noqa: F401,E402
+from passes import subnormal_dequant  # noqa: F401,E402
 from passes import int_to_float  # noqa: F401,E402
