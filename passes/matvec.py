@@ -58,6 +58,12 @@ class MatvecPolicy:
   # divide that work (smaller matrices lose more to fewer threads than they save)
   costly_act_upcast_rows: int = 0
   costly_act_min_elements: int = 0
+  # tall dense matrices (rows >= inputs, no expert axis, from tall_min_elements weights up to wide_upcast_min_elements):
+  # tall_upcast_rows rows a lane, their blocks split over tall_reduce_warps warps, a thread block per lane's rows. More
+  # rows a lane share each activation's conversion and sum; the warps keep as many in flight as 2 rows a lane had
+  tall_upcast_rows: int = 0
+  tall_reduce_warps: int = 1
+  tall_min_elements: int = 0
   # fewer rows per block (down to 1) while the blocks would number fewer than this (a 64-row router: 16 blocks of 4 rows)
   min_row_blocks: int = 0
   # more rows per block (LOCAL) until a block has at least this many threads: a short reduce (attn_k_b's 192 inputs, 6
@@ -96,11 +102,14 @@ POLICIES = {
   # model (examples/glm/results/h200-full-q4_0-2026-12-02e-policy-ab.txt) q_a+kv_a 3.02 -> 2.54 us a call. Unrolling
   # the short loops of MoE matvecs too (no warps) won alone (MoE gate+up 8.3 -> 7.9) and lost in the model (8.95 ->
   # 10.78, down 6.78 -> 7.49), so only where warps split the rows
+  # tall dense matrices from 11M weights: 4 rows a lane over 2 warps, a thread block each
+  # (benchmarks/results/h200-2026-12-03-kernels.txt, with subnormal_dequant: ffn up 6.3 -> 6.0 us; the same policy on
+  # every row lost on the small ones and the head, and MoE gate+up tied: 7.6 / 7.6)
   "CUDA": MatvecPolicy(lanes=32, rows_per_block=4, upcast_rows=2, upcast_min_elements=5 << 20, quant_upcast_min_elements=0,
                        float_unroll=8, lanes_per_block=2, wide_upcast_rows=4, wide_upcast_min_elements=64 << 20,
                        costly_act_upcast_rows=4, costly_act_min_elements=8 << 20, min_row_blocks=64, min_block_threads=32,
                        reduce_warps=8, reduce_warps_max_elements=11 << 20, block_unroll=2, block_unroll_min_elements=64 << 20,
-                       lanes_per_block_wide=2, short_loop_unroll=8),
+                       lanes_per_block_wide=2, short_loop_unroll=8, tall_upcast_rows=4, tall_reduce_warps=2, tall_min_elements=11 << 20),
   # a simdgroup is 32 wide; not measured (no Apple hardware here), so no row upcast until it is
   "METAL": MatvecPolicy(lanes=32, rows_per_block=4, upcast_rows=1, upcast_min_elements=0, quant_upcast_min_elements=0, float_unroll=8),
   "generic": MatvecPolicy(lanes=16, rows_per_block=4, upcast_rows=1, upcast_min_elements=0, quant_upcast_min_elements=0, float_unroll=4),
@@ -219,7 +228,10 @@ def choose_matvec_opts(k):
   block_lanes = 1
   # a row's blocks may go over warps where the matvec is alone in its kernel (each warp would repeat a row reduce of the
   # activation, and load a side reduce's operands: the epilogue)
-  warps_split = len(red) >= 2 and not side and not row_reduces and warps_may_split_rows(pol, weight_elements)
+  dense = sum(k.full_shape[i] > 1 for i in outs) == 1  # one output axis: no expert slots (MoE) or batch beside the rows
+  tall = pol.tall_upcast_rows > 1 and len(red) >= 2 and not side and not row_reduces and dense and rows >= inputs and \
+         pol.tall_min_elements <= weight_elements < (pol.wide_upcast_min_elements or weight_elements + 1)
+  warps_split = tall or (len(red) >= 2 and not side and not row_reduces and warps_may_split_rows(pol, weight_elements))
   if len(red) >= 2:
     # a dequant chain splits the reduce: the axes after the first are inside a quant block. They are unrolled, but for
     # the last (the block's contiguous bytes), which is split over lanes_per_block lanes, each reading a contiguous run
@@ -236,7 +248,8 @@ def choose_matvec_opts(k):
   if row_reduces and not spread_rows_over_lanes(k, row_reduces): return None
   # what is left of the block axis: loop steps of each lane, split over warps where the matvec is alone in its kernel
   warps = 1
-  if warps_split and (left:=main_red()) and (warps:=reduce_warps(pol, k.full_shape[left[0]])) > 1:
+  if warps_split and (left:=main_red()) and \
+     (warps:=reduce_warps(replace(pol, reduce_warps=pol.tall_reduce_warps) if tall else pol, k.full_shape[left[0]])) > 1:
     k.apply_opt(Opt(OptOps.GROUP, k.axes_of(AxisType.REDUCE).index(left[0]), warps))
   if warps > 1 and (left:=main_red()) and 1 < (steps:=k.full_shape[left[0]]) <= pol.short_loop_unroll:
     unroll(left[0], steps)
@@ -245,10 +258,11 @@ def choose_matvec_opts(k):
     unroll(left[0], amt)
   upcast = pol.wide_upcast_rows if pol.wide_upcast_rows > 1 and weight_elements >= pol.wide_upcast_min_elements else pol.upcast_rows
   if pol.costly_act_upcast_rows > upcast and costly and weight_elements >= pol.costly_act_min_elements: upcast = pol.costly_act_upcast_rows
+  if tall: upcast = pol.tall_upcast_rows
   min_elements = pol.quant_upcast_min_elements if len(red) >= 2 else pol.upcast_min_elements
   if upcast > 1 and weight_elements >= min_elements and rows % (upcast * pol.rows_per_block) == 0:
     k.apply_opt(Opt(OptOps.UPCAST, out, upcast))
-  rows_per_block, blocks = pol.rows_per_block, prod(k.full_shape[i] for i in k.axes_of(AxisType.GLOBAL))
+  rows_per_block, blocks = 1 if tall else pol.rows_per_block, prod(k.full_shape[i] for i in k.axes_of(AxisType.GLOBAL))
   while rows_per_block > 1 and blocks // rows_per_block < pol.min_row_blocks: rows_per_block //= 2
   while lanes * block_lanes * rows_per_block < pol.min_block_threads and k.full_shape[out] % (2 * rows_per_block) == 0 and \
         blocks // (2 * rows_per_block) >= pol.min_row_blocks: rows_per_block *= 2
