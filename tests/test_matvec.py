@@ -87,15 +87,16 @@ def test_matvec_passes_on_equal_passes_off(device):
   prop()
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("qtype, inp", [("Q4_0", 1536), ("Q4_0", 2560), ("Q8_0", 1536), ("Q4_K", 3072)])
-def test_matvec_rows_split_over_warps_equal_passes_off(device, qtype, inp):
+@pytest.mark.parametrize("qtype, inp, lanes_per_block", [("Q4_0", 1536, 1), ("Q4_0", 2560, 1), ("Q8_0", 1536, 1), ("Q4_K", 3072, 2)])
+def test_matvec_rows_split_over_warps_equal_passes_off(device, qtype, inp, lanes_per_block):
   # reduce_warps: each lane's blocks split over 3 or 5 warps (a GROUP after REDUCE_LOCAL), the warps' sums combined after
-  # each warp's lanes (that order once went wrong: every lane stored into its warp's one slot)
+  # each warp's lanes (that order once went wrong: every lane stored into its warp's one slot). Q4_K's 256-element blocks
+  # go 2 lanes a block (REDUCE_LOCAL on both block axes): a whole block a lane took PoCL over 5 minutes to compile
   with Context(DEV=device):
     w, r = quantized(rng, (16, inp), qtype, device), np.random.default_rng(inp)
     xs = Tensor(r.uniform(-1, 1, (1, inp)).astype(np.float16), device=device).realize()
     with tinygrad_ext.passes_off(): ref = (xs @ w.T).float().numpy()
-    with Context(TINYGRAD_EXT_MATVEC_POLICY="lanes=16,reduce_warps=8,lanes_per_block_wide=1"):
+    with Context(TINYGRAD_EXT_MATVEC_POLICY=f"lanes=16,reduce_warps=8,lanes_per_block_wide={lanes_per_block}"):
       if Device[device].renderer.has_local:  # where the heuristic runs at all (CPU has no local threads)
         assert any(o.op is OptOps.GROUP and o.arg in (3, 5) for o in applied(lambda: xs @ w.T, Device[device].renderer))
       assert_close_fp16((xs @ w.T).float().numpy(), ref)
@@ -265,7 +266,8 @@ def test_matvec_splits_wide_blocks_and_unrolls_short_loops_where_warps_split_row
   # 5120) splits its blocks in two over lanes, and the 5 steps left to each of its 2 warps are unrolled whole (5.4 ->
   # 4.6 us); with no warps the loops stay: MoE gate+up (4 of 64 x 3072 x 2048) unrolled was faster alone (8.3 -> 7.9)
   # and slower in the model (examples/glm/results/h200-full-q4_0-2026-12-02e-policy-ab.txt: 8.95 -> 10.78 a call), the
-  # dense ffn up (10240 x 2048) slower alone (6.6 -> 6.8)
+  # dense ffn up (10240 x 2048) slower alone (6.6 -> 6.8) while its rows stayed on one warp. The tall rule splits them
+  # over 2 warps, which leaves each 2 steps, unrolled (benchmarks/results/h200-2026-12-03b-kernels.txt: 5.9 us)
   def block_opts(make) -> list:
     return [o for o in applied(make, cuda_renderer()) if o.op in (OptOps.GROUP, OptOps.UNROLL, OptOpsExt.REDUCE_LOCAL)]
   x5, w = Tensor.empty(1, 5120, dtype=dtypes.float16), q4_0_empty(2048, 5120)
@@ -279,7 +281,10 @@ def test_matvec_splits_wide_blocks_and_unrolls_short_loops_where_warps_split_row
   experts, sel = q4_0_empty(64, 3072, 2048), Tensor.empty(1, 1, 4, dtype=dtypes.int32)
   moe = lambda: (x.reshape(1, 1, 1, 2048).unsqueeze(-2) @ experts[sel].transpose(-1, -2)).contiguous()
   w_up = q4_0_empty(10240, 2048)
-  for make in (moe, lambda: x @ w_up.T): assert block_opts(make)[-1].op is OptOpsExt.REDUCE_LOCAL, block_opts(make)
+  assert block_opts(moe)[-1].op is OptOpsExt.REDUCE_LOCAL, block_opts(moe)
+  with Context(TINYGRAD_EXT_MATVEC_POLICY="tall_upcast_rows=0"):
+    assert block_opts(lambda: x @ w_up.T)[-1].op is OptOpsExt.REDUCE_LOCAL, block_opts(lambda: x @ w_up.T)
+  assert block_opts(lambda: x @ w_up.T)[-2:] == [Opt(OptOps.GROUP, 0, 2), Opt(OptOps.UNROLL, 2, 2)]
 
 def test_matvec_unrolls_two_blocks_a_step_only_on_the_largest_matrices():
   # CUDA's block_unroll=2 from 64M weights: the output head (154880 x 2048) takes two of its blocks a loop step, which won

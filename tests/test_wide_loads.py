@@ -77,20 +77,26 @@ def test_every_fp16_element_is_read_as_before_and_half8_only_at_16_bytes(kind, o
     if u.op is Ops.LOAD and u.src[0].op is Ops.SHRINK and u.src[0].src[2].arg == 8:
       assert u.src[0].src[1].divides(8) is not None, u.src[0].src[1].render()
 
+# ffn up's shape with the CUDA policy's tall rule off: its rows stay on one warp, as MoE gate+up's do (with the rule,
+# 2 warps split its rows and it keeps half4, as test_rows_split_over_warps_keep_half4_unless_asked says)
+ONE_WARP_A_ROW = "tall_upcast_rows=0"
+
 @pytest.mark.parametrize("kind", ["dense", "moe"])
 def test_a_lanes_activations_are_half8_on_cuda_and_compile(kind):
-  ast = matvec_ast(matvec(kind, 10240 if kind == "dense" else 3072, 2048, "CPU", empty=True))  # ffn up, MoE gate+up
-  on = render(ast, cuda_renderer())
-  with tinygrad_ext.without("wide_loads"): off = render(ast, cuda_renderer())
+  with Context(TINYGRAD_EXT_MATVEC_POLICY=ONE_WARP_A_ROW):
+    ast = matvec_ast(matvec(kind, 10240 if kind == "dense" else 3072, 2048, "CPU", empty=True))  # ffn up, MoE gate+up
+    on = render(ast, cuda_renderer())
+    with tinygrad_ext.without("wide_loads"): off = render(ast, cuda_renderer())
   assert vector_loads(off) == {"half4": 4} and vector_loads(on) == {"half8": 2}, (off, on)
   if shutil.which("nvcc") is None: pytest.fail("nvcc is needed to compile the rendered CUDA")
   assert len(cuda_renderer().compiler.compile(on)) > 0
 
 def test_an_activation_4_elements_in_keeps_half4():
   # x starts 8 bytes into its buffer: a lane's 8 elements start at root+4, which no half8 may read
-  src = render(matvec_ast(matvec("dense", 10240, 2048, "CPU", x_offset=4, empty=True)), cuda_renderer())
-  assert vector_loads(src)["half4"] >= 4 and "(half8*)" not in src, src
-  src = render(matvec_ast(matvec("dense", 10240, 2048, "CPU", x_offset=8, empty=True)), cuda_renderer())
+  with Context(TINYGRAD_EXT_MATVEC_POLICY=ONE_WARP_A_ROW):
+    src = render(matvec_ast(matvec("dense", 10240, 2048, "CPU", x_offset=4, empty=True)), cuda_renderer())
+    assert vector_loads(src)["half4"] >= 4 and "(half8*)" not in src, src
+    src = render(matvec_ast(matvec("dense", 10240, 2048, "CPU", x_offset=8, empty=True)), cuda_renderer())
   assert vector_loads(src) == {"half8": 2}, src
 
 def test_rows_split_over_warps_keep_half4_unless_asked():
