@@ -303,6 +303,18 @@ def cupy_cuda():
     return cupy if cupy.cuda.runtime.getDeviceCount() > 0 else None
   except Exception: return None
 
+def cupy_graph_us(graph, stream, launches:int, args) -> float:
+  """us per launch of a captured cupy CUDA graph of `launches` launches, its replays timed with CUDA events."""
+  import cupy as cp
+  def timed(n:int) -> float:
+    st, en = cp.cuda.Event(), cp.cuda.Event()
+    st.record(stream)
+    for _ in range(n): graph.launch(stream)
+    en.record(stream)
+    en.synchronize()
+    return cp.cuda.get_elapsed_time(st, en) * 1e-3 / n
+  return replay_us(timed, launches, args)
+
 def floor_us(nbytes:int, args, block:int=256) -> float:
   """us per launch of a kernel that only reads nbytes (16-byte loads, 1 or 4 a thread: the faster; rounded down to whole
   thread blocks, at most 16 KB less), replayed as one CUDA graph of dependent launches rotated over distinct copies as
@@ -320,14 +332,7 @@ def floor_us(nbytes:int, args, block:int=256) -> float:
       stream.begin_capture()
       for c, _ in plan: fn((grid,), (block,), (pool[c * words * 4:], out))
       graph = stream.end_capture()
-      def timed(n:int) -> float:
-        st, en = cp.cuda.Event(), cp.cuda.Event()
-        st.record(stream)
-        for _ in range(n): graph.launch(stream)
-        en.record(stream)
-        en.synchronize()
-        return cp.cuda.get_elapsed_time(st, en) * 1e-3 / n
-      best = min(best, replay_us(timed, len(plan), args))
+      best = min(best, cupy_graph_us(graph, stream, len(plan), args))
   del graph, pool
   cp.get_default_memory_pool().free_all_blocks()
   return best

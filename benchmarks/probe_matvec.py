@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse, json, math, pathlib, re, sys
 import numpy as np
 sys.path[:0] = [str(pathlib.Path(__file__).resolve().parents[1]), str(pathlib.Path(__file__).resolve().parents[1] / "tests")]
-from benchmarks.kernels import Row, random_q4_0, ref_matvec, rotation, replay_us, QBYTES, QK
+from benchmarks.kernels import Row, random_q4_0, ref_matvec, rotation, cupy_graph_us, QBYTES, QK
 
 # The rendered kernel's structure, written out: a warp per ROWS rows (ROWS=2: the policy's row upcast), a quant block per
 # 2 lanes (each 8 nibble bytes as 4 ushorts, and the block's fp16 scale), 16 blocks a step, STEPS steps; 4 warps a block.
@@ -276,14 +276,7 @@ def main(argv=None):
       stream.begin_capture()
       for c, _ in plan: fn(g, b, (out, x, pool[c * nbytes:]))
       graph = stream.end_capture()
-      def timed(n:int) -> float:
-        st, en = cp.cuda.Event(), cp.cuda.Event()
-        st.record(stream)
-        for _ in range(n): graph.launch(stream)
-        en.record(stream)
-        en.synchronize()
-        return cp.cuda.get_elapsed_time(st, en) * 1e-3 / n
-      us = replay_us(timed, len(plan), args)
+      us = cupy_graph_us(graph, stream, len(plan), args)
     res[kname] = {"us": us, "gbs": nbytes / us / 1e3, "rel_err": err}
     print(f"  {kname:12s} {us:6.2f} us  {nbytes / us / 1e3:6.0f} GB/s  rel err {err:.1e}", flush=True)
   if args.json: pathlib.Path(args.json).write_text(json.dumps({"out": args.out, "in": args.inp, "launches": len(plan), "kernels": res}, indent=1))
