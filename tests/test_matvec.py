@@ -267,7 +267,8 @@ def test_matvec_splits_wide_blocks_and_unrolls_short_loops_where_warps_split_row
   # 4.6 us); with no warps the loops stay: MoE gate+up (4 of 64 x 3072 x 2048) unrolled was faster alone (8.3 -> 7.9)
   # and slower in the model (examples/glm/results/h200-full-q4_0-2026-12-02e-policy-ab.txt: 8.95 -> 10.78 a call), the
   # dense ffn up (10240 x 2048) slower alone (6.6 -> 6.8) while its rows stayed on one warp. The tall rule splits them
-  # over 2 warps, which leaves each 2 steps, unrolled (h200-2026-12-03-kernels.txt, its policy_r4g2b1 column: 6.0 us)
+  # over 2 warps, which leaves each 2 steps, unrolled (h200-2026-12-03-kernels.txt, its policy_r4g2b1 column: 6.0 us;
+  # h200-2026-12-05-kernels.txt, main with the rule by default: 6.0 us)
   def block_opts(make) -> list:
     return [o for o in applied(make, cuda_renderer()) if o.op in (OptOps.GROUP, OptOps.UNROLL, OptOpsExt.REDUCE_LOCAL)]
   x5, w = Tensor.empty(1, 5120, dtype=dtypes.float16), q4_0_empty(2048, 5120)
