@@ -12,9 +12,9 @@ from tinygrad.codegen.late.linearizer import linearize
 from tinygrad_ext import without
 from passes.hoist import split_invariant
 from tinygrad.llm.gguf import ggml_data_to_tensor
-from kernels import with_opts, render, cuda_renderer, metal_renderer, kernel_asts, kernel_sources, a_row_and_a_block_per_lane
+from kernels import with_opts, render, cuda_renderer, metal_renderer, kernel_asts, kernel_sources, a_row_and_a_block_per_lane, \
+  q4_0_matvec_ast, gated_moe_matvec_ast
 from test_matvec import quantized, matvecs, assert_close_fp16
-from test_packed_loads import q4_0_matvec_ast
 
 DEVICES = os.getenv("TINYGRAD_EXT_TEST_DEVICES", "CL,CPU").split(",")
 EXAMPLES = {"CPU": 8, "CL": 15}
@@ -196,7 +196,6 @@ def test_moe_scale_is_applied_once_per_block():
 def test_moe_gate_leaves_the_loop():
   # the expert id's check against the expert count gates the MoE weight: with hoist, the sum is selected once after the
   # lanes combine it, and no select (of a word, an element or the scale) is left inside the loop over the blocks
-  from test_packed_loads import gated_moe_matvec_ast
   ast = gated_moe_matvec_ast()
   def in_loop_selects() -> int:
     # this 2M-weight MoE matvec would spread its blocks over warps (CUDA's reduce_warps), one step each and no loop left;

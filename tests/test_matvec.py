@@ -12,7 +12,7 @@ import tinygrad.codegen as codegen
 import tinygrad_ext
 from tinygrad.codegen.opt import Opt, OptOps
 from passes.reduce_local import OptOpsExt
-from kernels import kernel_asts, cuda_renderer, metal_renderer, render
+from kernels import kernel_asts, cuda_renderer, metal_renderer, render, q4_0_matvec_ast, gated_moe_matvec_ast, shuffle_offsets
 
 QTYPES = {"Q4_0": gguf.GGMLQuantizationType.Q4_0, "Q8_0": gguf.GGMLQuantizationType.Q8_0,
           "Q4_K": gguf.GGMLQuantizationType.Q4_K, "Q5_K": gguf.GGMLQuantizationType.Q5_K, "Q6_K": gguf.GGMLQuantizationType.Q6_K}
@@ -136,23 +136,17 @@ def test_matvec_moe_reads_experts_in_place_and_gets_reduce_local():
   assert len(kernel_asts(make)) == 1, "no kernel gathers (copies) the selected experts' weights"
   assert any(o.op is OptOpsExt.REDUCE_LOCAL for o in applied(make, cuda_renderer()))
 
-def q4_0_ast(make_x, shape:tuple[int, ...], sel:Tensor|None=None):
-  raw = Tensor.empty(prod(shape) // 32 * 18, dtype=dtypes.uint8)
-  w = ggml_data_to_tensor(raw, prod(shape), int(QTYPES["Q4_0"])).reshape(shape).cast(dtypes.float16)
-  return kernel_asts(lambda: (make_x() @ (w.T if sel is None else w[sel].transpose(-1, -2))).contiguous())[0]
-
 @pytest.mark.parametrize("moe", [False, True])
 def test_q4_0_matvec_renders_simd_sum_and_ushorts_on_metal_and_a_compiling_shuffle_butterfly_on_cuda(moe):
   # the heuristic's own choice (default policies), GLM's attn_output shape or its MoE down with 4 of 8 experts
-  import re, shutil
-  if moe: ast = q4_0_ast(lambda: Tensor.empty(1, 1, 1, 1, 1536, dtype=dtypes.float16), (8, 2048, 1536), Tensor.empty(1, 1, 4, dtype=dtypes.int32))
-  else: ast = q4_0_ast(lambda: Tensor.empty(1, 5120, dtype=dtypes.float16), (2048, 5120))
+  import shutil
+  ast = gated_moe_matvec_ast(8, 2048, 1536) if moe else q4_0_matvec_ast(2048, 5120)
   metal, cuda = render(ast, metal_renderer()), render(ast, cuda_renderer())
   # a whole simdgroup a row sums with simd_sum; MoE down's 48 blocks a row fill 16 lanes (Metal's policy: a block a lane),
   # which sum by shuffles: either way within the simdgroup, no threadgroup memory
   assert ("simd_sum(" in metal if not moe else metal.count("simd_shuffle_xor(") == 4) and "threadgroup_barrier" not in metal, metal
   assert "*((device unsigned short*)" in metal and "unsigned char val" not in metal, metal
-  offsets = [int(o) for o in re.findall(r"__shfl_xor_sync\(0xffffffffu, \w+, (\d+)\)", cuda)]
+  offsets = shuffle_offsets(cuda)
   assert offsets and offsets == [16, 8, 4, 2, 1] * (len(offsets) // 5), cuda  # one 32-lane butterfly per row a lane sums
   assert "*((unsigned short*)" in cuda and "unsigned char val" not in cuda, cuda
   with tinygrad_ext.passes_off():  # stock tinygrad: byte loads, no warp reduce

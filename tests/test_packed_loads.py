@@ -7,7 +7,7 @@ from tinygrad import Tensor, dtypes
 from tinygrad.helpers import Context
 from tinygrad.llm.gguf import ggml_data_to_tensor
 import tinygrad_ext
-from kernels import kernel_asts, render, cuda_renderer, metal_renderer, a_row_and_a_block_per_lane
+from kernels import kernel_asts, render, cuda_renderer, metal_renderer, a_row_and_a_block_per_lane, q4_0_matvec_ast, gated_moe_matvec_ast
 from test_matvec import quantized
 
 DEVICES = os.getenv("TINYGRAD_EXT_TEST_DEVICES", "CL,CPU").split(",")
@@ -34,11 +34,6 @@ def test_packed_loads_are_bit_identical(device):
       np.testing.assert_array_equal(make().numpy(), ref)
   prop()
 
-def q4_0_matvec_ast(rows=256, inp=2048):
-  raw = Tensor.empty(rows * inp // 32 * 18, dtype=dtypes.uint8)
-  x = Tensor.empty(1, inp, dtype=dtypes.float16)
-  return kernel_asts(lambda: x @ ggml_data_to_tensor(raw, rows * inp, 2).reshape(rows, inp).cast(dtypes.float16).T)[0]
-
 @a_row_and_a_block_per_lane()
 def test_q4_0_matvec_reads_ushorts_with_the_pass_and_bytes_without():
   ast = q4_0_matvec_ast()
@@ -49,12 +44,6 @@ def test_q4_0_matvec_reads_ushorts_with_the_pass_and_bytes_without():
     assert word not in off and off.count(byte) >= 18, off
   from tinygrad.codegen import full_rewrite_to_sink
   assert any(u.op.name == "LOAD" and u.dtype == dtypes.uint16 for u in full_rewrite_to_sink(ast, cuda_renderer()).toposort())
-
-def gated_moe_matvec_ast():
-  raw = Tensor.empty(8 * 256 * 2048 // 32 * 18, dtype=dtypes.uint8)
-  x, sel = Tensor.empty(1, 1, 1, 2048, dtype=dtypes.float16), Tensor.empty(1, 1, 4, dtype=dtypes.int32)
-  w = ggml_data_to_tensor(raw, 8 * 256 * 2048, 2).reshape(8, 256, 2048)
-  return kernel_asts(lambda: (x.unsqueeze(-2) @ w[sel].cast(dtypes.float16).transpose(-1, -2)).contiguous())[0]
 
 def test_gated_moe_loads_are_packed_under_their_gate():
   # MoE: the expert id is checked against the expert count, so every weight load is gated; the words are loaded under

@@ -9,7 +9,8 @@ from tinygrad.helpers import Context
 from tinygrad.codegen.opt import Opt, OptOps, KernelOptError
 import tinygrad_ext
 from passes.reduce_local import OptOpsExt
-from kernels import kernel_asts, with_opts, render, realize_with_opts, cuda_renderer, metal_renderer, clang_renderer, scheduler_of
+from kernels import kernel_asts, with_opts, render, realize_with_opts, cuda_renderer, metal_renderer, clang_renderer, scheduler_of, \
+  q4_0_matvec_ast, shuffle_offsets
 
 def REDUCE_LOCAL(axis, amount): return Opt(OptOpsExt.REDUCE_LOCAL, axis, amount)
 
@@ -145,8 +146,6 @@ def test_reduce_local_refuses_what_it_cannot_combine():
   with tinygrad_ext.passes_off(), pytest.raises(KernelOptError, match="reduce_local pass, which is off"):
     render(with_opts(matvec_ast(), REDUCE_LOCAL(0, 16)), ren)
 
-def shuffle_offsets(src): return [int(o) for o in re.findall(r"__shfl_xor_sync\(0xffffffffu, \w+, (\d+)\)", src)]
-
 @pytest.mark.parametrize("dtype", [dtypes.float32, dtypes.float16])
 def test_reduce_local_cuda_source_has_the_shuffle_butterfly_and_compiles(dtype):
   src = render(with_opts(matvec_ast(8, 256, dtype), REDUCE_LOCAL(0, 32), Opt(OptOps.UPCAST, 0, 2)), cuda_renderer())
@@ -159,7 +158,6 @@ def test_reduce_local_cuda_source_has_the_shuffle_butterfly_and_compiles(dtype):
 
 def test_composed_lanes_read_adjacent_bytes_of_a_block_and_share_one_butterfly():
   # a Q4_0 block over 2 lanes (8 contiguous bytes each), 16 blocks per warp: one 32-lane butterfly combines them all
-  from test_packed_loads import q4_0_matvec_ast
   opts = (Opt(OptOps.UNROLL, 1, 2), Opt(OptOps.UNROLL, 1, 8), REDUCE_LOCAL(1, 2), REDUCE_LOCAL(0, 16))
   src = render(with_opts(q4_0_matvec_ast(), *opts), cuda_renderer())
   assert sorted(set(shuffle_offsets(src)), reverse=True) == [16, 8, 4, 2, 1] and "__shared__" not in src, src
@@ -169,7 +167,6 @@ def test_composed_lanes_read_adjacent_bytes_of_a_block_and_share_one_butterfly()
 def test_a_group_after_reduce_local_combines_each_warps_lanes_first_and_compiles():
   # a Q4_0 row's 96 blocks: 32 lanes, each lane's 3 steps over 3 warps (GROUP), 4 rows a block: the butterfly runs in
   # every warp, then one value per warp and row goes through shared memory (that order once was the other way round)
-  from test_packed_loads import q4_0_matvec_ast
   opts = (Opt(OptOps.UNROLL, 2, 16), Opt(OptOps.UNROLL, 1, 2), REDUCE_LOCAL(0, 32), Opt(OptOps.GROUP, 0, 3), Opt(OptOps.LOCAL, 0, 4))
   src = render(with_opts(q4_0_matvec_ast(64, 3072), *opts), cuda_renderer())
   assert sorted(set(shuffle_offsets(src)), reverse=True) == [16, 8, 4, 2, 1], src
