@@ -1,0 +1,27 @@
+"""The differential fuzzer: random tinygrad programs (tests/program_fuzzer.py) compute the same with passes off, every
+pass on, and each pass alone: exactly for integers and bools, within rounding for floats. A program that compiles and
+runs with passes off must compile and run with them on.
+
+CI runs a bounded budget a device; TINYGRAD_EXT_FUZZ_EXAMPLES=N runs N (the long runs before resolving a pass change):
+  TINYGRAD_EXT_FUZZ_EXAMPLES=2000 python -m pytest -q tests/test_fuzz_programs.py"""
+import os
+import pytest
+from hypothesis import given, settings, strategies as st, HealthCheck, reject
+import tinygrad_ext
+from program_fuzzer import programs, mismatch
+
+DEVICES = os.getenv("TINYGRAD_EXT_TEST_DEVICES", "CL,CPU").split(",")
+EXAMPLES = int(os.getenv("TINYGRAD_EXT_FUZZ_EXAMPLES", "15"))
+
+@pytest.mark.parametrize("device", DEVICES)
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), print_blob=True)
+@given(data=st.data())
+def test_passes_on_compute_what_passes_off_compute(device, data):
+  prog = data.draw(programs(device), label="program")
+  # every pass together half the time (where most bugs showed), else one pass alone
+  config = data.draw(st.one_of(st.just("every pass"), st.sampled_from(list(tinygrad_ext.PASSES))), label="passes on")
+  try:
+    with tinygrad_ext.passes_off(): ref = prog.run(device)
+  except Exception: reject()  # not a program tinygrad runs (e.g. a dtype a device lacks for one op): not ours to judge
+  with tinygrad_ext.only(*(tinygrad_ext.PASSES if config == "every pass" else [config])): got = prog.run(device)
+  assert (why := mismatch(ref, got)) is None, f"{config}: {why}\n{prog.source()}"
