@@ -18,6 +18,12 @@ experts' weighted rows) is recomputed in its consumers where every one of them r
 Run any earlier and the inlined reduce would make an elementwise buffer that tinygrad is about to inline (a one-hot
 gather's mask) look costly, so tinygrad keeps it, a kernel more.
 
+Legality (DESIGN.md, "Legality"): an intermediate is recomputed in a consumer only where it reads no buffer the
+schedule stores to (but through that store's AFTER), where the consumer indexes all its ranges, and where every kernel
+that reads it would see the same bits: it has one reading kernel, or it is reproducible (integers, or floats through
+single correctly rounded operations). A phase that would grow the schedule's arithmetic beyond MAX_WORK_GROWTH is not
+applied. The rewrite runs in rounds until nothing more is inlined, counting readers afresh each round.
+
 Codegen heuristic (before REDUCE_LOCAL's matvec heuristic and tinygrad's): in such a kernel the row axis stays an in-kernel
 loop, one workgroup per row, and every reduce of the row and the row's elementwise outputs are spread over the same lanes
 (lane-strided, REDUCE_LOCAL's lane range): the lanes combine each reduce (shuffles, then shared memory across warps), and
@@ -29,9 +35,10 @@ positions so far) is padded, with the padding gated off every load and store and
 """
 from __future__ import annotations
 import functools, itertools
+from dataclasses import dataclass
 from typing import Iterator
 from tinygrad.uop.ops import UOp, Ops, GroupOp, AxisType, PatternMatcher, UPat, graph_rewrite
-from tinygrad.dtype import AddrSpace, Invalid
+from tinygrad.dtype import AddrSpace, Invalid, dtypes
 from tinygrad.helpers import prod, partition, ContextVar
 from tinygrad.schedule.indexing import BufferizeOpts
 from tinygrad.codegen.opt import KernelOptError, Opt, OptOps
@@ -147,30 +154,132 @@ def in_long_reduces(value:UOp) -> set[UOp]:
   body, where a MoE matmul reads the selected expert ids)."""
   return {a for u in value.toposort(gate=in_kernel) if u.op is Ops.REDUCE and ranges_size(u.src[1:]) > TINY for a in u.src[0].toposort(gate=in_kernel)}
 
+def stored_buffers(sink:UOp) -> set[UOp]:
+  """Every buffer a kernel of the schedule stores to (an assign's target)."""
+  return {u.src[0].src[0] for u in sink.toposort() if u.op is Ops.STORE and u.src[0].op is Ops.INDEX}
+
+def reads_before_a_store(s:UOp, stored:set[UOp]) -> bool:
+  """The intermediate reads a buffer that the schedule also stores to, as it was before that store (not through the
+  store's AFTER). tinygrad orders that store after the intermediate's kernel; recomputed in another kernel, the read
+  would be ordered after nothing and could see the stored values (an assign that reads its own target through a
+  reduce, a factorization's iterations)."""
+  return any(u.op is Ops.INDEX and u.src[0] in stored for u in s.src[0].toposort(gate=in_kernel))
+
+# what a value may compute and still give the same bits in every kernel that computes it: loads, selections, compares,
+# conversions, and single correctly rounded operations (an add of two values, a product, a max). What a compiler or a
+# kernel's opts may round differently is left out: a product feeding a sum (contracted to a multiply-add or not), a sum
+# reduce (its order), transcendentals (polynomials of multiply-adds)
+REPRODUCIBLE = {Ops.INDEX, Ops.LOAD, Ops.CONST, Ops.RANGE, Ops.WHERE, Ops.CMPLT, Ops.CMPNE, Ops.CMPEQ, Ops.MAX, Ops.CAST, Ops.BITCAST,
+                Ops.ADD, Ops.MUL, Ops.NEG, Ops.STAGE, Ops.PARAM, Ops.AFTER, Ops.NOOP}
+
+def one_hot_sum(r:UOp) -> bool:
+  """sum over i of (i != e ? 0 : x[i]) with e independent of i: one term at most is not zero, so any order gives x[e]
+  (a gather written as a one-hot reduce: MoE routing's selected scores)."""
+  if r.arg[0] is not Ops.ADD or len(r.src) != 2 or (w:=r.src[0]).op is not Ops.WHERE or w.src[0].op is not Ops.CMPNE: return False
+  if not (w.src[1].op is Ops.CONST and w.src[1].arg == 0): return False
+  rng = r.src[1]
+  def is_rng(u:UOp) -> bool: return u is rng or (u.op is Ops.CAST and u.src[0] is rng)
+  a, b = w.src[0].src
+  return (is_rng(a) and rng not in b.toposort(gate=in_kernel)) or (is_rng(b) and rng not in a.toposort(gate=in_kernel))
+
+def reproducible(s:UOp) -> bool:
+  """Every kernel that recomputes the intermediate gets the same bits: it computes in integers and bools, or in floats
+  with operations each rounded once and alone (a masked row's max, a one-hot pick)."""
+  def float_ok(u:UOp) -> bool:
+    if u.op is Ops.REDUCE: return u.arg[0] is Ops.MAX or one_hot_sum(u)
+    if u.op is Ops.ADD and any(x.op is Ops.MUL and dtypes.is_float(x.dtype) for x in u.src): return False  # a multiply-add
+    return u.op in REPRODUCIBLE
+  return all(not dtypes.is_float(u.dtype) or float_ok(u) for u in s.src[0].toposort(gate=in_kernel))
+
+def value_key(s:UOp) -> tuple:
+  """What an intermediate computes, coarsely: the buffers it reads and the operations it applies. tinygrad makes an
+  intermediate of one value for each way it is read (a sort's input, read as rows and as columns), alike but for its
+  ranges and index order; such intermediates get one key (and so may others that only look alike)."""
+  value = s.src[0].toposort(gate=in_kernel)
+  ops = sorted((u.op.value, str(u.dtype), str(u.arg) if u.op is Ops.REDUCE else "") for u in value if u.op in GroupOp.ALU or u.op in (Ops.REDUCE, Ops.CAST, Ops.BITCAST))
+  return (frozenset(u.src[0] for u in value if u.op is Ops.INDEX), tuple(ops))
+
+def outer_reduces(v:UOp) -> list[UOp]:
+  """The reduces of a kernel's value that no other reduce of it contains."""
+  return [u for u in v.toposort(gate=lambda u: in_kernel(u) and u.op is not Ops.REDUCE or u is v) if u.op is Ops.REDUCE]
+
+def stable_key(s:UOp) -> tuple:
+  """An intermediate by what survives the rewrites that rebuild it (inlining into it, or into what it reads): its
+  ranges; for a scalar, the ranges of its own reduces, or what it reads and computes. Keys that collide are counted
+  together (conservative)."""
+  if any(r.op is Ops.RANGE for r in s.src[1:]): return ("ranges", *s.src[1:])
+  if red := frozenset(r for red in outer_reduces(s.src[0]) for r in red.src[1:]): return ("reduces", red)
+  value = s.src[0].toposort(gate=in_kernel)
+  def source(b:UOp): return stable_key(b) if b.op is Ops.STAGE else b.src[0] if b.op is Ops.AFTER else b  # a buffer, as it was stored
+  return ("scalar", frozenset(source(u.src[0]) for u in value if u.op is Ops.INDEX), tuple(sorted(str(u.op) for u in value)))
+
+def root_key(root:UOp) -> tuple:
+  """A kernel root by what survives the rewrites that rebuild it: an intermediate's stable_key, a store's target."""
+  return ("stage", *stable_key(root)) if root.op is Ops.STAGE else ("store", root.src[0])
+
+def kernel_roots(sink:UOp) -> list[UOp]:
+  return [u for u in sink.toposort() if (u.op is Ops.STAGE and u.arg.addrspace is AddrSpace.GLOBAL) or u.op is Ops.STORE]
+
+def root_value(root:UOp) -> UOp: return root.src[0] if root.op is Ops.STAGE else root.src[1]
+
+def reading_kernels(sink:UOp) -> dict[tuple, frozenset]:
+  """The kernels (root_key) that read each realized intermediate (stable_key), with those that read an intermediate
+  computing the same value (value_key)."""
+  by_value: dict[tuple, set] = {}
+  value_of: dict[tuple, set] = {}
+  for root in kernel_roots(sink):
+    for st in {u.src[0] for u in root_value(root).toposort(gate=in_kernel) if u.op is Ops.INDEX and u.src[0].op is Ops.STAGE}:
+      by_value.setdefault(vk:=value_key(st), set()).add(root_key(root))
+      value_of.setdefault(stable_key(st), set()).add(vk)
+  return {k: frozenset().union(*(by_value[vk] for vk in vks)) for k, vks in value_of.items()}
+
+def reducing_kernels(sink:UOp) -> frozenset:
+  """The kernels that reduce as tinygrad scheduled them, before anything was inlined into them."""
+  return frozenset(root_key(r) for r in sink.toposort() if ((r.op is Ops.STAGE and r.arg.addrspace is AddrSpace.GLOBAL) or r.op is Ops.STORE)
+                   and any(u.op is Ops.REDUCE for u in (r.src[0] if r.op is Ops.STAGE else r.src[1]).toposort(gate=in_kernel)))
+
+@dataclass(frozen=True)
+class FusionContext:
+  per_element: frozenset   # the per-element intermediates every consumer reads once (per_element_everywhere)
+  stored: frozenset        # the buffers the schedule stores to (stored_buffers)
+  reducing: frozenset      # the kernels that reduce of their own (reducing_kernels), as the schedule came
+  readers: dict            # the kernels that read each intermediate's value (reading_kernels), as the round began
+
+def recomputed_alike(s:UOp, ctx:FusionContext, reader:tuple) -> bool:
+  """Every kernel that reads an intermediate must see the same bits (a sort compares its values with the values it
+  sorted, in another kernel): it is recomputed only where it is reproducible, or in the one kernel that read it as
+  the round began (one reached through another inlined intermediate waits for the next round, when it is counted
+  where that one went)."""
+  return reproducible(s) or ctx.readers.get(stable_key(s)) == frozenset({reader})
+
 def inlinable(idx:UOp, value:UOp, out_rngs:dict[UOp, None], elementwise:bool, looped:set[UOp], iterations:int,
-              per_element:set[tuple[UOp, ...]]) -> UOp|None:
+              ctx:FusionContext, reader:tuple) -> UOp|None:
   if idx.op is not Ops.INDEX or any(v.op is Ops.CONST and v.arg is Invalid for v in idx.src[1:]): return None
+  if idx.src[0].op is not Ops.STAGE or len(idx.src) != len(idx.src[0].src) or reads_before_a_store(idx.src[0], ctx.stored) or \
+     not recomputed_alike(idx.src[0], ctx, reader): return None
   if (cost:=small_stage(idx.src[0])) is not None and iterations * cost <= SMALL_WORK: return inline_stage(idx)
   # a tiny one is inlined where it is read outside the consumer's long loops (inside them it would be recomputed every
   # iteration, and a MoE matmul's expert ids must stay a load for its weight address)
   if tiny_stage(idx.src[0]) and idx not in looped: return inline_stage(idx)
-  if stage_key(idx.src[0]) in per_element and per_element_stage(idx.src[0]) and read_once(idx, value): return inline_stage(idx)
+  if stage_key(idx.src[0]) in ctx.per_element and per_element_stage(idx.src[0]) and read_once(idx, value): return inline_stage(idx)
   if not ((elementwise and row_reduce_stage(idx.src[0])) or short_row_stage(idx.src[0])): return None
   return inl if row_reduces_only(inl:=inline_stage(idx), out_rngs) else None
 
-def fuse_row_reduces(ctx:set[tuple[UOp, ...]], root:UOp) -> UOp|None:
-  # ctx: the per-element intermediates that every consumer reads once (per_element_everywhere)
+def fuse_row_reduces(ctx:FusionContext, root:UOp) -> UOp|None:
   if root.op is Ops.STAGE:
     if root.arg.addrspace is not AddrSpace.GLOBAL: return None
     value, out = root.src[0], root.src[1:]
   else: value, out = root.src[1], root.src[:1]
   out_rngs = UOp.sink(*out).ranges
   # a row reduce goes only into an elementwise consumer: reduces of its own would each recompute the row's reduce
-  elementwise = not any(u.op is Ops.REDUCE for u in value.toposort(gate=in_kernel))
+  # (a scalar intermediate is known by its reduces, which inlining changes: what it holds now decides, which at worst
+  # takes an inlined reduce for its own and inlines less)
+  reader = root_key(root)
+  elementwise = reader not in ctx.reducing if root.op is Ops.STORE or len(root.src) > 1 else not any(u.op is Ops.REDUCE for u in value.toposort(gate=in_kernel))
   new = value
   while True:
     looped, iterations = in_long_reduces(new), kernel_iterations(new, out_rngs)
-    if not (found := {u:inl for u in new.toposort(gate=in_kernel) if (inl:=inlinable(u, new, out_rngs, elementwise, looped, iterations, ctx)) is not None}): break
+    if not (found := {u:inl for u in new.toposort(gate=in_kernel) if (inl:=inlinable(u, new, out_rngs, elementwise, looped, iterations, ctx, reader)) is not None}): break
     new = substitute_in_kernel(new, found)
   if new is value: return None
   return root.replace(src=(new,)+root.src[1:]) if root.op is Ops.STAGE else root.replace(src=(root.src[0], new)+root.src[2:])
@@ -197,12 +306,36 @@ def per_element_everywhere(sink:UOp) -> set[tuple[UOp, ...]]:
       if idx.op is Ops.INDEX and per_element_stage(idx.src[0]): read_once_by.setdefault(idx.src[0], []).append(read_once(idx, value))
   return {stage_key(s) for s, once in read_once_by.items() if all(once) and stage_key(s)}  # (a scalar has no ranges to tell it by)
 
+def until_settled(sink:UOp, per_element:frozenset, reducing:frozenset, name:str) -> UOp:
+  """Rewrites until nothing more is inlined: each round counts every intermediate's readers afresh, and inlines only
+  intermediates as they were counted (one that a round rebuilt waits for the next)."""
+  stored = frozenset(stored_buffers(sink))
+  while (new:=graph_rewrite(sink, pm_fuse_row_reduces, ctx=FusionContext(per_element, stored, reducing, reading_kernels(sink)), name=name)) is not sink:
+    sink = new
+  return sink
+
+# recomputing an intermediate in its consumers multiplies its work by how often they read it: a phase of this pass
+# whose schedule would compute more than this factor times what it did is not applied (a Winograd convolution's
+# transforms recomputed per output: 10x its forward ops, 30x its backward's; keccak's rounds inlined into each other,
+# 9.5x, until codegen's rewrite stack overflowed). An RMSNorm that reads a recomputed MoE output twice (its sum of
+# squares and its output) costs 1.6x; the tiny GLM's decode step 1.00x.
+MAX_WORK_GROWTH = 2.0
+
+def work(sink:UOp) -> int:
+  """The schedule's arithmetic: every ALU op of every kernel, times the iterations of the ranges it varies with."""
+  return sum(prod(int(r.vmax) + 1 for r in u.ranges) for value in kernel_values(sink) for u in value.toposort(gate=in_kernel) if u.op in GroupOp.ALU)
+
+def bounded(before:UOp, after:UOp) -> UOp:
+  """after, unless it computes more than MAX_WORK_GROWTH times what before does."""
+  return after if work(after) <= MAX_WORK_GROWTH * work(before) else before
+
 def fuse_kernels(sink:UOp) -> UOp:
   if not is_active(NAME): return sink
-  sink = graph_rewrite(sink, pm_fuse_row_reduces, ctx=set(), name="fusion: row reduces into their consumer")
+  reducing = reducing_kernels(sink)
+  sink = bounded(sink, until_settled(sink, frozenset(), reducing, "fusion: row reduces into their consumer"))
   # then, with every other intermediate settled (a rewrite rebuilds the ones it inlines into), the per-element ones
   if KEEP_PER_ELEMENT.value or not (per_element:=per_element_everywhere(sink)): return sink
-  return graph_rewrite(sink, pm_fuse_row_reduces, ctx=per_element, name="fusion: per-element intermediates into their consumers")
+  return bounded(sink, until_settled(sink, frozenset(per_element), reducing, "fusion: per-element intermediates into their consumers"))
 
 # *** scheduler: a normalized row that a matmul reads is realized once ***
 
@@ -266,10 +399,14 @@ def element_reduces(k) -> list[UOp]:
   return short if len(short) < len(k.reduceops) else []
 
 def row_ranges(k) -> list[UOp]:
-  """The output ranges no reduce depends on (but an element's own short reduces): the rows of a fused row kernel (stock
-  schedules never make such a kernel)."""
+  """The output ranges no reduce depends on (but an element's own short reduces): the rows of a fused row kernel. A row
+  reduce inside another is invariant to it (softmax's max in its sum: the schedule step inlines only such reduces); a
+  stock kernel can look alike with a reduce that varies with the one it sits in (a convolution's backward), and its
+  rows are not taken (the lanes split both reduces' ranges, and its gradient came out wrong on CL)."""
   if not (reduces := k.reduceops): return []
   per_element = element_reduces(k)
+  row_reds = [red for red in reduces if red not in per_element]
+  if any(a in b.src[0].backward_slice and set(b.src[1:]) & set(a.ranges) for a in row_reds for b in row_reds if a is not b): return []
   depends = {r for red in reduces if red not in per_element for r in red.ranges}
   return [r for r in k._output_rngs() if r not in depends and r.vmax > 0]
 
@@ -299,8 +436,10 @@ def choose_row_opts(k):
   lane_idx = lane if warps == 1 else UOp.range(warps, WARP_ID, AxisType.GROUP_REDUCE, dtype=row.dtype) * width + lane
   # a range of the AST as the kernel's opts have left it (what shift_to kept of it under the same id), or None
   def now(r:UOp) -> UOp|None: return next((x for x in k.rngs if x.arg[:-1] == r.arg[:-1]), None)
-  for r in [row, *red_rngs]:
-    try: share_lanes(k, now(r), lane_idx)
+  for r in dict.fromkeys([row, *red_rngs]):  # reduces over one range share it once
+    # a range an earlier split took whole is gone: a kernel this heuristic does not know, left to tinygrad's
+    if (cur:=now(r)) is None: return None
+    try: share_lanes(k, cur, lane_idx)
     except KernelOptError: return None
   # what each lane keeps of the rows and of their reduces, when short and static, is unrolled: the row's elements are then
   # loaded once for the reduce and the output (one index), and loads that do not wait on the reduce can be issued before

@@ -19,7 +19,13 @@ since one LOP3 holds one immediate. On the H200 the Q4_0 matvecs were bound by t
 output head's ALU pipe 60% busy, 4.9 instructions a weight element, 2 of them integer ops); the lop3 removes one
 instruction an element (TINYGRAD_EXT_INT_TO_FLOAT_PER_BYTE=1 keeps the per-byte form, for A/B runs).
 
-Hook: a CodegenStep after tinygrad's "add images" step (devectorized: every conversion is a scalar CAST).
+Legality: the subtract of the exponent's constant is exact only as it stands. tinygrad's symbolic folds float constant
+additions ((x + c1) + c2 -> x + (c1 + c2)) and moves them past other addends ((x + c) + y -> (x + y) + c), which would
+round the converted value (or y) at 2^23's scale: (uint8 x).float() - 1.5707964 became x - 8388609.57, rounded. So the
+pass runs after tinygrad's last symbolic rewrite ("final symbolic"); what runs later (decompositions, the renderer's
+rules) does not reassociate float additions.
+
+Hook: a CodegenStep after tinygrad's "final symbolic" step (devectorized: every conversion is a scalar CAST).
 """
 from __future__ import annotations
 from tinygrad.uop.ops import UOp, Ops, PatternMatcher, UPat, graph_rewrite
@@ -64,4 +70,4 @@ pm_int_to_float = PatternMatcher([
 def cheap_int_to_float(sink:UOp, ren:Renderer) -> UOp: return graph_rewrite(sink, pm_int_to_float, ctx=ren, name="int_to_float")
 
 INT_TO_FLOAT = register(Pass("int_to_float", "small-range int -> float32 conversions become an OR into the exponent bits and a subtract, a packed field in place",
-                             (CodegenStep("add images", cheap_int_to_float),), settings=(PER_BYTE,)))
+                             (CodegenStep("final symbolic", cheap_int_to_float),), settings=(PER_BYTE,)))

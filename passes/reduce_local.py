@@ -121,7 +121,11 @@ def pad_to_lanes(k, rng:UOp, lanes:int) -> UOp:
   """rng padded to a multiple of `lanes`; the padding is gated off every load and store and is the identity of a reduce."""
   n = rng.src[0]
   # simplified: a static axis pads to a constant, which later opts can split (a fused row's share of each lane unrolls)
-  padded = rng.replace(src=((((n + (lanes-1)) // lanes) * lanes).simplify(),))
+  # a length the lanes cover in one pass however long it is (a symbolic one at most `lanes`) is padded to exactly the
+  # lanes: its loop, 0 or 1 iterations, has an index that is always 0, and codegen then placed the accumulator's
+  # initialisation inside the loop (a sum over 0 elements read it uninitialized)
+  count = ((n + (lanes-1)) // lanes).simplify()
+  padded = rng.replace(src=((count * lanes).simplify() if count.vmax > 1 else n.const_like(lanes),))
   valid = padded < n
   k.ast = k.ast.substitute({rng: padded}, name=f"pad {rng.arg[:-1]} to {lanes} lanes")
   stores = {s.src[0] for s in k.ast.backward_slice_with_self if s.op is Ops.STORE}

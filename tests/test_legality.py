@@ -1,0 +1,105 @@
+"""Programs unlike GLM's where the passes once computed something else than tinygrad, crashed, or multiplied the work
+(found by running tinygrad's own tests with the extension, tools/tinygrad_gate.py, and by the fuzzer). Each asserts the
+legality condition that now keeps its pass from firing, against the same program with passes off."""
+import os
+import numpy as np
+import pytest
+from tinygrad import Tensor, dtypes, Context
+import tinygrad_ext
+from tinygrad_ext import only, passes_off
+from kernels import kernel_asts
+
+DEVICES = os.getenv("TINYGRAD_EXT_TEST_DEVICES", "CL,CPU").split(",")
+
+def both(make, *names):
+  """make()'s values with passes off and with these passes on (every pass if none is named)."""
+  with passes_off(): off = make()
+  with only(*(names or tinygrad_ext.PASSES)): on = make()
+  return off, on
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_int_to_float_is_not_folded_with_a_float_constant(device):
+  # int_to_float's exponent constant (2^23) stays apart from constants added to the converted value: tinygrad's
+  # symbolic would fold (x - 2^23) - 1.5707964 into x - 8388609.57 and round it (a uint8 cos was wrong this way)
+  with Context(DEV=device):
+    u = Tensor([2, 3, 4, 200], dtype=dtypes.uint8).realize()
+    y = Tensor([0.25, -1.5, 3.0, 0.125]).realize()
+    for make in (lambda: (u.float() - 1.5707964).numpy(), lambda: (u.float() + y).numpy(), lambda: u.cos().numpy()):
+      off, on = both(make, "int_to_float")
+      np.testing.assert_array_equal(on, off)
+  np.testing.assert_allclose(off, np.cos(np.array([2, 3, 4, 200], np.float32)), rtol=1e-4)  # tinygrad's own cos
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_assigns_that_read_each_others_targets_through_reduces_keep_their_order(device):
+  # b0 <- sum(a0 - b1) * b0 and b1 <- sum(a1 - b0) * b1: each reduce reads the other's target as it was before either
+  # store. Recomputed inside the other assign's kernel, a read would be ordered after a store (tinygrad: "cycle
+  # detected in assign graph"); fusion refuses an intermediate that reads a buffer the schedule stores to.
+  def make():
+    with Context(DEV=device):
+      a0, a1 = Tensor.full((16, 16), 10).contiguous().realize(), Tensor.full((16, 16), 20).contiguous().realize()
+      b0, b1 = Tensor.full((16,), 1).contiguous().realize(), Tensor.full((16,), 2).contiguous().realize()
+      r0, r1 = (a0 - b1.contiguous()).sum(1), (a1 - b0.contiguous()).sum(1)
+      b0.assign(r0 * b0); b1.assign(r1 * b1)
+      Tensor.realize(b0, b1)
+      return b0.numpy(), b1.numpy()
+  (b0_off, b1_off), (b0_on, b1_on) = both(make)
+  assert (b0_on == b0_off).all() and (b1_on == b1_off).all() and (b0_off == 128).all() and (b1_off == 608).all()
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_svd_is_orthogonal_with_fusion(device):
+  # tinygrad's SVD sorts the singular values, then finds each one's index by comparing the values with the sorted ones;
+  # recomputed in the sort's kernel and in the comparison's (each compiled its own sum of squares), they differed in
+  # their last bits, no index matched and U and V came out with repeated columns. Fusion recomputes a value only in the
+  # one kernel that reads it, or where every kernel gets the same bits.
+  rng = np.random.default_rng(1)
+  for shape in [(2, 2), (3, 3), (2, 2, 2, 2, 3)]:
+    with Context(DEV=device):
+      a = Tensor(rng.standard_normal(shape).astype(np.float32)).realize()
+      def make():
+        U, S, V = a.svd()
+        Tensor.realize(U, S, V)
+        return U.numpy(), S.numpy(), V.numpy()
+      with only("fusion"): U, S, V = make()
+    for m in (U, V):
+      np.testing.assert_allclose(m @ np.swapaxes(m, -1, -2), np.broadcast_to(np.eye(m.shape[-1]), m.shape), atol=1e-4)
+    assert np.all(np.diff(S, axis=-1) <= 1e-6), S  # sorted, largest first
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_recomputing_a_hash_round_by_round_is_refused(device):
+  # keccak's rounds are small intermediates; inlined into each other they grew 9.5x in work until codegen's rewrite
+  # stack overflowed: fusion applies no phase that multiplies the schedule's work by more than MAX_WORK_GROWTH
+  from passes.fusion import MAX_WORK_GROWTH
+  with Context(DEV=device):
+    make = lambda: bytes(Tensor(b"abc").keccak().tolist()).hex()  # noqa: E731
+    off, on = both(make, "fusion")
+    assert on == off == "3a985da74fe225b2045c172d6bd390bd855f086e3e9d525b46bfe24511431532"
+    with passes_off(): stock = len(kernel_asts(lambda: Tensor(b"abc").keccak()))
+    with only("fusion"): fused = len(kernel_asts(lambda: Tensor(b"abc").keccak()))
+  assert MAX_WORK_GROWTH < 9.5 and fused == stock
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_row_heuristic_declines_kernels_it_does_not_know(device):
+  # a two-stage cumsum tiled and masked (tinygrad's test_cumsum_parallel_reduce_fused) reaches fusion's row heuristic
+  # with two reduces over one range: it shares that range over the lanes once, and declines a kernel whose range an
+  # earlier split took whole (it raised AttributeError) instead of raising
+  def make():
+    with Context(DEV=device):
+      phase = Tensor.arange(513).float().realize().cumsum()
+      pattern = Tensor([1, 0, 0, 1, 0, 0, 0, 0, 1, 0]).reshape(10, 1)
+      return (phase.repeat((10,)).reshape(10, 513) * pattern).flatten().numpy()
+  off, on = both(make)
+  np.testing.assert_allclose(on, off, rtol=1e-6)
+  np.testing.assert_allclose(off, (np.tile(np.arange(513, dtype=np.float32).cumsum(), 10).reshape(10, 513) * np.array([1, 0, 0, 1, 0, 0, 0, 0, 1, 0])[:, None]).flatten(), rtol=1e-4)
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_sum_over_a_symbolic_length_of_zero_is_zero(device):
+  # REDUCE_LOCAL pads a symbolic length to a multiple of the lanes; where the lanes cover its largest value in one pass
+  # the loop (0 or 1 iterations) had an index that is always 0 and codegen initialised the accumulator inside it: a sum
+  # over 0 elements read it uninitialized (tinygrad's TestZeroRange). That length is now padded to the lanes, no loop.
+  from tinygrad import UOp
+  def make():
+    with Context(DEV=device):
+      return [Tensor.ones(n, dtype=dtypes.int).contiguous().shrink(((0, UOp.variable("i", 0, n // 2).bind(i)),)).sum().item()
+              for n in (10, 100) for i in (3, 0, n // 2)]
+  off, on = both(make)
+  assert on == off == [3, 0, 5, 3, 0, 50]
