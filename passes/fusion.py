@@ -318,7 +318,7 @@ def until_settled(sink:UOp, per_element:frozenset, reducing:frozenset, name:str)
 # whose schedule would compute more than this factor times what it did is not applied (a Winograd convolution's
 # transforms recomputed per output: 10x its forward ops, 30x its backward's; keccak's rounds inlined into each other,
 # 9.5x, until codegen's rewrite stack overflowed). An RMSNorm that reads a recomputed MoE output twice (its sum of
-# squares and its output) costs 1.6x; the tiny GLM's decode step 1.00x.
+# squares and its output) costs 1.6x; the tiny GLM's decode step 1.00x (its MoE output has two reading kernels).
 MAX_WORK_GROWTH = 2.0
 
 def work(sink:UOp) -> int:
@@ -406,7 +406,9 @@ def row_ranges(k) -> list[UOp]:
   if not (reduces := k.reduceops): return []
   per_element = element_reduces(k)
   row_reds = [red for red in reduces if red not in per_element]
-  if any(a in b.src[0].backward_slice and set(b.src[1:]) & set(a.ranges) for a in row_reds for b in row_reds if a is not b): return []
+  # (an element's short reduce inside a row reduce that it varies with too: a GQA attention's value gradient, whose
+  # softmax statistics over the keys vary with the query the row reduce sums over)
+  if any(a in b.src[0].backward_slice_with_self and set(b.src[1:]) & set(a.ranges) for a in reduces for b in row_reds if a is not b): return []
   depends = {r for red in reduces if red not in per_element for r in red.ranges}
   return [r for r in k._output_rngs() if r not in depends and r.vmax > 0]
 

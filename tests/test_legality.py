@@ -92,6 +92,23 @@ def test_row_heuristic_declines_kernels_it_does_not_know(device):
   np.testing.assert_allclose(off, (np.tile(np.arange(513, dtype=np.float32).cumsum(), 10).reshape(10, 513) * np.array([1, 0, 0, 1, 0, 0, 0, 0, 1, 0])[:, None]).flatten(), rtol=1e-4)
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_row_heuristic_declines_a_reduce_that_varies_with_the_one_it_sits_in(device):
+  # a GQA attention's value gradient sums the softmax over the queries, and the softmax's statistics over the keys vary
+  # with the query: a stock kernel with a reduce inside another that it varies with, which the row heuristic spread over
+  # lanes as if it were a fused row (wrong on CL, as tinygrad's test_scaled_dot_product_attention_gqa and convolution
+  # backwards found)
+  rng = np.random.default_rng(0)
+  arrays = [rng.uniform(-2, 2, (1, h, 16, 8)).astype(np.float32) for h in (8, 2, 2)] + \
+           [rng.standard_normal((1, 3, 5, 7)).astype(np.float32), rng.standard_normal((6, 3, 2, 1)).astype(np.float32)]
+  def make():
+    with Context(DEV=device):
+      q, k, v, x, w = (Tensor(a).realize() for a in arrays)
+      grads = [*q.scaled_dot_product_attention(k, v, enable_gqa=True).sum().gradient(q, k, v), *x.conv2d(w).sum().gradient(x, w)]
+      Tensor.realize(*grads)
+      return [g.numpy() for g in grads]
+  for off, on in zip(*both(make)): np.testing.assert_allclose(on, off, rtol=1e-4, atol=1e-5)
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_a_sum_over_a_symbolic_length_of_zero_is_zero(device):
   # REDUCE_LOCAL pads a symbolic length to a multiple of the lanes; where the lanes cover its largest value in one pass
   # the loop (0 or 1 iterations) had an index that is always 0 and codegen initialised the accumulator inside it: a sum
