@@ -12,9 +12,12 @@ from program_fuzzer import programs, mismatch
 
 DEVICES = os.getenv("TINYGRAD_EXT_TEST_DEVICES", "CL,CPU").split(",")
 EXAMPLES = int(os.getenv("TINYGRAD_EXT_FUZZ_EXAMPLES", "15"))
+# CI's budget draws the same programs every run (hypothesis' derandomize); a long run draws new ones and keeps failures
+LONG_RUN = "TINYGRAD_EXT_FUZZ_EXAMPLES" in os.environ
 
 @pytest.mark.parametrize("device", DEVICES)
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), print_blob=True)
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), print_blob=True, derandomize=not LONG_RUN,
+          **({} if LONG_RUN else {"database": None}))
 @given(data=st.data())
 def test_passes_on_compute_what_passes_off_compute(device, data):
   prog = data.draw(programs(device), label="program")
