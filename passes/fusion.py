@@ -235,8 +235,7 @@ def reading_kernels(sink:UOp) -> dict[tuple, frozenset]:
 
 def reducing_kernels(sink:UOp) -> frozenset:
   """The kernels that reduce as tinygrad scheduled them, before anything was inlined into them."""
-  return frozenset(root_key(r) for r in sink.toposort() if ((r.op is Ops.STAGE and r.arg.addrspace is AddrSpace.GLOBAL) or r.op is Ops.STORE)
-                   and any(u.op is Ops.REDUCE for u in (r.src[0] if r.op is Ops.STAGE else r.src[1]).toposort(gate=in_kernel)))
+  return frozenset(root_key(r) for r in kernel_roots(sink) if any(u.op is Ops.REDUCE for u in root_value(r).toposort(gate=in_kernel)))
 
 @dataclass(frozen=True)
 class FusionContext:
@@ -291,8 +290,7 @@ pm_fuse_row_reduces = PatternMatcher([
 
 def kernel_values(sink:UOp) -> list[UOp]:
   """The value of every kernel root (a realized intermediate, or a store) of the schedule."""
-  return [u.src[0] if u.op is Ops.STAGE else u.src[1] for u in sink.toposort()
-          if (u.op is Ops.STAGE and u.arg.addrspace is AddrSpace.GLOBAL) or u.op is Ops.STORE]
+  return [root_value(r) for r in kernel_roots(sink)]
 
 # an intermediate by its ranges (its own, in the schedule): inlining into what it reads rebuilds it, these stay
 def stage_key(s:UOp) -> tuple[UOp, ...]: return s.src[1:]

@@ -8,9 +8,9 @@ from tinygrad_ext.registry import PASSES, check_pass_names
 # part of cache_id: a release whose passes render other code for the same opts (0.1.1: REDUCE_LOCAL with a GROUP, and
 # the opt sequences it now refuses; 0.1.2: the memory butterfly's partner index, which PoCL miscompiled; 0.1.3:
 # int_to_float converts a packed field in place; 0.1.4: the CUDA matvec policy splits wide matrices' blocks over lanes and
-# unrolls short loops; 0.1.5: wide_loads reads a CUDA matvec's fp16 activations as half8; 0.1.6: subnormal_dequant; 0.1.7: the legality conditions, int_to_float after
-# tinygrad's last symbolic rewrite) must
-# not find programs or BEAM choices cached by an earlier one
+# unrolls short loops; 0.1.5: wide_loads reads a CUDA matvec's fp16 activations as half8; 0.1.6: subnormal_dequant;
+# 0.1.7: the legality conditions, int_to_float after tinygrad's last symbolic rewrite) must not find programs or BEAM
+# choices cached by an earlier one
 __version__ = "0.1.7"
 
 # TINYGRAD_EXT=0 imports without activating; TINYGRAD_EXT_DISABLE=name,name switches single passes off
