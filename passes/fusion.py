@@ -40,10 +40,11 @@ from typing import Iterator
 from tinygrad.uop.ops import UOp, Ops, GroupOp, AxisType, PatternMatcher, UPat, graph_rewrite
 from tinygrad.dtype import AddrSpace, Invalid, dtypes
 from tinygrad.helpers import prod, partition, ContextVar
+from tinygrad.device import Device
 from tinygrad.schedule.indexing import BufferizeOpts
 from tinygrad.codegen.opt import KernelOptError, Opt, OptOps
 from tinygrad_ext import Pass, ScheduleStep, OptHeuristic, CodegenStep, register, is_active
-from passes.reduce_local import LANE_ID, WARP_ID, SHUFFLE_WIDTH, COMBINES, ACC_DTYPES, LANE_DTYPES, OptOpsExt, share_lanes, unroll_whole
+from passes.reduce_local import LANE_ID, WARP_ID, SHUFFLE_WIDTH, COMBINES, ACC_DTYPES, LANE_DTYPES, OptOpsExt, share_lanes, unroll_whole, native
 
 NAME = "fusion"
 MAX_ROW = 1 << 16        # longer rows keep tinygrad's schedule: one workgroup per row would leave the GPU idle
@@ -61,10 +62,16 @@ KERNEL_BOUNDARIES = (Ops.STAGE, Ops.STORE, Ops.AFTER)  # another kernel's buffer
 def in_kernel(u:UOp) -> bool: return u.op not in KERNEL_BOUNDARIES
 
 def removable_reduces(s:UOp) -> list[UOp]|None:
-  """The reduces of a realized intermediate that tinygrad may remove (None if s is no such buffer)."""
+  """The reduces of a realized intermediate that tinygrad may remove (None if s is no such buffer). Not one that
+  accumulates in a dtype its device emulates (half on PoCL): recomputed in another kernel its reduce becomes a loop
+  whose accumulator tinygrad's emulation cannot rewrite (the program fails verification)."""
   if s.op is not Ops.STAGE or s.arg.addrspace is not AddrSpace.GLOBAL or not s.arg.removable or s.src[0].op in (Ops.CONTIGUOUS, Ops.NOOP):
     return None
-  return [u for u in s.src[0].toposort(gate=in_kernel) if u.op is Ops.REDUCE]
+  reduces = [u for u in s.src[0].toposort(gate=in_kernel) if u.op is Ops.REDUCE]
+  return reduces if all(native_on(s.arg.device, r.dtype) for r in reduces) else None
+
+def native_on(device, dtype) -> bool:
+  return all(isinstance(d, str) and native(Device[d].renderer, dtype) for d in (device if isinstance(device, tuple) else (device,)))
 
 def row_reduce_stage(s:UOp) -> bool:
   """A realized intermediate that reduces, in a form the row heuristic spreads over lanes, and that tinygrad may remove."""
@@ -420,7 +427,7 @@ def choose_row_opts(k):
   k.ast = k.ast.substitute({r: r.replace(arg=r.arg[:-1]+(AxisType.LOOP,)) for r in rows}, name="fusion: rows loop in the kernel")
   unroll_whole(k, element_reduces(k))  # an element's own short reduces first
   reduces = [red for red in k.reduceops if any(x.op is Ops.RANGE and x.arg[-1] is AxisType.REDUCE for x in red.src[1:])]
-  if any(red.dtype not in ACC_DTYPES for red in reduces) or any(o.op is not Ops.RANGE for red in reduces for o in red.src[1:]):
+  if any(red.dtype not in ACC_DTYPES or not native(k.ren, red.dtype) for red in reduces) or any(o.op is not Ops.RANGE for red in reduces for o in red.src[1:]):
     return k  # each thread walks its rows serially: correct, one launch (the schedule step fuses only what the lanes take)
   # a reduce fused as one range may reach codegen split (a row read through a quant block's index: blocks x elements):
   # its longest range goes over the lanes, the rest stay loops in each lane

@@ -23,12 +23,13 @@ Hooks: Scheduler.apply_opt (the opt and its legality checks), BEAM's action list
 tinygrad's "expander", where REDUCEs still name their ranges.
 """
 from __future__ import annotations
+import math
 from enum import Enum
 from typing import Callable
 from tinygrad.uop.ops import UOp, Ops, AxisType, PatternMatcher, UPat, graph_rewrite, identity_element
 from tinygrad.dtype import dtypes, AddrSpace, Invalid
 from tinygrad.schedule.indexing import BufferizeOpts
-from tinygrad.helpers import prod, merge_dicts
+from tinygrad.helpers import prod, merge_dicts, EMULATED_DTYPES
 from tinygrad.codegen.opt import Opt, OptOps, KernelOptError, check
 from tinygrad.renderer import Renderer
 from tinygrad.codegen import maybe_load
@@ -93,10 +94,16 @@ def guard_lanes(k, opt:Opt) -> None:
   if opt.op is OptOps.UNROLL and (i:=k.real_axis(opt.op, opt.axis)) >= 0 and k.rngs[i].arg[0] in (LANE_ID, WARP_ID):
     raise KernelOptError(f"{opt}: REDUCE_LOCAL's lanes are threads, not a loop to unroll")
 
+def native(ren:Renderer, dtype) -> bool:
+  """dtype is the renderer's own, not emulated by tinygrad (half on PoCL without cl_khr_fp16): tinygrad's emulation
+  rewrites a local buffer of it but not the AFTER that orders its reads, so the program fails verification."""
+  return dtype not in EMULATED_DTYPES.tolist(dtypes) and dtype in ren.supported_dtypes()
+
 def check_reduce_local_legal(k, rng:UOp) -> None:
   for red in reduces_over(k, rng):
     check(red.arg[0] in COMBINES, f"REDUCE_LOCAL combines ADD and MAX reduces, not {red.arg[0]}")
     check(red.dtype in LANE_DTYPES, f"REDUCE_LOCAL needs a float32/float16/bfloat16/int32 accumulator, not {red.dtype}")
+    check(native(k.ren, red.dtype), f"REDUCE_LOCAL: the lanes combine through local memory, where {red.dtype}, emulated on this device, cannot go")
     check(not any(u.arg[-1] in (AxisType.REDUCE, AxisType.UNROLL, AxisType.GROUP_REDUCE) for u in red.ranges),
           "REDUCE_LOCAL cannot split a reduce nested inside another reduce")
 
@@ -127,6 +134,11 @@ def pad_to_lanes(k, rng:UOp, lanes:int) -> UOp:
   count = ((n + (lanes-1)) // lanes).simplify()
   padded = rng.replace(src=((count * lanes).simplify() if count.vmax > 1 else n.const_like(lanes),))
   valid = padded < n
+  # a float reduce's infinite identity (MAX: -inf) over a value cast from an integer load: tinygrad moves the identity
+  # into the load's alternative value, in the load's dtype, which cannot hold it
+  check(not any(not dtypes.is_float(b.dtype) and math.isinf(identity_element(red.arg[0], red.dtype)) for red in k.reduceops if rng in red.src[1:]
+                for b in k.bufs if b in red.src[0].backward_slice and rng in b.src[1].get_idx().backward_slice_with_self),
+        "padding a float reduce over integer loads: its identity does not fit the loads")
   k.ast = k.ast.substitute({rng: padded}, name=f"pad {rng.arg[:-1]} to {lanes} lanes")
   stores = {s.src[0] for s in k.ast.backward_slice_with_self if s.op is Ops.STORE}
   # a padded load that another load's index reads (a gather: scores at the selected ids) is refused: tinygrad simplifies

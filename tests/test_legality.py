@@ -120,3 +120,25 @@ def test_a_sum_over_a_symbolic_length_of_zero_is_zero(device):
               for n in (10, 100) for i in (3, 0, n // 2)]
   off, on = both(make)
   assert on == off == [3, 0, 5, 3, 0, 50]
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_padded_row_of_a_float_max_over_integer_loads(device):
+  # a softmax over an int32 row cast to float, the row not a multiple of the lanes (3, 33): the padding's MAX identity,
+  # -inf, was moved by tinygrad into the int32 load's alternative value (OverflowError). Such a row is not padded.
+  # (found by the fuzzer on CL)
+  def make():
+    with Context(DEV=device):
+      return [Tensor(np.arange(n, dtype=np.int32) % 7 - 3).float().softmax().numpy() for n in (3, 33)]
+  for off, on in zip(*both(make, "fusion", "reduce_local")): np.testing.assert_allclose(on, off, rtol=1e-6)
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_reduces_in_a_dtype_the_device_emulates_stay_in_their_kernel(device):
+  # fp16 softmax over short rows: PoCL without cl_khr_fp16 emulates half, and tinygrad's emulation fails verification on
+  # a half accumulator in a loop or in local memory (the row's max recomputed in the sum's kernel, or spread over lanes).
+  # Stock tinygrad unrolls those reduces whole; fusion leaves a reduce in an emulated dtype in its own kernel.
+  rng = np.random.default_rng(0)
+  arrays = [(rng.integers(-40, 40, (n, 3)) / 8).astype(np.float16) for n in (2, 5)]
+  def make():
+    with Context(DEV=device):
+      return [Tensor(a).softmax(0).numpy() for a in arrays]
+  for off, on in zip(*both(make)): np.testing.assert_allclose(on.astype(np.float32), off.astype(np.float32), rtol=1e-3, atol=1e-3)
