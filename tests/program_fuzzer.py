@@ -138,6 +138,12 @@ def apply_step(vals:list[Tensor], s:Step, inputs:list[Tensor]) -> Tensor:
     return q.scaled_dot_product_attention(kv, kv * 0.5, is_causal=s.arg[0], enable_gqa=True)
   if s.op == "linalg":  # several values: Q and R, or U, S and V (realized together, as tinygrad's test_linalg does)
     m = _float(_same_shape(Tensor.empty(*s.arg[1:]), x)).cast(dtypes.float32)
+    # plus a diagonal of distinct multiples of c > 4 |m|: full rank, singular values apart (Weyl), so Q, R, U, S, V are
+    # continuous in m. A tiled input is rank deficient, and its factors' free columns followed rounding noise (a 2x2 QR's
+    # second column flipped sign with fusion's sum order)
+    rows, cols = s.arg[-2:]
+    c = m.abs().sum((-2, -1), keepdim=True) * 4 + 1
+    m = m + c * Tensor.eye(rows, cols) * Tensor.arange(1, cols + 1, dtype=dtypes.float32)
     return m.qr() if s.arg[0] == "qr" else m.svd()
   if s.op == "symbolic":  # a sum over a prefix whose length is a bound Variable: one program for every length
     n = x.numel()
