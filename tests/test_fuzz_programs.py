@@ -2,7 +2,8 @@
 pass on, and each pass alone: exactly for integers and bools, within rounding for floats. A program that compiles and
 runs with passes off must compile and run with them on.
 
-CI runs a bounded budget a device; TINYGRAD_EXT_FUZZ_EXAMPLES=N runs N (the long runs before resolving a pass change):
+CI runs a bounded budget a device; TINYGRAD_EXT_FUZZ_EXAMPLES=N runs N (the long runs before resolving a pass change),
+and TINYGRAD_EXT_FUZZ_LOG=FILE appends a line per program run (a long run stopped by a timeout still counts them):
   TINYGRAD_EXT_FUZZ_EXAMPLES=2000 python -m pytest -q tests/test_fuzz_programs.py"""
 import os
 import pytest
@@ -14,6 +15,7 @@ DEVICES = os.getenv("TINYGRAD_EXT_TEST_DEVICES", "CL,CPU").split(",")
 EXAMPLES = int(os.getenv("TINYGRAD_EXT_FUZZ_EXAMPLES", "15"))
 # CI's budget draws the same programs every run (hypothesis' derandomize); a long run draws new ones and keeps failures
 LONG_RUN = "TINYGRAD_EXT_FUZZ_EXAMPLES" in os.environ
+LOG = os.getenv("TINYGRAD_EXT_FUZZ_LOG")
 
 @pytest.mark.parametrize("device", DEVICES)
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), print_blob=True, derandomize=not LONG_RUN,
@@ -27,4 +29,7 @@ def test_passes_on_compute_what_passes_off_compute(device, data):
     with tinygrad_ext.passes_off(): ref = prog.run(device)
   except Exception: reject()  # not a program tinygrad runs (e.g. a dtype a device lacks for one op): not ours to judge
   with tinygrad_ext.only(*(tinygrad_ext.PASSES if config == "every pass" else [config])): got = prog.run(device)
-  assert (why := mismatch(ref, got)) is None, f"{config}: {why}\n{prog.source()}"
+  why = mismatch(ref, got)
+  if LOG:
+    with open(LOG, "a") as f: f.write(f"{device}\t{config}\t{'ok' if why is None else 'MISMATCH'}\t{len(prog.steps)} steps\n")
+  assert why is None, f"{config}: {why}\n{prog.source()}"
