@@ -17,7 +17,7 @@ import tinygrad_ext
 from tinygrad import Tensor, Device, TinyJit, dtypes
 from tinygrad.codegen.opt import Opt, OptOps
 from tinygrad.uop.ops import AxisType, Ops
-from passes.reduce_local import OptOpsExt
+from tinygrad_ext.passes.reduce_local import OptOpsExt
 from benchmarks.kernels import ROWS, time_calls, read_ceiling, rel_err, device_name, sync, TOL
 
 HAND_PICKED = (Opt(OptOps.UNROLL, 0, 8), Opt(OptOpsExt.REDUCE_LOCAL, 0, 32), Opt(OptOps.LOCAL, 0, 4))

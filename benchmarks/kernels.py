@@ -405,7 +405,7 @@ def parse_args(argv:list[str]|None=None):
   p.add_argument("--policy", action="append", default=[], metavar="NAME=FIELD=V,...",
                  help="also time passes on with this matvec policy override (TINYGRAD_EXT_MATVEC_POLICY), e.g. l64=lanes=64; repeatable")
   p.add_argument("--variant", action="append", default=[], metavar="NAME=SETTING=VALUE",
-                 help="also time passes on with this pass setting (tinygrad_ext.settings()), e.g. gates=TINYGRAD_EXT_HOIST_KEEP_GATES=1; repeatable")
+                 help="also time passes on with this pass setting (tinygrad_ext.settings()), e.g. kept=TINYGRAD_EXT_FUSION_KEEP_PER_ELEMENT=1; repeatable")
   args = p.parse_args(argv)
   args.variants = {}  # name -> (setting, value)
   for v in args.variant:
@@ -442,7 +442,7 @@ def main(argv:list[str]|None=None) -> dict:
   for n in tinygrad_ext.check_pass_names(without):
     SETTINGS[f"without_{n}"] = lambda n=n: tinygrad_ext.without(n)
   # each --policy: one more setting, every pass on with the matvec policy overridden
-  from passes.matvec import parse_override
+  from tinygrad_ext.passes.matvec import parse_override
   policies = dict(p.split("=", 1) for p in args.policy)
   for name, spec in policies.items():
     parse_override(spec)  # a bad field fails here, before any compile

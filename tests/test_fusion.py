@@ -9,8 +9,8 @@ from tinygrad.helpers import Context
 from tinygrad.uop.ops import Ops
 from tinygrad_ext import without, passes_off, only
 from kernels import kernel_asts, render, cuda_renderer, metal_renderer
-from test_matvec import assert_close_fp16
-from passes.fusion import SMALL_WORK, TINY_REDUCE, SHORT_ROW, SHORT_ROW_MATMUL
+from helpers import assert_close_fp16
+from tinygrad_ext.passes.fusion import SMALL_WORK, TINY_REDUCE, SHORT_ROW, SHORT_ROW_MATMUL
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the repo root: examples.glm
 from examples.glm.model import topk_ids  # noqa: E402
 

@@ -10,11 +10,11 @@ from tinygrad.uop.ops import Ops, UOp
 from tinygrad.codegen import full_rewrite_to_sink
 from tinygrad.codegen.late.linearizer import linearize
 from tinygrad_ext import without
-from passes.hoist import split_invariant
+from tinygrad_ext.passes.hoist import split_invariant
 from tinygrad.llm.gguf import ggml_data_to_tensor
 from kernels import with_opts, render, cuda_renderer, metal_renderer, kernel_asts, kernel_sources, a_row_and_a_block_per_lane, \
   q4_0_matvec_ast, gated_moe_matvec_ast
-from test_matvec import quantized, matvecs, assert_close_fp16
+from helpers import quantized, matvecs, assert_close_fp16
 
 DEVICES = os.getenv("TINYGRAD_EXT_TEST_DEVICES", "CL,CPU").split(",")
 EXAMPLES = {"CPU": 8, "CL": 15}
@@ -141,8 +141,6 @@ def test_rendered_cuda_and_metal_convert_nibbles_in_place_through_the_exponent()
     assert nibble_fields(on, cuda) == {0: 8, 4: 8, 8: 8, 12: 8}, on
     assert on.count("lop3.b32") == (32 if cuda else 0), on
     assert "(float)((tg_bitcast<signed char>" not in on.replace("as_type<signed char>", "tg_bitcast<signed char>"), on
-    with Context(TINYGRAD_EXT_INT_TO_FLOAT_PER_BYTE=1): per_byte = render(ast, ren)
-    assert per_byte.count("1258291200u") == 32 and "lop3" not in per_byte, per_byte  # every nibble shifted down first
     with without("int_to_float"): off = render(ast, ren)
     assert "1258291200u" not in off and "lop3" not in off, off
   old_gpu = render(ast, cuda_renderer("sm_35"))  # before sm_50 PTX has no lop3: an AND and an OR
@@ -152,7 +150,7 @@ def test_rendered_cuda_and_metal_convert_nibbles_in_place_through_the_exponent()
 
 def test_bit_field_reads_through_shifts_masks_and_casts():
   # the chain packed_loads and tinygrad.llm's Q4_0 dequant leave: a byte of a word, then a nibble of the byte
-  from passes.int_to_float import bit_field
+  from tinygrad_ext.passes.shared import bit_field
   w = UOp.variable("w", 0, 65535, dtypes.uint16)
   byte = ((w >> 8) & 255).cast(dtypes.uint8)
   assert bit_field((byte // 16) & 15) == (w, 12, 15)

@@ -68,7 +68,7 @@ def test_svd_is_orthogonal_with_fusion(device):
 def test_recomputing_a_hash_round_by_round_is_refused(device):
   # keccak's rounds are small intermediates; inlined into each other they grew 9.5x in work until codegen's rewrite
   # stack overflowed: fusion applies no phase that multiplies the schedule's work by more than MAX_WORK_GROWTH
-  from passes.fusion import MAX_WORK_GROWTH
+  from tinygrad_ext.passes.fusion import MAX_WORK_GROWTH
   with Context(DEV=device):
     make = lambda: bytes(Tensor(b"abc").keccak().tolist()).hex()  # noqa: E731
     off, on = both(make, "fusion")

@@ -9,7 +9,7 @@ from tinygrad.helpers import Context
 from tinygrad.codegen.opt import Opt, OptOps
 import tinygrad.codegen as codegen
 from tinygrad_ext import passes_off, without
-from passes.reduce_local import OptOpsExt
+from tinygrad_ext.passes.reduce_local import OptOpsExt
 from kernels import kernel_asts, render, cuda_renderer, metal_renderer
 
 DEVICES = os.getenv("TINYGRAD_EXT_TEST_DEVICES", "CL,CPU").split(",")

@@ -8,7 +8,7 @@ from tinygrad import Tensor, dtypes, Device
 from tinygrad.helpers import Context
 from tinygrad.codegen.opt import Opt, OptOps, KernelOptError
 import tinygrad_ext
-from passes.reduce_local import OptOpsExt
+from tinygrad_ext.passes.reduce_local import OptOpsExt
 from kernels import kernel_asts, with_opts, render, realize_with_opts, cuda_renderer, metal_renderer, clang_renderer, scheduler_of, \
   q4_0_matvec_ast, shuffle_offsets
 

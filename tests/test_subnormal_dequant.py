@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings, strategies as st, HealthCheck
 from tinygrad.helpers import Context
 from tinygrad_ext import without
-from passes.subnormal_dequant import B, SUBNORMAL_EXP
+from tinygrad_ext.passes.subnormal_dequant import B, SUBNORMAL_EXP
 from kernels import render, cuda_renderer, metal_renderer, clang_renderer, a_row_and_a_block_per_lane, q4_0_matvec_ast
-from test_matvec import matvecs, assert_close_fp16
+from helpers import matvecs, assert_close_fp16
 
 DEVICES = os.getenv("TINYGRAD_EXT_TEST_DEVICES", "CL,CPU").split(",")
 EXAMPLES = {"CPU": 8, "CL": 12}

@@ -10,14 +10,21 @@
 from tinygrad_ext._version import check_tinygrad_version, SUPPORTED_TINYGRAD
 check_tinygrad_version()
 
+import sys  # noqa: E402
+from tinygrad_ext.errors import SettingError, PipelineError  # noqa: E402
 from tinygrad_ext.registry import Pass, CodegenStep, ScheduleStep, SchedulerOpt, OptHeuristic, MatcherRules, ViewGuard, PASSES, register, unregister, check_pass_names  # noqa: E402
-from tinygrad_ext.config import __version__, enable, disable, enabled, passes_off, only, without, is_active, active_passes, cache_id, settings, with_setting  # noqa: E402
-from tinygrad_ext.config import EXT as _EXT, disabled_names as _disabled_names  # noqa: E402
-from tinygrad_ext import hooks  # noqa: E402
-import passes  # noqa: E402,F401  # registers every pass of the library
-
-check_pass_names(_disabled_names())  # a typo in TINYGRAD_EXT_DISABLE fails here, not silently
+try:
+  # each setting is checked as its module reads it from the environment, TINYGRAD_EXT_DISABLE once the passes are known:
+  # a bad value is a bad command line, one line and exit status 2, in a script, a benchmark or a compile worker alike
+  from tinygrad_ext.config import __version__, enable, disable, enabled, passes_off, only, without, is_active, active_passes, cache_id, settings, with_setting
+  from tinygrad_ext.config import EXT as _EXT, EXT_DISABLE as _EXT_DISABLE, CHECKS as _CHECKS
+  from tinygrad_ext import hooks, pipeline
+  from tinygrad_ext import passes as _passes  # noqa: F401  # registers every pass of the library
+  _CHECKS[_EXT_DISABLE.key](_EXT_DISABLE.value)
+except SettingError as e:
+  print(f"tinygrad_ext: {e}", file=sys.stderr)
+  raise SystemExit(2) from None
 if _EXT.value: hooks.install()
 
-__all__ = ["Pass", "CodegenStep", "ScheduleStep", "SchedulerOpt", "OptHeuristic", "MatcherRules", "ViewGuard", "PASSES", "register", "unregister", "enable", "disable", "enabled", "passes_off", "only", "without",
+__all__ = ["SettingError", "PipelineError", "pipeline", "Pass", "CodegenStep", "ScheduleStep", "SchedulerOpt", "OptHeuristic", "MatcherRules", "ViewGuard", "PASSES", "register", "unregister", "enable", "disable", "enabled", "passes_off", "only", "without",
            "is_active", "active_passes", "cache_id", "settings", "with_setting", "hooks", "SUPPORTED_TINYGRAD", "__version__"]

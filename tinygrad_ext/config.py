@@ -1,9 +1,34 @@
 """Which passes are on. The switches are tinygrad ContextVars, so tinygrad's own Context() scopes them, its compile
 workers receive them with every kernel, and its program cache key includes them (see hooks.py)."""
 from __future__ import annotations
-import contextlib
+import contextlib, os
+from typing import Callable
 from tinygrad.helpers import ContextVar, Context
 from tinygrad_ext.registry import PASSES, check_pass_names
+from tinygrad_ext.errors import SettingError
+
+
+# key -> its check(text), raising SettingError: every setting tinygrad_ext reads
+CHECKS: dict[str, Callable[[str], None]] = {}
+
+def _check_flag(key:str) -> Callable[[str], None]:
+  def check(text:str) -> None:
+    if text.strip() not in ("0", "1"): raise SettingError(f"{key}={text!r}: must be 0 or 1")
+  return check
+
+def flag(key:str, default:int=0) -> ContextVar:
+  """An on/off setting (0 or 1), checked as the environment gives it before tinygrad parses it (as an int)."""
+  CHECKS[key] = _check_flag(key)
+  if key in os.environ: CHECKS[key](os.environ[key])
+  return ContextVar(key, default)
+
+def text_setting(key:str, check:Callable[[str], None]) -> ContextVar:
+  """A setting given as text, check(text) raising SettingError where it cannot be used (checked at import, and in
+  with_setting)."""
+  CHECKS[key] = check
+  var = ContextVar(key, "")
+  if var.value: check(var.value)
+  return var
 
 # part of cache_id: a release whose passes render other code for the same opts (0.1.1: REDUCE_LOCAL with a GROUP, and
 # the opt sequences it now refuses; 0.1.2: the memory butterfly's partner index, which PoCL miscompiled; 0.1.3:
@@ -14,7 +39,12 @@ from tinygrad_ext.registry import PASSES, check_pass_names
 __version__ = "0.1.7"
 
 # TINYGRAD_EXT=0 imports without activating; TINYGRAD_EXT_DISABLE=name,name switches single passes off
-EXT = ContextVar("TINYGRAD_EXT", 1)
+EXT = flag("TINYGRAD_EXT", 1)
+def check_disabled(text:str) -> None:
+  try: check_pass_names(n.strip() for n in text.split(",") if n.strip())
+  except ValueError as e: raise SettingError(f"TINYGRAD_EXT_DISABLE={text!r}: {e}") from None
+# (its check needs the passes registered: tinygrad_ext/__init__.py runs it then)
+CHECKS["TINYGRAD_EXT_DISABLE"] = check_disabled
 EXT_DISABLE = ContextVar("TINYGRAD_EXT_DISABLE", "")
 SWITCHES = (EXT, EXT_DISABLE)
 
@@ -28,8 +58,11 @@ def settings() -> dict:
   return {v.key: v for p in PASSES.values() for v in p.settings}
 
 def with_setting(key:str, text:str) -> contextlib.AbstractContextManager:
-  """`with with_setting("TINYGRAD_EXT_HOIST_KEEP_GATES", "1"):` every pass on, one setting set from its text (an int
-  setting's text read as an int): the A/B runs of run.py and benchmarks/kernels.py."""
+  """`with with_setting("TINYGRAD_EXT_FUSION_KEEP_PER_ELEMENT", "1"):` every pass on, one setting set from its text (an int
+  setting's text read as an int): the A/B runs of run.py and benchmarks/kernels.py. SettingError for an unknown key or
+  a value it cannot take."""
+  if key not in settings(): raise SettingError(f"{key}: not a pass setting (settings: {', '.join(settings()) or 'none'})")
+  CHECKS[key](text)
   return Context(**{key: int(text) if isinstance(settings()[key].value, int) else text})
 
 def cache_id() -> str:

@@ -34,6 +34,7 @@ from tinygrad.helpers import NOOPT
 from tinygrad.renderer import Renderer
 from tinygrad_ext.registry import PASSES, CodegenStep, ScheduleStep, SchedulerOpt, OptHeuristic, MatcherRules, ViewGuard, on_change
 from tinygrad_ext.config import SWITCHES, is_active, cache_id
+from tinygrad_ext import pipeline
 
 # captured at import, before install() replaces them: a spawned compile worker imports this module fresh, and
 # tinygrad's compiled PatternMatchers keep the graph_rewrite they first saw (so the replacement outlives uninstall())
@@ -42,6 +43,9 @@ _tinygrad_schedule_graph_rewrite = rangeify.graph_rewrite
 _originals: dict[tuple[object, str], object] = {}
 
 def _replace(module:object, attr:str, new:object) -> None:
+  if not hasattr(module, attr):
+    name = f"{module.__module__}.{module.__qualname__}" if isinstance(module, type) else module.__name__
+    raise pipeline.PipelineError(f"tinygrad {pipeline.installed_tinygrad_version()} has no {name}.{attr}, a hook point of tinygrad_ext")
   _originals[(module, attr)] = getattr(module, attr)
   setattr(module, attr, new)
 
@@ -51,9 +55,14 @@ def hook_points() -> list[str]:
   return [f"{m.__module__}.{m.__qualname__}.{a}" if isinstance(m, type) else f"{m.__name__}.{a}" for m, a in _originals] + \
          (["tinygrad.codegen.opt.search.actions"] if _beam_actions else [])
 
+_in_order: dict[tuple, list] = {}
 def registered_hooks(kind:type, active_only:bool=False) -> list:
-  """Every registered pass's hooks of this kind, in registration order (only those of active passes, if asked)."""
-  return [h for p in PASSES.values() if not active_only or is_active(p.name) for h in p.hooks if isinstance(h, kind)]
+  """Every registered pass's hooks of this kind, in pipeline order (pipeline.py; only those of active passes, if asked)."""
+  # ordered once per set of registered passes: codegen asks at every one of its rewrite steps
+  if (key:=tuple(map(id, PASSES.values()))) not in _in_order:
+    _in_order.clear()
+    _in_order[key] = pipeline.ordered([(p, h) for p in PASSES.values() for h in p.hooks])
+  return [h for p, h in _in_order[key] if isinstance(h, kind) and (not active_only or is_active(p.name))]
 
 # *** codegen steps ***
 
@@ -158,8 +167,16 @@ def _init_worker_with_ext() -> None:
 # *** install / uninstall ***
 
 def install() -> None:
-  """Idempotent. The hooks do nothing while no pass is active."""
+  """Idempotent. The hooks do nothing while no pass is active. Refuses (PipelineError) a tinygrad that lacks a step or
+  attribute the pipeline hooks, replacing nothing."""
   if installed(): return
+  pipeline.check()
+  try: _install()
+  except pipeline.PipelineError:
+    uninstall()
+    raise
+
+def _install() -> None:
   _replace(codegen, "graph_rewrite", _graph_rewrite_with_steps)
   _replace(codegen, "full_rewrite_to_sink", _full_rewrite_to_sink)
   _replace(rangeify, "graph_rewrite", _schedule_graph_rewrite_with_steps)

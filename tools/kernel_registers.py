@@ -4,7 +4,7 @@ cubin) of each benchmarks/kernels.py row's matvec, rendered for CUDA here, witho
 or pass settings: the occupancy and instruction side of a change, before device time.
 
   python tools/kernel_registers.py [ROWS|all] [POLICY ...]   e.g.  all "" reduce_warps=1
-  python tools/kernel_registers.py [ROWS|all] [SETTING=VALUE ...]   e.g.  all "" TINYGRAD_EXT_INT_TO_FLOAT_PER_BYTE=1
+  python tools/kernel_registers.py [ROWS|all] [SETTING=VALUE ...]   e.g.  all "" TINYGRAD_EXT_FUSION_KEEP_PER_ELEMENT=1
 """
 import re, struct, subprocess, sys, tempfile, pathlib
 sys.path[:0] = [str(pathlib.Path(__file__).resolve().parents[1]), str(pathlib.Path(__file__).resolve().parents[1] / "tests")]

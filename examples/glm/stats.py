@@ -1,8 +1,8 @@
 """What a captured TinyJit launches: the kernel count of one call and a per-kernel timing of one call.
 
-Both read the JIT's own captured program list (tinygrad.engine.jit.CapturedJit.linear), expanding the batches the JIT
+Both read the JIT's own captured program list (tinygrad_ext.internals.captured_calls), expanding the batches the JIT
 turns into device graphs (CUDA graphs), so a count is of GPU kernels, not of graph launches. The timing replays the
-captured kernels one at a time through tinygrad's executor (realize.pm_exec). Where the device has graphs, a kernel's
+captured kernels one at a time through tinygrad's executor (internals.execute). Where the device has graphs, a kernel's
 time is one device graph of `graph_launches` launches of it, timed as a whole and divided: that is its time inside the
 decode graph, launch gap included, without the submit latency a single waited launch adds (several us, more than a
 small kernel runs). Without graphs each launch is waited on, as DEBUG=2 times kernels. Median of a few replays; bytes
@@ -13,8 +13,8 @@ import statistics
 from dataclasses import dataclass
 from tinygrad import Tensor
 from tinygrad.device import Buffer, Device
-from tinygrad.engine.jit import _prepare_jit_inputs, create_graph_call
-from tinygrad.engine.realize import ExecContext, pm_exec, estimate_uop, resolve_params
+from tinygrad.engine.realize import estimate_uop
+from tinygrad_ext.internals import captured_calls, replay_context, execute, graph_of, call_buffers
 from tinygrad.helpers import ansistrip
 from tinygrad.uop.ops import Ops, UOp, sym_infer
 
@@ -22,9 +22,8 @@ KINDS = ("matmul", "attention", "norm", "softmax", "rope", "routing", "other")
 
 def jit_calls(jit) -> list[UOp]:
   """The CALLs one replay of the captured jit runs, in order, with graph batches expanded."""
-  assert jit.captured is not None, "the jit has not captured yet (call it twice)"
   out = []
-  for call in jit.captured.linear.src:
+  for call in captured_calls(jit):
     ast = call.src[0]
     out.extend(ast.src[0].src if ast.op is Ops.CUSTOM_FUNCTION and ast.arg == "graph" else [call])
   return out
@@ -38,12 +37,6 @@ class KernelTime:
   seconds: float
   nbytes: int
 
-def replay_context(args:tuple) -> ExecContext:
-  """How a replay of the captured jit executes: its inputs and symbolic variables from the call's args, each launch waited
-  on and timed, nothing counted in tinygrad's global stats."""
-  input_uops, var_vals, _, _ = _prepare_jit_inputs(args, {})
-  return ExecContext(var_vals, tuple(input_uops), update_stats=False, wait=True)
-
 def time_kernels(jit, args:tuple, classify=None, repeats:int=3, graph_launches:int=20) -> list[KernelTime]:
   """Replays the captured kernels of jit; a kernel's time is its median over `repeats` replays after one untimed replay
   (clocks, first launches). Where the device has graphs, one replay of a kernel is a graph of `graph_launches` launches
@@ -53,12 +46,12 @@ def time_kernels(jit, args:tuple, classify=None, repeats:int=3, graph_launches:i
   ctx, calls = replay_context(args), kernel_calls(jit)
   graphed = has_graph() and graph_launches > 1
   def timed(call:UOp) -> float:
-    run = create_graph_call([call] * graph_launches) if graphed else call
-    times = [sum(e or 0.0 for e in (pm_exec.rewrite(run, ctx) or [])) for _ in range(repeats + 1)][1:]
+    run = graph_of([call] * graph_launches) if graphed else call
+    times = [sum(e or 0.0 for e in execute(run, ctx)) for _ in range(repeats + 1)][1:]
     return statistics.median(times) / (graph_launches if graphed else 1)
   out = []
   for call in calls:
-    bufs = [b.buffer for b in resolve_params(call, ctx.input_uops)]
+    bufs = call_buffers(call, ctx)
     out.append(KernelTime(ansistrip(call.src[0].arg.name), classify(call, bufs) if classify else "other", timed(call),
                           int(sym_infer(estimate_uop(call).mem, ctx.var_vals))))
   return out
@@ -68,8 +61,8 @@ def step_device_seconds(jit, args:tuple, repeats:int=3) -> float:
   kernel) launched and waited on, timed by the device, summed; median of `repeats` after one untimed replay. The host's
   work per call (the jit's argument handling, the graph's parameter updates, the token's readback) is not in it, so
   ms/token minus this is what the host adds to a token."""
-  ctx, calls = replay_context(args), jit.captured.linear.src
-  return statistics.median([sum(e or 0.0 for c in calls for e in (pm_exec.rewrite(c, ctx) or [])) for _ in range(repeats + 1)][1:])
+  ctx, calls = replay_context(args), captured_calls(jit)
+  return statistics.median([sum(e or 0.0 for c in calls for e in execute(c, ctx)) for _ in range(repeats + 1)][1:])
 
 def has_graph() -> bool: return Device[Device.DEFAULT].graph is not None
 

@@ -19,9 +19,8 @@ count, and that check selects every dequantized element against 0 and every weig
 selects a Q4_0 loop step of two rows. Where the summand has a factor `where(c, t, 0)` whose c reads none of the sum's
 ranges, REDUCE(ADD, s) is where(c, REDUCE(ADD, s'), 0), with s' the summand where c holds: its selects on c take their
 true side, and its gated loads read at their index with the gated expressions clamped into the bounds the gate puts on
-them (packed_loads.clamped_root) where that stays inside the buffer: the same address wherever c holds, a valid one
+them (shared.clamped_root) where that stays inside the buffer: the same address wherever c holds, a valid one
 where it does not, whose value the outer select then drops. A load whose clamped index cannot be bounded keeps its gate.
-`TINYGRAD_EXT_HOIST_KEEP_GATES=1` leaves gates where they are, for A/B runs.
 
 Hook: a CodegenStep after tinygrad's "postopt symbolic", the step before the expander (ranges still carry their types).
 """
@@ -29,16 +28,14 @@ from __future__ import annotations
 import functools
 from tinygrad.uop.ops import UOp, Ops, AxisType, PatternMatcher, UPat, graph_rewrite
 from tinygrad.dtype import dtypes, Invalid
-from tinygrad.helpers import prod, ContextVar
+from tinygrad.helpers import prod
 from tinygrad.renderer import Renderer
 from tinygrad_ext import Pass, CodegenStep, register
-from passes.packed_loads import clamped_root, reads_inside
+from tinygrad_ext.passes.shared import clamped_root, reads_inside, stored_buffers
 
 # ranges a single thread iterates (a loop) or holds unrolled; lanes and warps (GROUP_REDUCE) are other threads' work
 INNER_AXES = (AxisType.REDUCE, AxisType.UNROLL)
 NARROW_FLOATS = (dtypes.half, dtypes.bfloat16)
-# A/B: 1 leaves a loop-invariant gate inside the sum (run.py --variant TINYGRAD_EXT_HOIST_KEEP_GATES=1)
-KEEP_GATES = ContextVar("TINYGRAD_EXT_HOIST_KEEP_GATES", 0)
 
 pm_widen = PatternMatcher([
   (UPat(Ops.CAST, dtypes.float32, src=(UPat(Ops.MUL, NARROW_FLOATS, src=(UPat.var("a"), UPat.var("b"))),)),
@@ -122,10 +119,9 @@ def hoist_gate(ctx:set[UOp], r:UOp) -> UOp|None:
 
 def hoist_invariant_factors(sink:UOp, ren:Renderer) -> UOp:
   if not any(u.op is Ops.REDUCE for u in sink.toposort()): return sink
-  stored = {x.src[0].src[0] for x in sink.toposort() if x.op is Ops.STORE and x.src[0].op is Ops.INDEX}
+  stored = stored_buffers(sink)
   sink = graph_rewrite(sink, PatternMatcher([(UPat(Ops.REDUCE, name="r"), hoist_factors)]), ctx=stored, name="hoist: invariant factors")
-  if KEEP_GATES.value: return sink
   return graph_rewrite(sink, PatternMatcher([(UPat(Ops.REDUCE, name="r"), hoist_gate)]), ctx=stored, name="hoist: invariant gates")
 
 HOIST = register(Pass("hoist", "loop-invariant factors (a quant block's scale) and gates (a MoE expert id's check) leave the reduce ranges they do not read",
-                      (CodegenStep("postopt symbolic", hoist_invariant_factors),), settings=(KEEP_GATES,)))
+                      (CodegenStep("postopt symbolic", hoist_invariant_factors),)))

@@ -24,45 +24,14 @@ from __future__ import annotations
 import itertools
 from collections import defaultdict
 from tinygrad.uop.ops import UOp, Ops
-from tinygrad.uop.symbolic import parse_valid
 from tinygrad.dtype import dtypes, AddrSpace
 from tinygrad.renderer import Renderer
 from tinygrad.renderer.cstyle import CStyleLanguage
-from tinygrad.helpers import ContextVar
 from tinygrad_ext import Pass, CodegenStep, register
+from tinygrad_ext.passes.shared import root_and_offset, clamped_root, reads_inside
 
 BYTE_DTYPES = (dtypes.uint8, dtypes.int8)
-# A/B: 1 selects every gated word's index, as tinygrad gates an index (run.py --variant TINYGRAD_EXT_PACKED_LOADS_SELECT_INDEX=1)
-SELECT_INDEX = ContextVar("TINYGRAD_EXT_PACKED_LOADS_SELECT_INDEX", 0)
 WORDS = {4: dtypes.uint32, 2: dtypes.uint16}
-
-def _root_and_offset(idx:UOp) -> tuple[UOp, int]:
-  # as tinygrad's memory coalescing splits an index: a root expression plus a constant
-  if idx.op is Ops.ADD and idx.src[1].op is Ops.CONST and isinstance(idx.src[1].arg, int): return idx.src[0], idx.src[1].arg
-  if idx.op is Ops.ADD and idx.src[0].op is Ops.CONST and isinstance(idx.src[0].arg, int): return idx.src[1], idx.src[0].arg
-  return idx, 0
-
-def clamped_root(root:UOp, gate:UOp) -> UOp|None:
-  """root with every expression the gate bounds clamped into those bounds: the same index wherever the gate holds, and
-  one whose range the index arithmetic can bound where it does not (a MoE expert id is checked against the expert
-  count). None where a clause of the gate is no bound on an integer expression."""
-  bounds: dict[UOp, tuple[int, int]] = {}
-  for clause in gate.split_uop(Ops.AND):
-    if (parsed:=parse_valid(clause)) is None: return None
-    expr, is_upper, c = parsed
-    lo, hi = bounds.get(expr, (expr.vmin, expr.vmax))
-    bounds[expr] = (lo, min(hi, c)) if is_upper else (max(lo, c), hi)
-  if any(lo < dtypes.int32.min or hi > dtypes.int32.max for lo, hi in bounds.values()): return None  # a one-sided bound
-  # through stand-ins: a clamp holds the expression it replaces
-  stand_in = {e: UOp.variable(f"clamped{i}", lo, hi, e.dtype) for i, (e, (lo, hi)) in enumerate(bounds.items())}
-  # clamped in int32 (a value outside it is outside the gate too), min as -max(-x): the range of a MAX is exact, and the
-  # index arithmetic's width is chosen from the ranges
-  def clamp(e:UOp, lo:int, hi:int) -> UOp: return (-((-e.cast(dtypes.int32).maximum(lo)).maximum(-hi))).cast(e.dtype)
-  return root.substitute(stand_in).substitute({v: clamp(e, v.vmin, v.vmax) for e, v in stand_in.items()})
-
-def reads_inside(buf:UOp, idx:UOp, width:int=1) -> bool:
-  """Every value idx can take, and the width-1 elements after it, lie inside buf (a static-size buffer)."""
-  return isinstance(n:=buf.shape[0], int) and isinstance(idx.vmin, int) and isinstance(idx.vmax, int) and idx.vmin >= 0 and idx.vmax + width <= n
 
 def packed_byte_loads(sink:UOp, ren:Renderer) -> UOp:
   # a word read through a uint8 buffer's index is a pointer cast: C-style renderers only (PTX has no load through one,
@@ -78,13 +47,13 @@ def packed_byte_loads(sink:UOp, ren:Renderer) -> UOp:
     gate = idx.get_valid()
     if (gate.op is Ops.CONST and not gate.arg) or idx.get_idx().op is Ops.CONST: continue  # never valid, or a constant index
     if gate.op is Ops.CONST: gate = None
-    root, off = _root_and_offset(idx.get_idx())
+    root, off = root_and_offset(idx.get_idx())
     runs[(buf, gate, root)].setdefault(off, []).append(u)
   subs: dict[UOp, UOp] = {}
   for (buf, gate, root), by_offset in runs.items():
     # a gated run reads its words ungated at the clamped root where every such word lies inside the buffer: one index
     # a lane for the run, its offsets in the load instructions, where a gated index is a select per word
-    clamped = None if gate is None or SELECT_INDEX.value else clamped_root(root, gate)
+    clamped = None if gate is None else clamped_root(root, gate)
     for _, grp in itertools.groupby(enumerate(sorted(by_offset)), lambda x: x[1]-x[0]):
       offsets = [o for _, o in grp]
       while offsets:
@@ -106,4 +75,4 @@ def packed_byte_loads(sink:UOp, ren:Renderer) -> UOp:
   return sink.substitute(subs, name="packed_loads") if subs else sink
 
 PACKED_LOADS = register(Pass("packed_loads", "adjacent byte loads become one 2/4-byte load (alignment proven from the index) plus shifts and masks",
-                             (CodegenStep("add images", packed_byte_loads),), settings=(SELECT_INDEX,)))
+                             (CodegenStep("add images", packed_byte_loads),)))

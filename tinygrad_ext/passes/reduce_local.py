@@ -29,19 +29,21 @@ from typing import Callable
 from tinygrad.uop.ops import UOp, Ops, AxisType, PatternMatcher, UPat, graph_rewrite, identity_element
 from tinygrad.dtype import dtypes, AddrSpace, Invalid
 from tinygrad.schedule.indexing import BufferizeOpts
-from tinygrad.helpers import prod, merge_dicts, EMULATED_DTYPES
+from tinygrad.helpers import prod, merge_dicts
 from tinygrad.codegen.opt import Opt, OptOps, KernelOptError, check
 from tinygrad.renderer import Renderer
 from tinygrad.codegen import maybe_load
 from tinygrad.renderer.cstyle import CUDARenderer, HIPRenderer, MetalRenderer
 from tinygrad_ext import Pass, CodegenStep, SchedulerOpt, MatcherRules, register
+from tinygrad_ext.passes.shared import native, store_targets
+from tinygrad_ext.internals import shape_or_none, LANE_RANGE_ID, WARP_RANGE_ID
 
 class OptOpsExt(Enum):
   REDUCE_LOCAL = 1001
   def __lt__(self, x): return self.value < x.value  # Opts sort by op, and tinygrad's OptOps compare by value
 
-# range ids below every id tinygrad hands out (TC's warp range is -1; TC and REDUCE_LOCAL never share a kernel)
-LANE_ID, WARP_ID = -3, -2
+# the lanes' and warps' ranges: ids tinygrad never hands out (TC and REDUCE_LOCAL never share a kernel)
+LANE_ID, WARP_ID = LANE_RANGE_ID, WARP_RANGE_ID
 SHUFFLE_WIDTH = 32      # lanes combined in registers; wider reduces combine 32-lane warps through shared memory
 MAX_LOCAL_THREADS = 1024
 COMBINES = {Ops.ADD, Ops.MAX}
@@ -94,11 +96,6 @@ def guard_lanes(k, opt:Opt) -> None:
   if opt.op is OptOps.UNROLL and (i:=k.real_axis(opt.op, opt.axis)) >= 0 and k.rngs[i].arg[0] in (LANE_ID, WARP_ID):
     raise KernelOptError(f"{opt}: REDUCE_LOCAL's lanes are threads, not a loop to unroll")
 
-def native(ren:Renderer, dtype) -> bool:
-  """dtype is the renderer's own, not emulated by tinygrad (half on PoCL without cl_khr_fp16): tinygrad's emulation
-  rewrites a local buffer of it but not the AFTER that orders its reads, so the program fails verification."""
-  return dtype not in EMULATED_DTYPES.tolist(dtypes) and dtype in ren.supported_dtypes()
-
 def check_reduce_local_legal(k, rng:UOp) -> None:
   for red in reduces_over(k, rng):
     check(red.arg[0] in COMBINES, f"REDUCE_LOCAL combines ADD and MAX reduces, not {red.arg[0]}")
@@ -140,7 +137,7 @@ def pad_to_lanes(k, rng:UOp, lanes:int) -> UOp:
                 for b in k.bufs if b in red.src[0].backward_slice and rng in b.src[1].get_idx().backward_slice_with_self),
         "padding a float reduce over integer loads: its identity does not fit the loads")
   k.ast = k.ast.substitute({rng: padded}, name=f"pad {rng.arg[:-1]} to {lanes} lanes")
-  stores = {s.src[0] for s in k.ast.backward_slice_with_self if s.op is Ops.STORE}
+  stores = store_targets(k.ast)
   # a padded load that another load's index reads (a gather: scores at the selected ids) is refused: tinygrad simplifies
   # an index under its gate, which drops the inner load's own gate, and the padding would read past that buffer
   padded_loads = [b for b in k.bufs if b not in stores and padded in b.src[1].get_idx().backward_slice_with_self]
@@ -263,7 +260,7 @@ def _scalar_operand(u:UOp) -> UOp:
   # tinygrad loads an accumulator for ALU consumers only, and a one-element register accumulator has shape (1,):
   # a shuffle must read the value, as a scalar
   u = maybe_load(u)
-  return u.reshape(()) if u._shape not in ((), None) and prod(u.shape) == 1 else u
+  return u.reshape(()) if shape_or_none(u) not in ((), None) and prod(u.shape) == 1 else u
 pm_load_intrinsic_operands = PatternMatcher([
   (UPat(Ops.CUSTOM, name="x"), lambda x: x.replace(src=srcs) if _is_intrinsic(x) and (srcs:=tuple(map(_scalar_operand, x.src))) != x.src else None),
 ])

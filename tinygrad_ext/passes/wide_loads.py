@@ -15,8 +15,7 @@ such slices in place at any element: `a[:, 3:].contiguous()` is a view 6 bytes i
 Where it fires, what was measured (benchmarks/results, DESIGN.md "wide_loads: 16-byte activation loads"): CUDA C only (half8 is
 CUDA's 16-byte vector load; Metal has no 8-wide half vectors, PTX and the emulator no pointer casts, and OpenCL on PoCL
 reads half as ushort), in kernels that split their reduce over lanes with REDUCE_LOCAL and not over warps with a GROUP
-(there half8 measured slower: attn_output 4.6 -> 5.1 us in one run). `TINYGRAD_EXT_WIDE_LOADS_WITH_GROUP=1` fires there too, for
-A/B runs.
+(there half8 measured slower: attn_output 4.6 -> 5.1 us in one run).
 
 Hooks: a CodegenStep after tinygrad's "add images" step (right after its memory coalescing), and a ViewGuard on
 tinygrad.tensor._make_buffer_view.
@@ -28,21 +27,18 @@ from tinygrad.codegen.opt import OptOps
 from tinygrad.dtype import dtypes, AddrSpace
 from tinygrad.renderer import Renderer
 from tinygrad.renderer.cstyle import CUDARenderer
-from tinygrad.helpers import ContextVar
 from tinygrad_ext import Pass, CodegenStep, ViewGuard, register
-from passes.reduce_local import OptOpsExt
-from passes.packed_loads import _root_and_offset
+from tinygrad_ext.passes.reduce_local import OptOpsExt
+from tinygrad_ext.passes.shared import root_and_offset
 
 NAME = "wide_loads"
 NARROW, WIDE = 4, 8     # half4 (8 bytes) -> half8 (16 bytes)
 ALIGN_BYTES = WIDE * dtypes.half.itemsize
-# A/B: 1 also merges in kernels whose rows' reduce is split over warps (GROUP), where half8 measured slower
-WITH_GROUP = ContextVar("TINYGRAD_EXT_WIDE_LOADS_WITH_GROUP", 0)
 
 def fires_in(sink:UOp) -> bool:
-  """A kernel whose reduce REDUCE_LOCAL spread over lanes, and (unless WITH_GROUP) no GROUP spread over warps."""
+  """A kernel whose reduce REDUCE_LOCAL spread over lanes, and no GROUP spread over warps (half8 measured slower there)."""
   opts = sink.arg.applied_opts if sink.arg is not None else ()
-  return any(o.op is OptOpsExt.REDUCE_LOCAL for o in opts) and (bool(WITH_GROUP.value) or not any(o.op in (OptOps.GROUP, OptOps.GROUPTOP) for o in opts))
+  return any(o.op is OptOpsExt.REDUCE_LOCAL for o in opts) and not any(o.op in (OptOps.GROUP, OptOps.GROUPTOP) for o in opts)
 
 def half4_load(u:UOp) -> tuple[UOp, UOp, int]|None:
   """(buffer, root, offset) of an ungated half4 load of a global half buffer, as tinygrad's coalescing builds it:
@@ -51,7 +47,7 @@ def half4_load(u:UOp) -> tuple[UOp, UOp, int]|None:
   buf, start, length = shr.src
   if buf.op is not Ops.PARAM or buf.dtype != dtypes.half or buf.addrspace is not AddrSpace.GLOBAL: return None
   if length.op is not Ops.CONST or length.arg != NARROW or start.get_valid().op is not Ops.CONST or not start.get_valid().arg: return None
-  return (buf, *_root_and_offset(start))
+  return (buf, *root_and_offset(start))
 
 def wide_half_loads(sink:UOp, ren:Renderer) -> UOp:
   if not isinstance(ren, CUDARenderer) or not fires_in(sink): return sink
@@ -91,4 +87,4 @@ def aligned_view(src:UOp) -> bool:
 
 WIDE_LOADS = register(Pass(NAME, "a REDUCE_LOCAL matvec's adjacent half4 activation loads become one half8 load (16-byte alignment proven from "
                                  "the index; half views off 16 bytes are copied)",
-                           (CodegenStep("add images", wide_half_loads), ViewGuard(aligned_view)), settings=(WITH_GROUP,)))
+                           (CodegenStep("add images", wide_half_loads), ViewGuard(aligned_view))))

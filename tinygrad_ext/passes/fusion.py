@@ -39,21 +39,22 @@ from dataclasses import dataclass
 from typing import Iterator
 from tinygrad.uop.ops import UOp, Ops, GroupOp, AxisType, PatternMatcher, UPat, graph_rewrite
 from tinygrad.dtype import AddrSpace, Invalid, dtypes
-from tinygrad.helpers import prod, partition, ContextVar
+from tinygrad.helpers import prod, partition
 from tinygrad.device import Device
 from tinygrad.schedule.indexing import BufferizeOpts
 from tinygrad.codegen.opt import KernelOptError, Opt, OptOps
 from tinygrad_ext import Pass, ScheduleStep, OptHeuristic, CodegenStep, register, is_active
-from passes.reduce_local import LANE_ID, WARP_ID, SHUFFLE_WIDTH, COMBINES, ACC_DTYPES, LANE_DTYPES, OptOpsExt, share_lanes, unroll_whole, native
+from tinygrad_ext.config import flag
+from tinygrad_ext.passes.reduce_local import LANE_ID, WARP_ID, SHUFFLE_WIDTH, COMBINES, ACC_DTYPES, LANE_DTYPES, OptOpsExt, share_lanes, unroll_whole
+from tinygrad_ext.passes.shared import native, stored_buffers, pow2_at_most
+from tinygrad_ext.internals import output_ranges
 
 NAME = "fusion"
 MAX_ROW = 1 << 16        # longer rows keep tinygrad's schedule: one workgroup per row would leave the GPU idle
 UNROLL_REST = 8          # a lane's part of a fused row up to this many elements is unrolled, not looped
 UNROLL_PARTIALS = 8      # a grouped reduce's partials (one per warp) up to this many are combined unrolled, in any kernel
-# A/B of the two: 1 keeps them loops, as before (run.py --variant TINYGRAD_EXT_FUSION_ROW_LOOPS=1)
-ROW_LOOPS = ContextVar("TINYGRAD_EXT_FUSION_ROW_LOOPS", 0)
 # A/B: 1 keeps an intermediate with only short reduces (the MoE output) a kernel of its own (per_element_stage below)
-KEEP_PER_ELEMENT = ContextVar("TINYGRAD_EXT_FUSION_KEEP_PER_ELEMENT", 0)
+KEEP_PER_ELEMENT = flag("TINYGRAD_EXT_FUSION_KEEP_PER_ELEMENT")
 MAX_LANES = 256          # lanes per row: 8 warps, each lane holds row/256 elements of a 2048-wide row
 KERNEL_BOUNDARIES = (Ops.STAGE, Ops.STORE, Ops.AFTER)  # another kernel's buffer, or a store: not part of this kernel's value
 
@@ -160,10 +161,6 @@ def in_long_reduces(value:UOp) -> set[UOp]:
   """What the kernel computes inside reduces over more than TINY elements: per iteration of a long loop (a matmul's
   body, where a MoE matmul reads the selected expert ids)."""
   return {a for u in value.toposort(gate=in_kernel) if u.op is Ops.REDUCE and ranges_size(u.src[1:]) > TINY for a in u.src[0].toposort(gate=in_kernel)}
-
-def stored_buffers(sink:UOp) -> set[UOp]:
-  """Every buffer a kernel of the schedule stores to (an assign's target)."""
-  return {u.src[0].src[0] for u in sink.toposort() if u.op is Ops.STORE and u.src[0].op is Ops.INDEX}
 
 def reads_before_a_store(s:UOp, stored:set[UOp]) -> bool:
   """The intermediate reads a buffer that the schedule also stores to, as it was before that store (not through the
@@ -415,11 +412,7 @@ def row_ranges(k) -> list[UOp]:
   # softmax statistics over the keys vary with the query the row reduce sums over)
   if any(a in b.src[0].backward_slice_with_self and set(b.src[1:]) & set(a.ranges) for a in reduces for b in row_reds if a is not b): return []
   depends = {r for red in reduces if red not in per_element for r in red.ranges}
-  return [r for r in k._output_rngs() if r not in depends and r.vmax > 0]
-
-def lane_count(sizes:list[int]) -> int:
-  most = min(MAX_LANES, max(sizes))
-  return 1 << (most.bit_length() - 1)
+  return [r for r in output_ranges(k) if r not in depends and r.vmax > 0]
 
 def choose_row_opts(k):
   if not (rows := row_ranges(k)) or not k.ren.has_local or k.dont_use_locals: return None
@@ -434,7 +427,7 @@ def choose_row_opts(k):
   red_rngs = [max(red.src[1:], key=lambda r: r.vmax) for red in reduces]
   # the longest row axis goes over the lanes; any other (rope's pairs of a normed, roped row) stays a loop in each lane
   row = max(rows, key=lambda r: r.vmax)
-  lanes = lane_count([int(r.vmax+1) for r in [row, *red_rngs]])
+  lanes = pow2_at_most(max(int(r.vmax+1) for r in [row, *red_rngs]), MAX_LANES)
   if lanes < 2: return k
   width, warps = min(lanes, SHUFFLE_WIDTH), max(1, lanes // SHUFFLE_WIDTH)
   smem = warps * len(reduces) * max(red.dtype.itemsize for red in reduces)
@@ -451,7 +444,7 @@ def choose_row_opts(k):
   # what each lane keeps of the rows and of their reduces, when short and static, is unrolled: the row's elements are then
   # loaded once for the reduce and the output (one index), and loads that do not wait on the reduce can be issued before
   # the lanes combine
-  for r in [*rows, *red_rngs] if not ROW_LOOPS.value else []:
+  for r in [*rows, *red_rngs]:
     rest = now(r)  # none left where the lanes took it all
     if rest is not None and rest.src[0].op is Ops.CONST and 1 < rest.src[0].arg <= UNROLL_REST:  # a padded row keeps its loop
       k.shift_to(rest, rest.src[0].arg, AxisType.UPCAST if rest.arg[-1] is AxisType.LOOP else AxisType.UNROLL)
@@ -471,7 +464,7 @@ def choose_nested_opts(k):
   if any(not isinstance(k.full_shape[i], int) for i in outs) or prod(k.full_shape[i] for i in outs) > TINY: return None
   if len(outer_rngs:=[r for r in outer.src[1:] if r.op is Ops.RANGE]) != 1: return None
   size = outer_rngs[0].vmax + 1
-  if (lanes:=min(MAX_LANES, 1 << (size.bit_length() - 1))) < 2 or size % lanes: return None
+  if (lanes:=pow2_at_most(size, MAX_LANES)) < 2 or size % lanes: return None
   for _ in outs:  # each UPCAST moves its axis out of the global axes: the first one left is the next
     if (left:=k.axes_of(AxisType.GLOBAL)) and k.full_shape[left[0]] > 1: k.apply_opt(Opt(OptOps.UPCAST, left[0], k.full_shape[left[0]]))
   if (axis:=next((i for i, a in enumerate(k.axes_of(AxisType.REDUCE)) if k.rngs[a].arg[:-1] == outer_rngs[0].arg[:-1]), None)) is None: return None
@@ -492,7 +485,7 @@ def own_group_loop(ctx:Iterator[int], r:UOp) -> UOp|None:
   # what the lanes combine: the reduce over its other ranges and its unrolled (horizontal) axes
   partial = r.replace(src=(r.src[0], *rest)) if rest or r.arg[1] else r.src[0]
   buf = partial.bufferize(*others, *group, arg=BufferizeOpts(group[0].arg[0], AddrSpace.LOCAL))
-  if prod(g.vmax+1 for g in group) <= UNROLL_PARTIALS and not ROW_LOOPS.value:
+  if prod(g.vmax+1 for g in group) <= UNROLL_PARTIALS:
     # few partials are read unrolled: no loop, so loads that do not wait on the barrier can be placed before it
     return functools.reduce(lambda a, b: a.alu(r.arg[0], b), [buf.index(*others, *(g.const_like(i) for g, i in zip(group, idx)))
                                                                for idx in itertools.product(*[range(g.vmax+1) for g in group])])
@@ -501,11 +494,11 @@ def own_group_loop(ctx:Iterator[int], r:UOp) -> UOp|None:
 
 def separate_group_loops(sink:UOp, ren) -> UOp:
   grouped = [u for u in sink.toposort() if u.op is Ops.REDUCE and any(x.op is Ops.RANGE and x.arg[-1] is AxisType.GROUP_REDUCE for x in u.src[1:])]
-  if len(grouped) < (2 if ROW_LOOPS.value else 1): return sink
+  if not grouped: return sink
   ids = itertools.count(max(u.arg[0] for u in sink.toposort() if u.op is Ops.RANGE) + 1)
   return graph_rewrite(sink, PatternMatcher([(UPat(Ops.REDUCE, name="r"), own_group_loop)]), ctx=ids, name="fusion: a loop per grouped reduce")
 
 FUSION = register(Pass(NAME, "runs a row's reduces (RMSNorm, softmax) inside their elementwise consumer: one kernel, rows over shared lanes",
   (ScheduleStep("convert copy to store", realize_normalized_rows), ScheduleStep("symbolic+reduce_collapse+debuf", fuse_kernels),
    OptHeuristic(choose_row_opts), OptHeuristic(choose_nested_opts),
-   CodegenStep("expander", separate_group_loops)), settings=(ROW_LOOPS, KEEP_PER_ELEMENT)))
+   CodegenStep("expander", separate_group_loops)), settings=(KEEP_PER_ELEMENT,)))

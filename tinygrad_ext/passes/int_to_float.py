@@ -17,7 +17,7 @@ exactly 2^(23-s) + n, so each value is one AND-and-OR and a subtract, with no sh
 AND-and-OR is one lop3 (inline PTX with both constants in registers): ptxas splits it into an AND and an OR, a LOP3 each,
 since one LOP3 holds one immediate. On the H200 the Q4_0 matvecs were bound by that integer pipe (nsight compute: the
 output head's ALU pipe 60% busy, 4.9 instructions a weight element, 2 of them integer ops); the lop3 removes one
-instruction an element (TINYGRAD_EXT_INT_TO_FLOAT_PER_BYTE=1 keeps the per-byte form, for A/B runs).
+instruction an element.
 
 Legality: the subtract of the exponent's constant is exact only as it stands. tinygrad's symbolic folds float constant
 additions ((x + c1) + c2 -> x + (c1 + c2)) and moves them past other addends ((x + c) + y -> (x + y) + c), which would
@@ -32,13 +32,10 @@ from tinygrad.uop.ops import UOp, Ops, PatternMatcher, UPat, graph_rewrite
 from tinygrad.dtype import dtypes
 from tinygrad.renderer import Renderer
 from tinygrad.renderer.cstyle import CUDARenderer
-from tinygrad.helpers import ContextVar
 from tinygrad_ext import Pass, CodegenStep, register
-from passes.int_fields import unsigned_core, bit_field
+from tinygrad_ext.passes.shared import unsigned_core, bit_field
 
 MAGIC_BITS, MAGIC = 0x4B000000, float(1 << 23)  # the float32 bits of 2^23, and 2^23
-# A/B: 1 converts each value from its own byte, shifted down and masked, as before fields were converted in place
-PER_BYTE = ContextVar("TINYGRAD_EXT_INT_TO_FLOAT_PER_BYTE", 0)
 
 def has_lop3(arch:str) -> bool:
   """PTX's lop3.b32 needs sm_50 or later."""
@@ -58,7 +55,7 @@ def exponent_trick(ctx:Renderer, x:UOp, e:UOp) -> UOp|None:
   if abs(c) >= (1 << 23): return None  # 2^23 - c must be exact
   w, s, m = bit_field(u)
   # no field (the value itself: a K-quant's bits joined from two fields), or not one a float holds in place
-  if PER_BYTE.value or w is u or m & (m + 1) or not m or s + m.bit_length() > 23 or w.dtype.itemsize > 4:
+  if w is u or m & (m + 1) or not m or s + m.bit_length() > 23 or w.dtype.itemsize > 4:
     return (u.cast(dtypes.uint32) | MAGIC_BITS).bitcast(dtypes.float32) - (MAGIC - c)
   # the field stays at bit s; the exponent of 2^(23-s) makes its float 2^(23-s) + the field's value, exactly
   return and_or(w, m << s, (150 - s) << 23, ctx).bitcast(dtypes.float32) - (float(1 << (23 - s)) - c)
@@ -70,4 +67,4 @@ pm_int_to_float = PatternMatcher([
 def cheap_int_to_float(sink:UOp, ren:Renderer) -> UOp: return graph_rewrite(sink, pm_int_to_float, ctx=ren, name="int_to_float")
 
 INT_TO_FLOAT = register(Pass("int_to_float", "small-range int -> float32 conversions become an OR into the exponent bits and a subtract, a packed field in place",
-                             (CodegenStep("final symbolic", cheap_int_to_float),), settings=(PER_BYTE,)))
+                             (CodegenStep("final symbolic", cheap_int_to_float),)))

@@ -24,7 +24,8 @@ from tinygrad.uop.ops import UOp, Ops, AxisType
 from tinygrad.helpers import prod
 from tinygrad.codegen.opt import Opt, OptOps
 from tinygrad_ext import Pass, OptHeuristic, register
-from passes.reduce_local import OptOpsExt, COMBINES, LANE_DTYPES, SHUFFLE_WIDTH, warp_epilogue
+from tinygrad_ext.passes.reduce_local import OptOpsExt, COMBINES, LANE_DTYPES, SHUFFLE_WIDTH, warp_epilogue
+from tinygrad_ext.passes.shared import store_targets
 
 NAME = "long_reduce"
 LONG = 256            # a static reduce at least this long that no warp divides is split
@@ -44,7 +45,7 @@ def stride_one(idx:UOp, rng:UOp) -> bool:
 
 def upcast_axes(k, out_axes:list[int]) -> list[int]:
   """The output axes worth an UPCAST: reads get wider along them, or some read is shared by all their outputs."""
-  stores, red = {s.src[0] for s in k.ast.toposort() if s.op is Ops.STORE}, k.rngs[k.axes_of(AxisType.REDUCE)[0]]
+  stores, red = store_targets(k.ast), k.rngs[k.axes_of(AxisType.REDUCE)[0]]
   # the reads inside the reduce loop (a value read once per output, such as the max an argmax compares with, is no reuse)
   loads = [idx for b in k.bufs if b not in stores and red in (idx:=b.src[1].get_idx()).backward_slice_with_self]
   picked = []

@@ -19,10 +19,12 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from tinygrad.uop.ops import UOp, Ops, AxisType, PatternMatcher, UPat
 from tinygrad.dtype import dtypes
-from tinygrad.helpers import prod, ContextVar
+from tinygrad.helpers import prod
 from tinygrad.codegen.opt import Opt, OptOps
 from tinygrad_ext import Pass, OptHeuristic, register
-from passes.reduce_local import OptOpsExt, LANE_ID, share_lanes, unroll_whole
+from tinygrad_ext.config import text_setting
+from tinygrad_ext.errors import SettingError
+from tinygrad_ext.passes.reduce_local import OptOpsExt, LANE_ID, share_lanes, unroll_whole
 
 @dataclass(frozen=True)
 class MatvecPolicy:
@@ -115,15 +117,15 @@ POLICIES = {
   "generic": MatvecPolicy(lanes=16, rows_per_block=4, upcast_rows=1, upcast_min_elements=0, quant_upcast_min_elements=0, float_unroll=4),
 }
 # "field=value,...": overrides fields of the backend's policy, for A/B runs of the table (part of the cache id)
-POLICY_OVERRIDE = ContextVar("TINYGRAD_EXT_MATVEC_POLICY", "")
-
 def parse_override(spec:str) -> dict[str, int]:
   names, out = {f.name for f in fields(MatvecPolicy)}, {}
   for item in filter(None, spec.split(",")):
     key, _, val = item.partition("=")
-    if key not in names or not val.isdigit(): raise ValueError(f"TINYGRAD_EXT_MATVEC_POLICY: bad item {item!r} (fields: {', '.join(sorted(names))})")
+    if key not in names or not val.isdigit():
+      raise SettingError(f"TINYGRAD_EXT_MATVEC_POLICY={spec!r}: bad item {item!r}, not FIELD=INTEGER,... (fields: {', '.join(sorted(names))})")
     out[key] = int(val)
   return out
+POLICY_OVERRIDE = text_setting("TINYGRAD_EXT_MATVEC_POLICY", parse_override)
 
 def policy_for(device:str) -> MatvecPolicy:
   return replace(POLICIES.get(device.split(":")[0], POLICIES["generic"]), **parse_override(POLICY_OVERRIDE.value))

@@ -31,11 +31,11 @@ from tinygrad.uop.ops import UOp, Ops, PatternMatcher, UPat, graph_rewrite
 from tinygrad.dtype import dtypes
 from tinygrad.renderer import Renderer
 from tinygrad.renderer.cstyle import CUDARenderer
-from tinygrad.helpers import ContextVar
 from tinygrad_ext import Pass, CodegenStep, register
-from passes.int_fields import unsigned_core, bit_field
+from tinygrad_ext.config import flag
+from tinygrad_ext.passes.shared import unsigned_core, bit_field
 
-EVERYWHERE = ContextVar("TINYGRAD_EXT_SUBNORMAL_DEQUANT_EVERYWHERE", 0)
+EVERYWHERE = flag("TINYGRAD_EXT_SUBNORMAL_DEQUANT_EVERYWHERE")
 # the activation's scale: the smallest B that keeps |y| * 2^(149-B) (y fp16, a field at bit 0) below float32's largest
 B = 38
 DOWN, UP = 2.0 ** -B, 2.0 ** B

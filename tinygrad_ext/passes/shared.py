@@ -1,0 +1,87 @@
+"""What several passes ask of a kernel, in one place: bit fields of packed words (int_to_float, subnormal_dequant), an
+index as root plus offset and a root clamped to what its gate bounds (packed_loads, wide_loads, hoist), the buffers a
+schedule or kernel stores to (fusion, hoist, reduce_local, long_reduce), lane counts (fusion, long_reduce), and whether a
+device computes a dtype natively (fusion, reduce_local). No pass of its own."""
+from __future__ import annotations
+from tinygrad.uop.ops import UOp, Ops
+from tinygrad.dtype import dtypes
+from tinygrad.helpers import EMULATED_DTYPES
+from tinygrad.uop.symbolic import parse_valid
+from tinygrad.renderer import Renderer
+
+# *** integer expressions: an unsigned value plus a constant, and bit fields of packed words ***
+
+def fits(u:UOp) -> bool: return isinstance(u.vmin, int) and isinstance(u.vmax, int) and 0 <= u.vmin and u.vmax < (1 << 23)
+
+def unsigned_core(e:UOp) -> tuple[UOp, int]|None:
+  """(u, c): an unsigned integer expression u in [0, 2^23) and a constant c with e == u + c, or None."""
+  if e.op is Ops.ADD and e.src[1].op is Ops.CONST and (inner:=unsigned_core(e.src[0])) is not None: return inner[0], inner[1] + e.src[1].arg
+  if e.op is Ops.BITCAST and e.dtype == dtypes.int8 and e.src[0].dtype == dtypes.uint8:
+    b = e.src[0]
+    return (b, 0) if fits(b) and b.vmax < 128 else (b ^ 0x80, -128)
+  if e.op is Ops.CAST and dtypes.is_int(e.src[0].dtype) and not e.src[0].overflows(e.dtype): return unsigned_core(e.src[0])
+  if dtypes.is_unsigned(e.dtype) and fits(e): return e, 0
+  return None
+
+def bit_field(e:UOp) -> tuple[UOp, int, int]:
+  """(w, s, m) with e == (w >> s) & m: the word w a chain of constant shifts, masks and unsigned casts starts from."""
+  a = e.src[1].arg if len(e.src) == 2 and e.src[1].op is Ops.CONST and isinstance(e.src[1].arg, int) and e.src[1].arg >= 0 else None
+  if a is not None and dtypes.is_unsigned(e.dtype) and e.src[0].vmin >= 0:
+    if e.op is Ops.AND: return (w:=bit_field(e.src[0]))[:2] + (w[2] & a,)
+    shift = a if e.op is Ops.SHR else a.bit_length() - 1 if e.op in (Ops.CDIV, Ops.FLOORDIV) and a & (a - 1) == 0 and a else None
+    if shift is not None: return (w:=bit_field(e.src[0]))[0], w[1] + shift, w[2] >> shift
+  if e.op is Ops.CAST and dtypes.is_unsigned(e.dtype) and dtypes.is_unsigned(e.src[0].dtype):
+    return (w:=bit_field(e.src[0]))[:2] + (w[2] & ((1 << 8 * e.dtype.itemsize) - 1),)  # a narrowing cast keeps the low bits
+  return e, 0, (1 << e.vmax.bit_length()) - 1 if isinstance(e.vmax, int) and e.vmin >= 0 else (1 << 8 * e.dtype.itemsize) - 1
+
+# *** indexes ***
+
+def root_and_offset(idx:UOp) -> tuple[UOp, int]:
+  """idx as a root expression plus a constant, as tinygrad's memory coalescing splits an index."""
+  if idx.op is Ops.ADD and idx.src[1].op is Ops.CONST and isinstance(idx.src[1].arg, int): return idx.src[0], idx.src[1].arg
+  if idx.op is Ops.ADD and idx.src[0].op is Ops.CONST and isinstance(idx.src[0].arg, int): return idx.src[1], idx.src[0].arg
+  return idx, 0
+
+def clamped_root(root:UOp, gate:UOp) -> UOp|None:
+  """root with every expression the gate bounds clamped into those bounds: the same index wherever the gate holds, and
+  one whose range the index arithmetic can bound where it does not (a MoE expert id is checked against the expert
+  count). None where a clause of the gate is no bound on an integer expression."""
+  bounds: dict[UOp, tuple[int, int]] = {}
+  for clause in gate.split_uop(Ops.AND):
+    if (parsed:=parse_valid(clause)) is None: return None
+    expr, is_upper, c = parsed
+    lo, hi = bounds.get(expr, (expr.vmin, expr.vmax))
+    bounds[expr] = (lo, min(hi, c)) if is_upper else (max(lo, c), hi)
+  if any(lo < dtypes.int32.min or hi > dtypes.int32.max for lo, hi in bounds.values()): return None  # a one-sided bound
+  # through stand-ins: a clamp holds the expression it replaces
+  stand_in = {e: UOp.variable(f"clamped{i}", lo, hi, e.dtype) for i, (e, (lo, hi)) in enumerate(bounds.items())}
+  # clamped in int32 (a value outside it is outside the gate too), min as -max(-x): the range of a MAX is exact, and the
+  # index arithmetic's width is chosen from the ranges
+  def clamp(e:UOp, lo:int, hi:int) -> UOp: return (-((-e.cast(dtypes.int32).maximum(lo)).maximum(-hi))).cast(e.dtype)
+  return root.substitute(stand_in).substitute({v: clamp(e, v.vmin, v.vmax) for e, v in stand_in.items()})
+
+def reads_inside(buf:UOp, idx:UOp, width:int=1) -> bool:
+  """Every value idx can take, and the width-1 elements after it, lie inside buf (a static-size buffer)."""
+  return isinstance(n:=buf.shape[0], int) and isinstance(idx.vmin, int) and isinstance(idx.vmax, int) and idx.vmin >= 0 and idx.vmax + width <= n
+
+# *** stores ***
+
+def stored_buffers(sink:UOp) -> set[UOp]:
+  """Every buffer a store of this graph (a schedule's kernels, or one kernel) writes to (an assign's target)."""
+  return {u.src[0].src[0] for u in sink.toposort() if u.op is Ops.STORE and u.src[0].op is Ops.INDEX}
+
+def store_targets(ast:UOp) -> set[UOp]:
+  """What a kernel's stores write through (their INDEX): the loads of a kernel are its other buffer accesses."""
+  return {s.src[0] for s in ast.toposort() if s.op is Ops.STORE}
+
+# *** lanes and dtypes ***
+
+def pow2_at_most(n:int, most:int) -> int:
+  """The largest power of two at most min(n, most): a lane count."""
+  return 1 << (min(n, most).bit_length() - 1)
+
+def native(ren:Renderer, dtype) -> bool:
+  """dtype is the renderer's own, not emulated by tinygrad (half on PoCL without cl_khr_fp16): tinygrad's emulation
+  rewrites a buffer of it but not the AFTER that orders its reads (a local buffer, a loop's accumulator), so such a
+  program fails verification."""
+  return dtype not in EMULATED_DTYPES.tolist(dtypes) and dtype in ren.supported_dtypes()
