@@ -49,6 +49,15 @@ class Step:
     a = ", ".join(f"t{i}" for i in self.src)
     return f"t{out} = {self.op}({a}{', ' if a and self.arg else ''}{', '.join(map(repr, self.arg))})"
 
+def convert(x:Tensor, to) -> Tensor:
+  """x cast to `to`. A float outside the integer's range (or NaN) converts to a value C and every backend leave
+  undefined: tinygrad's own result then depends on the codegen (a vectorized conversion or not; int_to_float's exact
+  reading of the converted bits), so such programs compare nothing: the float is clamped into the range first (a binary
+  op's float operand cast to the other's uint8 included)."""
+  if x.dtype == to: return x
+  if dtypes.is_float(x.dtype) and dtypes.is_int(to): x = (x != x).where(0, x).clip(max(to.min, -2**24), min(to.max, 2**24))
+  return x.cast(to)
+
 def _float(x:Tensor) -> Tensor: return x if dtypes.is_float(x.dtype) else x.cast(dtypes.float32)
 def _axis(x:Tensor, a:int) -> int: return a % max(x.ndim, 1)
 def _int(x:Tensor) -> Tensor: return x if dtypes.is_int(x.dtype) else x.cast(dtypes.int32)
@@ -93,17 +102,10 @@ def apply_step(vals:list[Tensor], s:Step, inputs:list[Tensor]) -> Tensor:
   x = vals[s.src[0]] if s.src else None
   if s.op in UNARY: return UNARY[s.op](x)
   if s.op in BINARY:
-    y = _same_shape(x, vals[s.src[1]])
-    if y.dtype != x.dtype: y = y.cast(x.dtype)
-    return BINARY[s.op](x, y)
+    return BINARY[s.op](x, convert(_same_shape(x, vals[s.src[1]]), x.dtype))
   if s.op in REDUCE: return REDUCE[s.op](x, _axis(x, s.arg[0]), s.arg[1]) if x.ndim else x
   if s.op in ROW: return ROW[s.op](x, _axis(x, s.arg[0])) if x.ndim else x
-  if s.op == "cast":
-    to = getattr(dtypes, s.arg[0])
-    # a float outside the integer's range (or NaN) converts to a value C and every backend leave undefined: tinygrad's
-    # own result then depends on the codegen (a vectorized conversion or not), so such programs compare nothing
-    if dtypes.is_float(x.dtype) and dtypes.is_int(to): x = (x != x).where(0, x).clip(max(to.min, -2**24), min(to.max, 2**24))
-    return x.cast(to)
+  if s.op == "cast": return convert(x, getattr(dtypes, s.arg[0]))
   if s.op == "bitcast":
     to = getattr(dtypes, s.arg[0])
     if to.itemsize != x.dtype.itemsize or x.dtype == dtypes.bool or to == dtypes.bool: return x
