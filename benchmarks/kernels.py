@@ -3,7 +3,7 @@
 
 Every kernel is built as tinygrad.llm builds it: the weight stays raw Q4_0 bytes on the device, ggml_data_to_tensor
 dequantizes it lazily, and tinygrad fuses that into the matmul with the fp16 activation (one kernel per matvec).
-Measuring follows targets.md (../shared/targets.md):
+Measuring follows benchmarks/TARGETS.md:
   - per-kernel time: one TinyJit (CUDA graphs on CUDA) runs `launches` matvecs, each on its own weight copy (MoE: its own
     disjoint 4-expert selection of a copy) until --rotate-mb distinct bytes are read, so the 60 MB L2 of an H200 cannot
     serve them, then cycling until --call-mb are read, so the GPU work of one call outweighs its host cost.

@@ -9,6 +9,11 @@ from tinygrad.llm.gguf import ggml_data_to_tensor
 import tinygrad.codegen as codegen
 from kernels import kernel_asts
 
+def need_tool(name:str, what:str) -> None:
+  """Skips the test where a tool it runs is not on PATH (the README's setup does not install the CUDA toolkit), naming it."""
+  import shutil, pytest
+  if shutil.which(name) is None: pytest.skip(f"{name} is not on PATH ({what})")
+
 def run_python(code:str, **env) -> subprocess.CompletedProcess:
   """code run by a fresh interpreter with these environment settings added."""
   return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env={**os.environ, **env})

@@ -11,6 +11,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from examples.glm import model as glm, synth  # noqa: E402
 from glm_reference import Reference  # noqa: E402
+from helpers import need_tool  # noqa: E402
 
 RUN = [sys.executable, str(ROOT / "examples" / "glm" / "run.py")]
 PROMPT = [1, 17, 300, 42, 256, 7]
@@ -101,7 +102,6 @@ def test_passes_on_off_same_tokens(model):
 def test_decode_kernels_render_for_every_backend(model, tmp_path):
   # every kernel of a decode step, passes on, renders for CUDA C, PTX (assembled by ptxas), Metal and C: a pass that a
   # renderer cannot take must not fire there (packed_loads' word loads once crashed 22 of these 41 kernels on PTX)
-  import shutil
   from tinygrad.helpers import Target
   from tinygrad.renderer.ptx import PTXRenderer
   from tinygrad.runtime.support.compiler_cuda import PTXCompiler
@@ -110,7 +110,7 @@ def test_decode_kernels_render_for_every_backend(model, tmp_path):
   assert len(asts) > 30
   for ren in (cuda_renderer(), metal_renderer(), clang_renderer()):
     for ast in asts: assert render(ast, ren)
-  if shutil.which("ptxas") is None: pytest.fail("ptxas is needed to assemble the rendered PTX")
+  need_tool("ptxas", "the CUDA toolkit's assembler, to assemble the rendered PTX")
   ptx, fill_in = PTXRenderer(Target(device="CUDA", arch="sm_90")), PTXCompiler("sm_90")  # it fills in the PTX's target and version
   for i, ast in enumerate(asts):
     (f:=tmp_path / f"k{i}.ptx").write_bytes(fill_in.compile(render(ast, ptx)))

@@ -1,6 +1,6 @@
 """hoist and int_to_float: a quant block's scale leaves the per-element sum, small integers convert through the exponent
 bits; results equal the passes off (bit-identical for the conversions, within float rounding for the reassociation)."""
-import os, shutil
+import os
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st, HealthCheck
@@ -14,7 +14,7 @@ from tinygrad_ext.passes.hoist import split_invariant
 from tinygrad.llm.gguf import ggml_data_to_tensor
 from kernels import with_opts, render, cuda_renderer, metal_renderer, kernel_asts, kernel_sources, a_row_and_a_block_per_lane, \
   q4_0_matvec_ast, gated_moe_matvec_ast
-from helpers import quantized, matvecs, assert_close_fp16
+from helpers import quantized, matvecs, assert_close_fp16, need_tool
 
 DEVICES = os.getenv("TINYGRAD_EXT_TEST_DEVICES", "CL,CPU").split(",")
 EXAMPLES = {"CPU": 8, "CL": 15}
@@ -145,7 +145,7 @@ def test_rendered_cuda_and_metal_convert_nibbles_in_place_through_the_exponent()
     assert "1258291200u" not in off and "lop3" not in off, off
   old_gpu = render(ast, cuda_renderer("sm_35"))  # before sm_50 PTX has no lop3: an AND and an OR
   assert "lop3" not in old_gpu and nibble_fields(old_gpu, False) == {0: 8, 4: 8, 8: 8, 12: 8}, old_gpu
-  if shutil.which("nvcc") is None: pytest.fail("nvcc is needed to compile the rendered CUDA")
+  need_tool("nvcc", "the CUDA toolkit's compiler, to compile the rendered CUDA")
   assert len(cuda_renderer().compiler.compile(render(ast, cuda_renderer()))) > 0
 
 def test_bit_field_reads_through_shifts_masks_and_casts():
@@ -206,5 +206,5 @@ def test_moe_gate_leaves_the_loop():
   assert on == 0 and off >= 10, (on, off)
   src = render(ast, cuda_renderer())
   assert src.count("?") == 5, src  # the id's wrap and clamp (3), and one select of each row's sum
-  if shutil.which("nvcc") is None: pytest.fail("nvcc is needed to compile the rendered CUDA")
+  need_tool("nvcc", "the CUDA toolkit's compiler, to compile the rendered CUDA")
   assert len(cuda_renderer().compiler.compile(src)) > 0

@@ -1,6 +1,6 @@
 """long_reduce: reduces over symbolic lengths (decode attention over the positions so far) and long reduces no warp
 divides (an argmax over a vocab) go over padded lanes, and compute what the passes-off kernels compute."""
-import os, shutil
+import os
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st, HealthCheck
@@ -10,6 +10,7 @@ from tinygrad.codegen.opt import Opt, OptOps
 import tinygrad.codegen as codegen
 from tinygrad_ext import passes_off, without
 from tinygrad_ext.passes.reduce_local import OptOpsExt
+from helpers import need_tool
 from kernels import kernel_asts, render, cuda_renderer, metal_renderer
 
 DEVICES = os.getenv("TINYGRAD_EXT_TEST_DEVICES", "CL,CPU").split(",")
@@ -75,7 +76,7 @@ def test_cuda_attention_over_positions_shuffles_padded_lanes_and_compiles():
   # the loop over the positions padded to 32 lanes (start_pos+1 of them: start_pos//32+1 steps), the padding gated off
   assert "Ridx0 < ((data3_>>5)+1)" in src and "<(data3_+1));" in src and "half4" in src
   with without("long_reduce"): assert Opt(OptOpsExt.REDUCE_LOCAL, 0, 32) not in applied_opts(ast, ren)
-  if shutil.which("nvcc") is None: pytest.fail("nvcc is needed to compile the rendered CUDA")
+  need_tool("nvcc", "the CUDA toolkit's compiler, to compile the rendered CUDA")
   assert len(ren.compiler.compile(src)) > 0
 
 def test_argmax_stages_go_over_lanes_on_cuda_and_metal():

@@ -1,6 +1,6 @@
 """REDUCE_LOCAL: forced at random legal amounts it computes what the unoptimized kernel computes; illegal requests are
 refused with KernelOptError; CUDA and Metal source carry the warp epilogue."""
-import os, re, shutil
+import os, re
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st, HealthCheck
@@ -9,6 +9,7 @@ from tinygrad.helpers import Context
 from tinygrad.codegen.opt import Opt, OptOps, KernelOptError
 import tinygrad_ext
 from tinygrad_ext.passes.reduce_local import OptOpsExt
+from helpers import need_tool
 from kernels import kernel_asts, with_opts, render, realize_with_opts, cuda_renderer, metal_renderer, clang_renderer, scheduler_of, \
   q4_0_matvec_ast, shuffle_offsets
 
@@ -153,7 +154,7 @@ def test_reduce_local_cuda_source_has_the_shuffle_butterfly_and_compiles(dtype):
   assert "__shared__" not in src and "__syncthreads" not in src, "32 lanes combine in registers"
   # the collective runs in every lane: only the store is gated
   assert src.index("__shfl_xor_sync") < src.index("if (") and "__shfl" not in src[src.index("if ("):]
-  if shutil.which("nvcc") is None: pytest.fail("nvcc is needed to compile the rendered CUDA")
+  need_tool("nvcc", "the CUDA toolkit's compiler, to compile the rendered CUDA")
   assert len(cuda_renderer().compiler.compile(src)) > 0
 
 def test_composed_lanes_read_adjacent_bytes_of_a_block_and_share_one_butterfly():
@@ -172,7 +173,7 @@ def test_a_group_after_reduce_local_combines_each_warps_lanes_first_and_compiles
   assert sorted(set(shuffle_offsets(src)), reverse=True) == [16, 8, 4, 2, 1], src
   assert re.search(r"__shared__ __align__\(\d+\) float buf0\[12\];", src), src  # 3 warps x 4 rows, no slot per lane
   assert src.index("__shfl_xor_sync") < src.index("__syncthreads"), src
-  if shutil.which("nvcc") is None: pytest.fail("nvcc is needed to compile the rendered CUDA")
+  need_tool("nvcc", "the CUDA toolkit's compiler, to compile the rendered CUDA")
   assert len(cuda_renderer().compiler.compile(src)) > 0
 
 def test_reduce_local_cuda_wider_than_a_warp_combines_warps_through_shared_memory():

@@ -1,7 +1,7 @@
 """subnormal_dequant: a quant field read as a subnormal, the scale and offset on the fp16 activation. Exact (tested on
 the identity itself and on matvecs against the pass off), CUDA only unless forced, and rendered in the order that keeps
 it exact."""
-import os, re, shutil
+import os, re
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st, HealthCheck
@@ -9,7 +9,7 @@ from tinygrad.helpers import Context
 from tinygrad_ext import without
 from tinygrad_ext.passes.subnormal_dequant import B, SUBNORMAL_EXP
 from kernels import render, cuda_renderer, metal_renderer, clang_renderer, a_row_and_a_block_per_lane, q4_0_matvec_ast
-from helpers import matvecs, assert_close_fp16
+from helpers import matvecs, assert_close_fp16, need_tool
 
 DEVICES = os.getenv("TINYGRAD_EXT_TEST_DEVICES", "CL,CPU").split(",")
 EXAMPLES = {"CPU": 8, "CL": 12}
@@ -62,5 +62,5 @@ def test_rendered_cuda_reads_nibbles_as_subnormals_scaled_activation_first():
   for ren in (metal_renderer(), clang_renderer()):
     assert not SCALED.search(src:=render(ast, ren)) and "0x1.0000000000000p+" not in src, src
   with Context(TINYGRAD_EXT_SUBNORMAL_DEQUANT_EVERYWHERE=1): assert "0x1.0000000000000p+" in render(ast, clang_renderer())
-  if shutil.which("nvcc") is None: pytest.fail("nvcc is needed to compile the rendered CUDA")
+  need_tool("nvcc", "the CUDA toolkit's compiler, to compile the rendered CUDA")
   assert len(cuda_renderer().compiler.compile(on)) > 0

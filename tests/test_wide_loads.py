@@ -1,6 +1,6 @@
 """wide_loads: a REDUCE_LOCAL matvec reads its fp16 activations as half8 on CUDA where the index proves 16-byte
 alignment; every element is read as before, results are bit-identical, and half views off 16 bytes are copied."""
-import os, shutil
+import os
 from collections import Counter
 import numpy as np
 import pytest
@@ -16,7 +16,7 @@ from tinygrad_ext.passes.shared import root_and_offset
 from kernels import kernel_asts, render, cuda_renderer, metal_renderer, clang_renderer
 from tinygrad.llm.gguf import ggml_data_to_tensor
 from tinygrad.codegen.opt import OptOps
-from helpers import quantized, applied
+from helpers import quantized, applied, need_tool
 
 DEVICES = os.getenv("TINYGRAD_EXT_TEST_DEVICES", "CL,CPU").split(",")
 
@@ -88,7 +88,7 @@ def test_a_lanes_activations_are_half8_on_cuda_and_compile(kind):
     on = render(ast, cuda_renderer())
     with tinygrad_ext.without("wide_loads"): off = render(ast, cuda_renderer())
   assert vector_loads(off) == {"half4": 4} and vector_loads(on) == {"half8": 2}, (off, on)
-  if shutil.which("nvcc") is None: pytest.fail("nvcc is needed to compile the rendered CUDA")
+  need_tool("nvcc", "the CUDA toolkit's compiler, to compile the rendered CUDA")
   assert len(cuda_renderer().compiler.compile(on)) > 0
 
 def test_an_activation_4_elements_in_keeps_half4():

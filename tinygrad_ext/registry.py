@@ -76,7 +76,7 @@ class Pass:
   settings: tuple = ()
   def where(self) -> list[str]: return [h.where() for h in self.hooks]
 
-# name -> Pass, in registration order (the order their hooks run in at a shared hook point)
+# name -> Pass, in registration order (pipeline.py orders their hooks at a shared hook point)
 PASSES: dict[str, Pass] = {}
 
 # called after every register/unregister (the installed hooks keep BEAM's action list in step)

@@ -59,6 +59,11 @@ def parse_args(argv):
   for v in a.variant:
     key, _, val = v.partition("=")
     if key not in tinygrad_ext.settings() or not val: p.error(f"--variant {v}: need SETTING=VALUE, SETTING one of {', '.join(tinygrad_ext.settings())}")
+    try: tinygrad_ext.with_setting(key, val)  # checks the value (unused: run_mode enters it), before any model is loaded
+    except tinygrad_ext.SettingError as e: p.error(f"--variant: {e}")  # e names the setting and its value
+  if a.json is not None:
+    if pathlib.Path(a.json).is_dir(): p.error(f"--json {a.json}: is a directory")
+    if not pathlib.Path(a.json).resolve().parent.is_dir(): p.error(f"--json {a.json}: no such directory")
   if a.plot is not None:
     if not a.profile: p.error("--plot draws the --profile of a token: add --profile")
     if pathlib.Path(a.plot).suffix not in (".png", ".svg", ".pdf"): p.error(f"--plot {a.plot}: the file must end in .png, .svg or .pdf")
@@ -72,11 +77,26 @@ def synthetic_path(a) -> pathlib.Path:
   preset = a.synthetic or "tiny"
   path = pathlib.Path(a.cache_dir) / f"glm-{preset}-{a.type}-seed{a.seed}-v{SYNTH_VERSION}.gguf"
   if not path.exists():
-    print(f"writing synthetic GLM ({preset}, {a.type}, seed {a.seed}) to {path}", file=sys.stderr)
     st = time.perf_counter()
-    synth.write(path, preset, a.type, a.seed, progress=preset != "tiny")
+    try:
+      # refused (SynthError) or failing (OSError) before it says "writing", where it can: one line then (write checks too)
+      synth.check_free_space(path, synth.file_size(synth.PRESETS[preset], synth.TYPES[a.type]))
+      path.parent.mkdir(parents=True, exist_ok=True)
+      print(f"writing synthetic GLM ({preset}, {a.type}, seed {a.seed}) to {path}", file=sys.stderr)
+      synth.write(path, preset, a.type, a.seed, progress=preset != "tiny")
+    except OSError as e: raise UsageError(f"--cache-dir {a.cache_dir}: cannot write {path.name}: {e.strerror or e}; nothing written") from None
     print(f"  wrote {path.stat().st_size/1e6:,.0f} MB in {time.perf_counter()-st:.1f} s", file=sys.stderr)
   return path
+
+def synthetic_note(a) -> str:
+  """The line a synthetic run prints before it generates: what its text is, and where speed is measured."""
+  cmd = "python examples/glm/run.py" + (f" --synthetic {a.synthetic}" if a.synthetic else "") + (f" --type {a.type}" if a.type != "Q4_0" else "")
+  return (f"note: a synthetic GLM has random weights, so the generated text is meaningless by design; for speed see README.md's "
+          f"Results section, or time N decode steps here with `{cmd} --benchmark N`")
+
+def write_file(path:str|os.PathLike, text:str) -> None:
+  """Writes text to path through a temp file renamed into place: an interrupted or failed write leaves no file."""
+  with synth.replacing(pathlib.Path(path).resolve()) as tmp: pathlib.Path(tmp).write_text(text)
 
 # ***** tokenizer *****
 
@@ -241,6 +261,7 @@ def main(argv=None) -> int:
     print(f"model: {path.name}  {c.n_blocks} blocks ({c.n_dense} dense), dim {c.dim}, {c.n_experts} experts ({c.n_used} used, {c.n_shared} shared), "
           f"vocab {c.vocab}; loaded in {load_s:.1f} s; device {Device.DEFAULT}, activations {a.dtype}, max context {m.max_context}")
     print(f"prompt: {len(prompt)} tokens {prompt[:16]}{' ...' if len(prompt) > 16 else ''}")
+    if a.model is None: print(synthetic_note(a), flush=True)
     results = {}
     modes = ["off", "on"] if a.passes == "compare" else [a.passes]
     if a.without: modes.insert(modes.index("on") if "on" in modes else len(modes), f"without {a.without}")
@@ -276,11 +297,18 @@ def main(argv=None) -> int:
                     f"{path.name} on {Device.DEFAULT}: one decode token")
       print(f"wrote {a.plot}")
     if a.json:
-      pathlib.Path(a.json).write_text(json.dumps(out, indent=2, default=str))
+      try: write_file(a.json, json.dumps(out, indent=2, default=str))
+      except OSError as e: raise UsageError(f"--json {a.json}: cannot write: {e.strerror or e}") from None
       print(f"wrote {a.json}")
     return 0
-  except (UsageError, glm.GGUFError) as e:
+  except (UsageError, glm.GGUFError, synth.SynthError, tinygrad_ext.SettingError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except (KeyboardInterrupt, synth.Terminated) as e:  # Ctrl-C (or SIGTERM, SIGHUP) while loading, compiling or generating
+    line, status = synth.interrupted_message(e)
+    print(line, file=sys.stderr)
+    return status
 
-if __name__ == "__main__": sys.exit(main())
+if __name__ == "__main__":
+  synth.raise_on_termination()  # SIGTERM and SIGHUP unwind as Ctrl-C does: a synthetic GGUF being written is removed
+  sys.exit(main())

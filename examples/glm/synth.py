@@ -9,9 +9,13 @@ to Q8_0 (llama.cpp falls back too: GLM's attn_k_b rows are 192 long, not a multi
 Weights have std 1/sqrt(fan_in), so activations stay O(1) and the logits are well-conditioned. Large tensors are tiled
 from a pool of pre-quantized random blocks (quantizing 16 GB would take minutes), and tensors are streamed to disk
 one at a time into a temp file that is renamed into place when complete.
+
+Nothing half-written is left: write() refuses to start where the file system lacks the file's size and a margin
+(SynthError), and a failed or interrupted write (Ctrl-C, SIGTERM, SIGHUP; a full disk) removes its temp file. From the
+command line such an end is one line on stderr: exit status 2 for a refusal, 128 + the signal's number for a signal.
 """
 from __future__ import annotations
-import argparse, math, os, pathlib, sys, tempfile
+import argparse, contextlib, math, os, pathlib, shutil, signal, sys, tempfile, threading, time
 from dataclasses import dataclass, asdict
 import numpy as np
 import gguf
@@ -146,6 +150,76 @@ def add_tokenizer(w:gguf.GGUFWriter, vocab:int):
 
 # ***** writer *****
 
+class SynthError(ValueError):
+  """A write that write() refuses before starting (too little free space); the message is one line for the user."""
+
+class Terminated(BaseException):
+  """SIGTERM or SIGHUP as an exception (as SIGINT is KeyboardInterrupt): it unwinds through finally clauses, so temp files
+  are removed, and `except Exception` does not catch it. exit_status: 128 + the signal's number, as a shell reports it."""
+  def __init__(self, signum:int):
+    super().__init__(signal.Signals(signum).name)
+    self.signum, self.exit_status = signum, 128 + signum
+
+_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+def _as_exception(signum:int) -> BaseException: return KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
+
+def _raise_signal(signum, frame): raise _as_exception(signum)
+
+def raise_on_termination() -> None:
+  """For a command line's main: SIGTERM and SIGHUP raise Terminated in the main thread from now on (their default ends
+  the process where it stands, leaving what it was writing); one that is ignored (nohup) stays ignored."""
+  for s in _SIGNALS:
+    if s != signal.SIGINT and signal.getsignal(s) == signal.SIG_DFL: signal.signal(s, _raise_signal)
+
+def interrupted_message(e:BaseException) -> tuple[str, int]:
+  """(one line, exit status) for a KeyboardInterrupt or Terminated that ends a command line."""
+  if isinstance(e, Terminated): return f"terminated ({e})", e.exit_status
+  return "interrupted (SIGINT)", 128 + signal.SIGINT
+
+class _SignalGuard:
+  """While a file is written (main thread only: elsewhere signals cannot be handled): SIGINT, SIGTERM and SIGHUP raise
+  (KeyboardInterrupt, Terminated) so the writer's finally removes its temp file. Inside hold() one is kept until the
+  hold ends, so the temp file's creation (its name not yet known) and its removal are never cut in half. A handler that
+  is neither the default nor raise_on_termination's (a caller's own, or SIG_IGN) is left as it is."""
+  def __init__(self): self.held, self.pending, self.old = 0, None, {}
+  def _handler(self, signum, frame):
+    if self.held: self.pending = self.pending or signum
+    else: raise _as_exception(signum)
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for s in _SIGNALS:
+        if signal.getsignal(s) in (signal.SIG_DFL, signal.default_int_handler, _raise_signal): self.old[s] = signal.signal(s, self._handler)
+    return self
+  def __exit__(self, *exc):
+    for s, h in self.old.items(): signal.signal(s, h)
+  @contextlib.contextmanager
+  def hold(self):
+    self.held += 1
+    try: yield
+    finally:
+      self.held -= 1
+      if not self.held and (s := self.pending) is not None:
+        self.pending = None
+        raise _as_exception(s)
+
+def _size(n:int) -> str: return f"{n/1e9:,.1f} GB" if n >= 1e9 else f"{n/1e6:,.1f} MB"
+
+def file_size(d:Dims, qtype:QT) -> int:
+  """The GGUF's size in bytes, near enough: the tensors (each aligned to 32 bytes) and the header (the tokenizer's
+  strings are most of it: ~30 bytes a token)."""
+  table = tensor_table(d)
+  return sum(-(-nbytes(storage_type(qtype, shape, mm), shape) // 32) * 32 for _, shape, mm in table) + (64 << 10) + 32 * d.vocab
+
+def check_free_space(path:pathlib.Path, need:int) -> None:
+  """SynthError unless path's file system has need bytes free and a margin (64 MB and 1%: the header's estimate, and
+  room left for everything else on the disk)."""
+  where = path.parent.resolve()
+  while not where.exists(): where = where.parent  # the folder may not exist yet: its file system is its first existing ancestor's
+  free, margin = shutil.disk_usage(where).free, (64 << 20) + need // 100
+  if free < need + margin:
+    raise SynthError(f"{path}: needs {_size(need)} and a {_size(margin)} margin, {where} has {_size(free)} free; nothing written")
+
 def add_metadata(w:gguf.GGUFWriter, d:Dims, name:str):
   # the keys llama.cpp's convert_hf_to_gguf.py writes for GLM-4.7-Flash (DeepseekV2Model: MLA served as MQA)
   w.add_name(name)
@@ -169,32 +243,52 @@ def tensor_data(name:str, shape:tuple[int, ...], matmul:bool, qtype:QT, pools:Po
   if name.endswith("exp_probs_b.bias"): return random_blocks(QT.F32, n, 0.05, rng)  # on the scale of the sigmoid score gaps
   return random_blocks(QT.F32, n, shape[-1] ** -0.5, rng)  # the router
 
+@contextlib.contextmanager
+def replacing(path:pathlib.Path):
+  """`with replacing(path) as tmp:` the block writes the temp file tmp (in path's folder), renamed to path when the block
+  ends without an exception and removed when it ends with one. SIGINT, SIGTERM and SIGHUP during the block raise
+  (_SignalGuard), so they remove it too; path is never seen half-written."""
+  with _SignalGuard() as guard:
+    tmp = None
+    try:
+      with guard.hold():  # a signal here would leave a temp file whose name is not known yet
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+      yield tmp
+      os.chmod(tmp, 0o644)  # mkstemp makes it private
+      os.replace(tmp, path)
+    finally:
+      with guard.hold():  # a second signal does not cut the removal short
+        if tmp is not None:
+          with contextlib.suppress(FileNotFoundError): os.unlink(tmp)
+
 def write(path:str|os.PathLike, preset:str|Dims="tiny", qtype:str|QT="Q4_0", seed:int=0, progress:bool=False) -> pathlib.Path:
-  """Writes the synthetic GGUF to path (atomically: a temp file in the same folder, renamed when complete)."""
+  """Writes the synthetic GGUF to path (atomically: a temp file in the same folder, renamed when complete). SynthError,
+  before anything is written, where path's file system has too little free space; a write that fails or is ended by
+  SIGINT, SIGTERM or SIGHUP (raised as KeyboardInterrupt or Terminated) removes its temp file."""
   d = PRESETS[preset] if isinstance(preset, str) else preset
   qtype, path = TYPES[qtype] if isinstance(qtype, str) else qtype, pathlib.Path(path)
   rng, table = np.random.default_rng(seed), tensor_table(d)
+  check_free_space(path, file_size(d, qtype))
+  # testing: seconds to wait after each tensor, so a test's signal arrives mid-write however fast the disk is
+  delay = float(os.environ.get("GLM_SYNTH_TEST_DELAY") or 0)
   path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-  os.close(fd)
-  try:
+  with replacing(path) as tmp:
     w = gguf.GGUFWriter(tmp, ARCH)
-    add_metadata(w, d, f"synthetic-glm-{preset if isinstance(preset, str) else 'custom'}")
-    add_tokenizer(w, d.vocab)
-    types = [storage_type(qtype, shape, mm) for _, shape, mm in table]
-    for (name, shape, _), t in zip(table, types): w.add_tensor_info(name, shape, np.dtype(np.float32), nbytes(t, shape), raw_dtype=t)
-    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_ti_data_to_file()
-    pools, total = Pools(rng), sum(nbytes(t, shape) for (_, shape, _), t in zip(table, types))
-    bar = tqdm(total=total, desc=f"writing {path.name}", unit="B", unit_scale=True, disable=not progress)
-    for (name, shape, mm), t in zip(table, types):
-      data = tensor_data(name, shape, mm, t, pools, rng)
-      w.write_tensor_data(data, tensor_endianess=gguf.GGUFEndian.LITTLE)  # type: ignore[arg-type]
-      bar.update(data.nbytes)
-    bar.close(); w.close()
-    os.chmod(tmp, 0o644)  # mkstemp makes it private
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp): os.unlink(tmp)
+    try:
+      add_metadata(w, d, f"synthetic-glm-{preset if isinstance(preset, str) else 'custom'}")
+      add_tokenizer(w, d.vocab)
+      types = [storage_type(qtype, shape, mm) for _, shape, mm in table]
+      for (name, shape, _), t in zip(table, types): w.add_tensor_info(name, shape, np.dtype(np.float32), nbytes(t, shape), raw_dtype=t)
+      w.write_header_to_file(); w.write_kv_data_to_file(); w.write_ti_data_to_file()
+      pools, total = Pools(rng), sum(nbytes(t, shape) for (_, shape, _), t in zip(table, types))
+      with tqdm(total=total, desc=f"writing {path.name}", unit="B", unit_scale=True, disable=not progress) as bar:
+        for (name, shape, mm), t in zip(table, types):
+          data = tensor_data(name, shape, mm, t, pools, rng)
+          w.write_tensor_data(data, tensor_endianess=gguf.GGUFEndian.LITTLE)  # type: ignore[arg-type]
+          bar.update(data.nbytes)
+          if delay: time.sleep(delay)
+    finally: w.close()
   return path
 
 def main(argv=None):
@@ -207,7 +301,20 @@ def main(argv=None):
   a = p.parse_args(argv)
   dims = PRESETS[a.preset]
   if a.blocks is not None: dims = Dims(**{**asdict(dims), "n_blocks": a.blocks, "n_dense": min(dims.n_dense, a.blocks)})
-  out = write(a.out, dims if a.blocks is not None else a.preset, a.type, a.seed, progress=sys.stderr.isatty())
+  try: out = write(a.out, dims if a.blocks is not None else a.preset, a.type, a.seed, progress=sys.stderr.isatty())
+  except SynthError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  except OSError as e:  # a folder that cannot be made, no permission, a disk that fills up: the temp file is gone
+    print(f"error: {a.out}: cannot write: {e.strerror or e}; nothing written", file=sys.stderr)
+    return 2
+  except (KeyboardInterrupt, Terminated) as e:
+    line, status = interrupted_message(e)
+    print(f"{line}: {a.out} not written", file=sys.stderr)
+    return status
   print(f"wrote {out} ({out.stat().st_size/1e6:,.0f} MB)")
+  return 0
 
-if __name__ == "__main__": main()
+if __name__ == "__main__":
+  raise_on_termination()
+  sys.exit(main())

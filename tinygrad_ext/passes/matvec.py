@@ -11,7 +11,7 @@ expression such as a fused RMSNorm) reads no GGUF bytes and no output axis (a GE
   - spreads the blocks over REDUCE_LOCAL lanes (adjacent lanes read adjacent blocks);
   - puts several rows in a thread block (LOCAL), and two rows per lane (UPCAST) on large matrices.
 Kernels it does not recognize, or where an opt is illegal, are left to tinygrad's heuristic. The choices per backend are
-POLICIES below; DESIGN.md has the measurements behind them.
+POLICIES below; LOG.md has the measurements behind them.
 
 Hook: an OptHeuristic (tinygrad.codegen.apply_opts, before hand_coded_optimizations).
 """
@@ -80,19 +80,19 @@ POLICIES = {
   # MoE gate+up 14.2 -> 12.0, MoE down 8.4 -> 7.1, shexp down 3.9 -> 3.1; 4 lanes where 2 leave lanes idle (attn_q_b,
   # 24 blocks a row: 3.6 -> 2.6); it lost where rows < inputs (attn_output 6.2 -> 7.8, attn_q_a 2.9 -> 3.3)
   # 4 rows per lane (same file, last row): output head 74.3 -> 68.7 us, but ffn up 7.0 -> 9.2, so only from 64M elements
-  # In the model (examples/glm/results/h200-full-q4_0-upcast-all.txt, each kernel timed in a CUDA graph), 2 rows per
+  # In the model (examples/glm/results/h200-2026-11-23-full-q4_0-upcast-all.txt, each kernel timed in a CUDA graph), 2 rows per
   # lane at every size won on every quantized matvec, whose activation is often a fused RMSNorm that each row would
   # recompute (shexp gate/up 6.6 -> 6.0 us, attn_q_a 4.8 -> 4.6, attn_q_b 4.0 -> 3.5, attn_k_b 3.4 -> 2.9, attn_v_b 2.5 ->
   # 2.1), and lost on the float32 router (2.8 -> 3.7): the size threshold stays for float weights only
-  # the float32 router (64 rows) in 64 blocks of one row, not 16 of four (h200-full-q4_0-2026-11-23-min-row-blocks.txt,
+  # the float32 router (64 rows) in 64 blocks of one row, not 16 of four (h200-2026-11-23-full-q4_0-min-row-blocks.txt,
   # in the model): 2.3 -> 1.7 us
-  # 4 rows per lane where the activation is silu(gate) * up (examples/glm/results/h200-full-q4_0-2026-11-23-costly-act.txt,
+  # 4 rows per lane where the activation is silu(gate) * up (examples/glm/results/h200-2026-11-23-full-q4_0-costly-act.txt,
   # in the model): MoE down 9.4 -> 7.3 us, dense ffn down 19.2 -> 17.8, but the shared expert's down (3.1M elements)
   # 4.1 -> 5.4, so from 8M elements
   # a row's blocks over up to 8 warps below 11M elements (benchmarks/results/h200-2026-12-02-kernels-reduce-warps.txt, the
   # fixed kernels: attn_q_a 3.7 -> 2.5 us, attn_q_b 3.0 -> 2.5, attn_output 6.1 -> 5.5, shexp gate+up 4.0 -> 3.5, shexp
   # down 3.1 -> 2.5; from 11.8M it lost: ffn up 7.0 -> 8.0, MoE gate+up 8.6 -> 9.4); in the model it lost where the
-  # matvec has company in its kernel (examples/glm/results/h200-full-q4_0-2026-12-02-reduce-warps-ab.txt: q_b with the
+  # matvec has company in its kernel (examples/glm/results/h200-2026-12-02-full-q4_0-reduce-warps-ab.txt: q_b with the
   # q_a norm's sum of squares 3.38 -> 4.54 us, attn_output with the MoE output's epilogue 5.96 -> 6.52), so only a
   # matvec alone in its kernel gets it (attn_k_b 2.63 -> 2.30, attn_q_a+kv_a 3.49 -> 3.34)
   # 2 blocks a loop step on the output head only (benchmarks/results/h200-2026-12-02d-kernels-block-unroll-upcast.txt:
@@ -101,7 +101,7 @@ POLICIES = {
   # where rows < inputs and warps split the rows, blocks split in two over lanes (a whole block a lane before), and the
   # steps left to each warp unrolled whole (benchmarks/results/h200-2026-12-02e-kernels.txt, one run: attn_output 5.4 ->
   # 4.6 us, attn_q_a 2.3 -> 2.1, shexp gate+up 3.4 -> 3.2; the split alone: attn_output 5.0, the -sweep-attn file); in the
-  # model (examples/glm/results/h200-full-q4_0-2026-12-02e-policy-ab.txt) q_a+kv_a 3.02 -> 2.54 us a call. Unrolling
+  # model (examples/glm/results/h200-2026-12-02e-full-q4_0-policy-ab.txt) q_a+kv_a 3.02 -> 2.54 us a call. Unrolling
   # the short loops of MoE matvecs too (no warps) won alone (MoE gate+up 8.3 -> 7.9) and lost in the model (8.95 ->
   # 10.78, down 6.78 -> 7.49), so only where warps split the rows
   # tall dense matrices from 11M weights: 4 rows a lane over 2 warps, a thread block each

@@ -23,7 +23,7 @@ unscaled one would, and * 2^B undoes it. Subnormals must not be flushed to zero:
 operands on a slow path. TINYGRAD_EXT_SUBNORMAL_DEQUANT_EVERYWHERE=1 fires it on every renderer, for tests on a CPU
 (x86 computes subnormals exactly).
 
-Hooks: a CodegenStep after "postopt symbolic" (after hoist's, by registration order) and one after "add images" (after
+Hooks: a CodegenStep after "postopt symbolic" (after hoist's: tinygrad_ext/pipeline.py) and one after "add images" (after
 packed_loads', before int_to_float's).
 """
 from __future__ import annotations

@@ -12,7 +12,7 @@ allocators and its memory planner hand out (at least) 256-byte aligned buffers, 
 instead of viewing, a contiguous slice of a realized half buffer that starts off a 16-byte boundary (tinygrad views
 such slices in place at any element: `a[:, 3:].contiguous()` is a view 6 bytes in).
 
-Where it fires, what was measured (benchmarks/results, DESIGN.md "wide_loads: 16-byte activation loads"): CUDA C only (half8 is
+Where it fires, what was measured (LOG.md, 2026-12-02, "wide_loads"): CUDA C only (half8 is
 CUDA's 16-byte vector load; Metal has no 8-wide half vectors, PTX and the emulator no pointer casts, and OpenCL on PoCL
 reads half as ushort), in kernels that split their reduce over lanes with REDUCE_LOCAL and not over warps with a GROUP
 (there half8 measured slower: attn_output 4.6 -> 5.1 us in one run).
