@@ -388,8 +388,12 @@ def table(rows:list[dict], ceiling:dict) -> str:
                f"within target; read floor = a kernel that only reads the row's bytes, same rotation and graph (cupy); rel err = max|a-ref|/max|ref| vs float64, tolerance {TOL:g}")
   return "\n".join(lines)
 
+class OneLineParser(argparse.ArgumentParser):
+  def error(self, message):  # a bad argument is one line and exit status 2 (--help shows the usage)
+    self.exit(2, f"kernels.py: error: {message}\n")
+
 def parse_args(argv:list[str]|None=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p = OneLineParser(description=__doc__.split("\n")[0])
   p.add_argument("--small", action="store_true", help="scaled-down shapes, rotation and timing: seconds on DEV=CPU")
   p.add_argument("--rows", type=str, default="", help="comma-separated row names: " + ",".join(r.name for r in ROWS) + ", or dense_OUTxIN / moe_KofE_OUTxIN")
   p.add_argument("--iters", type=int, default=None, help="at most this many timed JIT calls per measurement")
@@ -413,7 +417,16 @@ def parse_args(argv:list[str]|None=None):
     key, _, val = spec.partition("=")
     if not name or key not in tinygrad_ext.settings() or not val:
       p.error(f"--variant {v}: need NAME=SETTING=VALUE, SETTING one of {', '.join(tinygrad_ext.settings())}")
+    try: tinygrad_ext.with_setting(key, val)
+    except tinygrad_ext.SettingError as e: p.error(f"--variant {v}: {e}")
     args.variants[name] = (key, val)
+  for spec in args.policy:  # checked here, not in a compile worker after minutes of timing
+    name, _, fields = spec.partition("=")
+    try: tinygrad_ext.with_setting("TINYGRAD_EXT_MATVEC_POLICY", fields)
+    except tinygrad_ext.SettingError as e: p.error(f"--policy {spec}: {e}")
+    if not name or not fields: p.error(f"--policy {spec}: need NAME=FIELD=V,...")
+  try: tinygrad_ext.check_pass_names([n for n in args.without.split(",") if n])
+  except ValueError as e: p.error(f"--without: {e}")
   defaults = dict(iters=3, budget=0.05, rounds=1, rotate_mb=0.25, call_mb=0, ceiling_mb=16) if args.small else \
              dict(iters=100, budget=0.5, rounds=2, rotate_mb=256, call_mb=1024, ceiling_mb=1024)
   for k, v in defaults.items():

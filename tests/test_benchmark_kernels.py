@@ -86,3 +86,14 @@ def test_small_run_on_cpu(tmp_path):
       assert t["gbs"] == pytest.approx(r["q4_bytes"] / t["us"] / 1e3)
     assert r["speedup"] == pytest.approx(r["off"]["us"] / r["on"]["us"])
     assert r["desc"] in proc.stdout
+
+@pytest.mark.parametrize("args, says", [
+  (["--variant", "k=TINYGRAD_EXT_FUSION_KEEP_PER_ELEMENT=7"], "TINYGRAD_EXT_FUSION_KEEP_PER_ELEMENT='7': must be 0 or 1"),
+  (["--variant", "k=TINYGRAD_EXT_NO_SUCH=1"], "need NAME=SETTING=VALUE"),
+  (["--policy", "l=lanes="], "TINYGRAD_EXT_MATVEC_POLICY='lanes=': bad item"),
+  (["--without", "bogus"], "unknown tinygrad_ext pass(es): bogus"),
+])
+def test_bad_arguments_are_one_line_and_exit_2_before_anything_runs(args, says, capsys):
+  with pytest.raises(SystemExit) as e: bk.parse_args(["--small", *args])
+  err = capsys.readouterr().err
+  assert e.value.code == 2 and says in err and err.strip().splitlines() == [err.strip()] and err.startswith("kernels.py: error:"), err
