@@ -14,6 +14,13 @@ def need_tool(name:str, what:str) -> None:
   import shutil, pytest
   if shutil.which(name) is None: pytest.skip(f"{name} is not on PATH ({what})")
 
+def need_dtype(dtype, device:str|None=None) -> None:
+  """Skips the test where the device cannot compute this dtype (DEV=CPU's clang 14 has no __bf16), naming both."""
+  import pytest
+  from tinygrad import Tensor, Device
+  try: Tensor([1.5, 2.5], device=device).contiguous().realize().cast(dtype).contiguous().realize().float().numpy()
+  except Exception as e: pytest.skip(f"{device or Device.DEFAULT} cannot compute {dtype} ({type(e).__name__})")
+
 def run_python(code:str, **env) -> subprocess.CompletedProcess:
   """code run by a fresh interpreter with these environment settings added."""
   return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env={**os.environ, **env})

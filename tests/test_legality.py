@@ -136,9 +136,24 @@ def test_reduces_in_a_dtype_the_device_emulates_stay_in_their_kernel(device):
   # fp16 softmax over short rows: PoCL without cl_khr_fp16 emulates half, and tinygrad's emulation fails verification on
   # a half accumulator in a loop or in local memory (the row's max recomputed in the sum's kernel, or spread over lanes).
   # Stock tinygrad unrolls those reduces whole; fusion leaves a reduce in an emulated dtype in its own kernel.
+  # (the row heuristic also left a 1-D row's max, recomputed per element by tinygrad itself, a loop: it declines now)
   rng = np.random.default_rng(0)
-  arrays = [(rng.integers(-40, 40, (n, 3)) / 8).astype(np.float16) for n in (2, 5)]
+  arrays = [(rng.integers(-40, 40, shape) / 8).astype(np.float16) for shape in ((2, 3), (5, 3), (2,), (5,))]
   def make():
     with Context(DEV=device):
       return [Tensor(a).softmax(0).numpy() for a in arrays]
   for off, on in zip(*both(make)): np.testing.assert_allclose(on.astype(np.float32), off.astype(np.float32), rtol=1e-3, atol=1e-3)
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_narrow_integer_arithmetic_that_may_wrap_is_not_recomputed(device):
+  # int8 x - max(x) wraps where tinygrad stores it; recomputed inside the cumsum that widens it to int32, C computed it
+  # in int and it did not wrap (-182 where 74). fusion recomputes narrow-int arithmetic only where its range, by
+  # tinygrad's range analysis, fits the dtype (a Q4_0 nibble minus 8 does). (found by the fuzzer on CL)
+  x = np.array([-95, 87], dtype=np.int8)
+  def make():
+    with Context(DEV=device):
+      t = Tensor(x).realize()
+      return (t - t.max(0, keepdim=True)).cumsum(0).numpy()
+  off, on = both(make)
+  np.testing.assert_array_equal(on, off)
+  np.testing.assert_array_equal(off, np.cumsum((x - x.max()).astype(np.int8)))

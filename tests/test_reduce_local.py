@@ -223,7 +223,7 @@ def test_memory_tree_indexes_partners_in_range(shape, opts):
   # keeps that fixup's select per work-item across the next barrier as a packed <N x i1> and reads its bits as bytes:
   # wrong sums on CL, varying with shape, data and PoCL's cache (found by the BEAM-walk property on a clean-clone CI run)
   rng = np.random.default_rng(0)
-  a, x = Tensor(rng.standard_normal(shape).astype(np.float32)).realize(), Tensor(rng.standard_normal(shape[1]).astype(np.float32)).realize()
+  a, x = (Tensor(rng.standard_normal(s).astype(np.float32), device="CL").realize() for s in (shape, shape[1]))  # PoCL's bug, on CL whatever DEV is
   src = render(with_opts(kernel_asts(lambda: a @ x)[0], *opts), Device["CL"].renderer)
   assert "%" not in src and "long" not in src, src
   for make, ref in ((lambda: a @ x, a.numpy() @ x.numpy()), (lambda: a.sum(1), a.numpy().sum(1))):
@@ -235,6 +235,6 @@ def test_reduce_local_memory_tree_that_does_not_fit_falls_back_to_tinygrads_grou
   ast = with_opts(matvec_ast(64, 1024), REDUCE_LOCAL(0, 32), Opt(OptOps.UPCAST, 0, 8), Opt(OptOps.LOCAL, 0, 8))
   src = render(ast, ren)
   assert 32 * 8 * 8 * 4 * 5 > ren.shared_max and src.count("barrier(CLK_LOCAL_MEM_FENCE);") == 1 and "^" not in src, src
-  W, x = Tensor.rand(64, 1024).realize(), Tensor.rand(1024).realize()
+  W, x = Tensor.rand(64, 1024, device="CL").realize(), Tensor.rand(1024, device="CL").realize()
   np.testing.assert_allclose(realize_with_opts(lambda: W @ x, REDUCE_LOCAL(0, 32), Opt(OptOps.UPCAST, 0, 8), Opt(OptOps.LOCAL, 0, 8)),
                              W.numpy() @ x.numpy(), rtol=1e-4)

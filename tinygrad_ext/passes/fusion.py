@@ -195,6 +195,27 @@ def reproducible(s:UOp) -> bool:
     return u.op in REPRODUCIBLE
   return all(not dtypes.is_float(u.dtype) or float_ok(u) for u in s.src[0].toposort(gate=in_kernel))
 
+# integer arithmetic that can wrap: tinygrad's C-style renderers compute a narrow int's ADD/MUL/SHL in C's int, and
+# truncate it only where it is stored; recomputed in a consumer that widens it (a cumsum of int8 x - max(x)), the value
+# no longer wraps as the stored one did
+WRAPPING = (Ops.ADD, Ops.SUB, Ops.MUL, Ops.NEG, Ops.SHL)
+
+def int_bounds(x:UOp) -> tuple[int, int]:
+  # tinygrad's range analysis, but a bitcast of an unsigned value that the signed type holds is that value (a Q4_0
+  # nibble's byte read as int8)
+  if x.op is Ops.BITCAST and dtypes.is_unsigned(x.src[0].dtype) and x.src[0].vmax <= x.dtype.max: return x.src[0].vmin, x.src[0].vmax
+  return x.vmin, x.vmax
+
+def may_wrap(u:UOp) -> bool:
+  if u.op is Ops.ADD: lo, hi = (a + b for a, b in zip(int_bounds(u.src[0]), int_bounds(u.src[1])))
+  elif u.op is Ops.MUL: lo, hi = min(ps:=[a * b for a in int_bounds(u.src[0]) for b in int_bounds(u.src[1])]), max(ps)
+  else: lo, hi = u.vmin, u.vmax  # tinygrad's range analysis bounds the exact result, not the wrapped one
+  return not (isinstance(lo, int) and isinstance(hi, int) and u.dtype.min <= lo and hi <= u.dtype.max)
+
+def narrow_int_arithmetic(s:UOp) -> bool:
+  """The intermediate computes arithmetic that may wrap in an integer narrower than 32 bits."""
+  return any(u.op in WRAPPING and dtypes.is_int(u.dtype) and u.dtype.itemsize < 4 and may_wrap(u) for u in s.src[0].toposort(gate=in_kernel))
+
 def value_key(s:UOp) -> tuple:
   """What an intermediate computes, coarsely: the buffers it reads and the operations it applies. tinygrad makes an
   intermediate of one value for each way it is read (a sort's input, read as rows and as columns), alike but for its
@@ -259,7 +280,7 @@ def inlinable(idx:UOp, value:UOp, out_rngs:dict[UOp, None], elementwise:bool, lo
               ctx:FusionContext, reader:tuple) -> UOp|None:
   if idx.op is not Ops.INDEX or any(v.op is Ops.CONST and v.arg is Invalid for v in idx.src[1:]): return None
   if idx.src[0].op is not Ops.STAGE or len(idx.src) != len(idx.src[0].src) or reads_before_a_store(idx.src[0], ctx.stored) or \
-     not recomputed_alike(idx.src[0], ctx, reader): return None
+     not recomputed_alike(idx.src[0], ctx, reader) or narrow_int_arithmetic(idx.src[0]): return None
   if (cost:=small_stage(idx.src[0])) is not None and iterations * cost <= SMALL_WORK: return inline_stage(idx)
   # a tiny one is inlined where it is read outside the consumer's long loops (inside them it would be recomputed every
   # iteration, and a MoE matmul's expert ids must stay a load for its weight address)
@@ -416,11 +437,14 @@ def row_ranges(k) -> list[UOp]:
 
 def choose_row_opts(k):
   if not (rows := row_ranges(k)) or not k.ren.has_local or k.dont_use_locals: return None
+  # a reduce in a dtype the device emulates (half on PoCL) must not become a loop's accumulator: tinygrad's emulation
+  # fails verification on it, and its own heuristic unrolls such a short reduce
+  if any(not native(k.ren, red.dtype) for red in k.reduceops): return None
   # the rows stay a loop inside the kernel, so a row's reduces run once per workgroup, not once per output element
   k.ast = k.ast.substitute({r: r.replace(arg=r.arg[:-1]+(AxisType.LOOP,)) for r in rows}, name="fusion: rows loop in the kernel")
   unroll_whole(k, element_reduces(k))  # an element's own short reduces first
   reduces = [red for red in k.reduceops if any(x.op is Ops.RANGE and x.arg[-1] is AxisType.REDUCE for x in red.src[1:])]
-  if any(red.dtype not in ACC_DTYPES or not native(k.ren, red.dtype) for red in reduces) or any(o.op is not Ops.RANGE for red in reduces for o in red.src[1:]):
+  if any(red.dtype not in ACC_DTYPES for red in reduces) or any(o.op is not Ops.RANGE for red in reduces for o in red.src[1:]):
     return k  # each thread walks its rows serially: correct, one launch (the schedule step fuses only what the lanes take)
   # a reduce fused as one range may reach codegen split (a row read through a quant block's index: blocks x elements):
   # its longest range goes over the lanes, the rest stay loops in each lane
