@@ -12,6 +12,12 @@ def test_only_a_new_failure_that_is_not_listed_fails_the_gate():
   assert cmp["new_failures_unexpected"] == ["a::t2"] and cmp["new_failures_expected"] == {"a::t4": "kernel count"}
   assert (cmp["failed_without"], cmp["failed_with"], cmp["tests"]) == (1, 3, 4)
 
+def test_a_test_that_did_not_run_with_the_extension_fails_the_gate():
+  # a run with the extension that stopped early (it crashed, or pytest stopped at a collection error) is no pass
+  off = {"a::t1": "passed", "a::t2": "passed", "a::t3": "failed"}
+  cmp = tinygrad_gate.compare(off, {"a::t1": "passed"}, {})
+  assert cmp["new_failures_unexpected"] == ["a::t2"]
+
 def test_every_expected_change_has_a_reason_and_is_a_kernel_count():
   expected = tinygrad_gate.read_expected()
   assert all(why.startswith("kernel count") for why in expected.values()), expected
