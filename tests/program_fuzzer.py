@@ -146,7 +146,13 @@ def apply_step(vals:list[Tensor], s:Step, inputs:list[Tensor]) -> Tensor:
     rows, cols = s.arg[-2:]
     c = m.abs().sum((-2, -1), keepdim=True) * 4 + 1
     m = m + c * Tensor.eye(rows, cols) * Tensor.arange(1, cols + 1, dtype=dtypes.float32)
-    return m.qr() if s.arg[0] == "qr" else m.svd()
+    if s.arg[0] == "qr": return m.qr()
+    # a singular vector is defined up to its sign, which the algorithm's rounding picks (two schedules of one U, one
+    # with fusion's kernels, flipped a column): each pair u_i, v_i gets the sign that makes u_i's weighted sum positive,
+    # far from 0 since u_i is near a unit vector here
+    U, S, V = m.svd()
+    sign = (U * Tensor.arange(1, rows + 1, dtype=dtypes.float32).reshape(rows, 1)).sum(-2, keepdim=True).sign()
+    return U * sign, S, V * sign.transpose(-1, -2)
   if s.op == "symbolic":  # a sum over a prefix whose length is a bound Variable: one program for every length
     n = x.numel()
     return _float(x).flatten().shrink(((0, Variable("n", 1, n).bind(max(1, min(n, s.arg[0])))),)).sum()

@@ -157,3 +157,21 @@ def test_narrow_integer_arithmetic_that_may_wrap_is_not_recomputed(device):
   off, on = both(make)
   np.testing.assert_array_equal(on, off)
   np.testing.assert_array_equal(off, np.cumsum((x - x.max()).astype(np.int8)))
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_row_heuristic_pads_no_reduce_past_its_length(device):
+  # a batch of 16 2x2 QRs: tinygrad's kernels hold five nested sums of 2 under an 8-element row; the row heuristic gave
+  # them the row's 8 lanes, each sum padded from 2 to 8, and Q came out non-orthogonal on CL. Lanes now follow the
+  # longest reduce. (found by the fuzzer on CL)
+  def make():
+    with Context(DEV=device):
+      # (built as the fuzzer built it: tinygrad 0.14 itself fails on CL for a batch of ones made with Tensor.ones)
+      t = Tensor(np.array([5], dtype=np.int16)).contiguous().realize()
+      m = (t == t).flatten().repeat(32).reshape(2, 2, 2, 2, 2).cast(dtypes.float32)
+      m = m + 17 * Tensor.eye(2, 2) * Tensor.arange(1, 3, dtype=dtypes.float32)
+      Q, R = m.qr()
+      Tensor.realize(Q, R)
+      return Q.numpy(), R.numpy()
+  (q_off, r_off), (q_on, r_on) = both(make)
+  np.testing.assert_allclose(q_on, q_off, atol=1e-6)
+  np.testing.assert_allclose(np.swapaxes(q_on, -1, -2) @ q_on, np.broadcast_to(np.eye(2), q_on.shape), atol=1e-6)

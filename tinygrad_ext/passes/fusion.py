@@ -451,7 +451,10 @@ def choose_row_opts(k):
   red_rngs = [max(red.src[1:], key=lambda r: r.vmax) for red in reduces]
   # the longest row axis goes over the lanes; any other (rope's pairs of a normed, roped row) stays a loop in each lane
   row = max(rows, key=lambda r: r.vmax)
-  lanes = pow2_at_most(max(int(r.vmax+1) for r in [row, *red_rngs]), MAX_LANES)
+  # as many lanes as the longest reduce has elements: a row longer than its reduces keeps its extra elements in each
+  # lane, and no reduce is padded past its length (sized by the row instead, a batched QR's five nested sums of 2,
+  # padded to the 8 lanes of its 8-element row, gave a wrong Q on CL)
+  lanes = pow2_at_most(max(int(r.vmax+1) for r in red_rngs), MAX_LANES)
   if lanes < 2: return k
   width, warps = min(lanes, SHUFFLE_WIDTH), max(1, lanes // SHUFFLE_WIDTH)
   smem = warps * len(reduces) * max(red.dtype.itemsize for red in reduces)
