@@ -21,8 +21,9 @@ gather's mask) look costly, so tinygrad keeps it, a kernel more.
 Legality (DESIGN.md, "Legality"): an intermediate is recomputed in a consumer only where it reads no buffer the
 schedule stores to (but through that store's AFTER), where the consumer indexes all its ranges, and where every kernel
 that reads it would see the same bits: it has one reading kernel, or it is reproducible (integers, or floats through
-single correctly rounded operations). A phase that would grow the schedule's arithmetic beyond MAX_WORK_GROWTH is not
-applied. The rewrite runs in rounds until nothing more is inlined, counting readers afresh each round.
+single correctly rounded operations), and where it computes no narrow-int arithmetic that may wrap and no reduce in a
+dtype its device emulates. A phase that would grow the schedule's arithmetic beyond MAX_WORK_GROWTH is not applied. The
+rewrite runs in rounds until nothing more is inlined, counting readers afresh each round.
 
 Codegen heuristic (before REDUCE_LOCAL's matvec heuristic and tinygrad's): in such a kernel the row axis stays an in-kernel
 loop, one workgroup per row, and every reduce of the row and the row's elementwise outputs are spread over the same lanes
