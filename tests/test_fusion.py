@@ -239,14 +239,14 @@ def test_moe_output_is_recomputed_only_in_its_one_reading_kernel(device):
   prop()
 
 def test_padding_never_reads_a_gathers_ids_past_their_buffer():
-  # a row scaled by the sum of 4 gathered scores: spreading the 4 ids over a row's 256 padded lanes would gate the ids'
-  # load only where it feeds the scores' gate, and tinygrad's simplification under that gate reads ids[lane] ungated,
-  # past the 4 ids; the padding is refused and the kernel reads the ids at valid indices only
-  scores, sel, x = Tensor.empty(1, 64), Tensor.empty(1, 4, dtype=dtypes.int32), Tensor.empty(1, 2048)
+  # a row scaled by the sum of 3 gathered scores: spreading the 3 ids over padded lanes (2 lanes, the sum padded to 4)
+  # would gate the ids' load only where it feeds the scores' gate, and tinygrad's simplification under that gate reads
+  # ids[lane] ungated, past the 3 ids; the padding is refused and the kernel reads the ids at valid indices only
+  scores, sel, x = Tensor.empty(1, 64), Tensor.empty(1, 3, dtype=dtypes.int32), Tensor.empty(1, 2048)
   (ast,) = kernel_asts(lambda: x * scores.gather(-1, sel).sum(-1, keepdim=True))
   src = render(ast, cuda_renderer())
   # each read of the ids: at a constant offset, or under a select
-  reads = [(line.split("data2_4+")[0], re.search(r"data2_4\+([^)]*)\)", line).group(1)) for line in src.splitlines() if "data2_4+" in line]
+  reads = [(line.split("data2_3+")[0], re.search(r"data2_3\+([^)]*)\)", line).group(1)) for line in src.splitlines() if "data2_3+" in line]
   assert reads and all("?" in before or offset.strip().isdigit() for before, offset in reads), src
 
 @pytest.mark.parametrize("device", DEVICES)
