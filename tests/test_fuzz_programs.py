@@ -29,7 +29,7 @@ def test_passes_on_compute_what_passes_off_compute(device, data):
     with tinygrad_ext.passes_off(): ref = prog.run(device)
   except Exception: reject()  # not a program tinygrad runs (e.g. a dtype a device lacks for one op): not ours to judge
   with tinygrad_ext.only(*(tinygrad_ext.PASSES if config == "every pass" else [config])): got = prog.run(device)
-  why = mismatch(ref, got)
+  why = mismatch(ref, got, prog.output_dtypes(device))
   if LOG:
     with open(LOG, "a") as f: f.write(f"{device}\t{config}\t{'ok' if why is None else 'MISMATCH'}\t{len(prog.steps)} steps\n")
   assert why is None, f"{config}: {why}\n{prog.source()}"
