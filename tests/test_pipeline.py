@@ -83,8 +83,8 @@ def test_registration_order_does_not_change_the_programs():
 def test_a_bad_setting_is_one_line_and_exit_2(setting, value, says):
   for code in ("import tinygrad_ext", "import runpy; runpy.run_module('tinygrad_ext', run_name='__main__')"):
     r = run_python(code, **{setting: value})
-    assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"tinygrad_ext: {says}" + r.stderr.strip().split(says, 1)[-1]], r.stderr
-    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    lines = r.stderr.splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"tinygrad_ext: {says}"), r.stderr
 
 def test_with_setting_checks_its_key_and_value():
   with pytest.raises(tinygrad_ext.SettingError, match="not a pass setting"): tinygrad_ext.with_setting("TINYGRAD_EXT_HOIST_KEEP_GATES", "1")
