@@ -65,6 +65,44 @@ def test_svd_is_orthogonal_with_fusion(device):
     assert np.all(np.diff(S, axis=-1) <= 1e-6), S  # sorted, largest first
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_values_computed_in_two_schedules_get_the_same_bits(device):
+  # S realized first, V later: V's schedule reads the sort that S's realized and recomputes the sums of squares that
+  # S's compared. Fusion recomputed those sums inside different kernels in the two schedules (each had one reader
+  # there), their last bits differed, and V came out with a repeated row. While a schedule computes a value that another
+  # schedule computes too (registry.shared_values), fusion recomputes only reproducible intermediates.
+  with Context(DEV=device):
+    m = Tensor([[17., 1., 1.], [1., 34., 0.], [0., 0., 52.]]).contiguous().realize()
+    def make():
+      U, S, V = m.svd()
+      sign = (U * Tensor.arange(1, 4, dtype=dtypes.float32).reshape(3, 1)).sum(-2, keepdim=True).sign()
+      V = V * sign.transpose(-1, -2)
+      S.contiguous().realize()
+      return V.contiguous().realize().numpy()
+    off, on = both(make, "fusion")
+  np.testing.assert_allclose(on @ on.T, np.eye(3), atol=1e-5)
+  np.testing.assert_allclose(on, off, atol=1e-5)
+
+def test_a_schedule_shares_values_while_an_unrealized_tensor_computes_them_too():
+  from tinygrad_ext import hooks
+  seen = []
+  schedule = hooks._originals[(hooks.tensor, "create_linear_with_vars")]
+  def recording(sink):
+    seen.append(hooks.shared_values.get())
+    return schedule(sink)
+  hooks._originals[(hooks.tensor, "create_linear_with_vars")] = recording
+  try:
+    with Context(DEV="CPU"):
+      x = Tensor.rand(8, 8).realize()
+      seen.clear()
+      total = x.sum(1)
+      (total * 2).realize()      # total is left unrealized: a later schedule computes its sum again
+      total.realize()            # the sum an earlier shared schedule computed
+      (x.max(1) * 2).realize()   # a max is exact in any order: no other schedule's bits to match
+      (x.sum(0) * 3).realize()   # no other live tensor computes this sum
+  finally: hooks._originals[(hooks.tensor, "create_linear_with_vars")] = schedule
+  assert seen == [True, True, False, False]
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_recomputing_a_hash_round_by_round_is_refused(device):
   # keccak's rounds are small intermediates; inlined into each other they grew 9.5x in work until codegen's rewrite
   # stack overflowed: fusion applies no phase that multiplies the schedule's work by more than MAX_WORK_GROWTH

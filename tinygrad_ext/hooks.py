@@ -15,11 +15,13 @@ Hook points (tinygrad 0.14.0):
   tinygrad.engine.realize.to_program_context
   tinygrad.engine.worker._init_worker       compile workers install these hooks before compiling anything
   tinygrad.codegen.opt.search.diskcache_get/put   BEAM results are stored on disk per cache_id()
-  tinygrad.schedule.schedule_cache          the in-memory schedule cache is keyed per cache_id()
+  tinygrad.schedule.schedule_cache          the in-memory schedule cache is keyed per cache_id() and shared_values
+  tinygrad.tensor.transform_to_call         records the tensor graph that a realize schedules
+  tinygrad.tensor.create_linear_with_vars   schedules it with registry.shared_values set (values another schedule computes)
   tinygrad.tensor._make_buffer_view         ViewGuard passes refuse views of realized buffers (tinygrad then copies)
 """
 from __future__ import annotations
-import contextvars, hashlib
+import contextvars, hashlib, weakref
 import tinygrad.codegen as codegen
 import tinygrad.engine.realize as realize
 import tinygrad.engine.worker as worker
@@ -30,11 +32,13 @@ import tinygrad.tensor as tensor
 from tinygrad.codegen.opt import KernelOptError
 from tinygrad.codegen.opt.postrange import Scheduler
 from tinygrad.uop.ops import Ops, UOp
+from tinygrad.dtype import dtypes
 from tinygrad.helpers import NOOPT
 from tinygrad.renderer import Renderer
-from tinygrad_ext.registry import PASSES, CodegenStep, ScheduleStep, SchedulerOpt, OptHeuristic, MatcherRules, ViewGuard, on_change
+from tinygrad_ext.registry import shared_values, PASSES, CodegenStep, ScheduleStep, SchedulerOpt, OptHeuristic, MatcherRules, ViewGuard, on_change
 from tinygrad_ext.config import SWITCHES, is_active, cache_id
 from tinygrad_ext import pipeline
+from tinygrad_ext.internals import live_tensor_uops
 
 # captured at import, before install() replaces them: a spawned compile worker imports this module fresh, and
 # tinygrad's compiled PatternMatchers keep the graph_rewrite they first saw (so the replacement outlives uninstall())
@@ -88,6 +92,42 @@ def _schedule_graph_rewrite_with_steps(sink:UOp, pm, *args, name:str|None=None, 
   if name is None or not installed(): return ret
   for step in [h for h in registered_hooks(ScheduleStep, True) if h.step == name]: ret = step.rewrite(ret)
   return ret
+
+# *** values that more than one schedule computes ***
+
+# what a partial realize computed that live tensors still compute from: a later schedule computing one of them again
+# must give it the same bits (weak: a value no tensor can reach again is forgotten)
+_computed_twice: weakref.WeakSet[UOp] = weakref.WeakSet()
+_realizing: list[UOp] = []
+
+def order_dependent(u:UOp) -> bool:
+  """A float sum or product: its bits depend on the order a kernel adds in, which a ScheduleStep may change (a max, or
+  elementwise work such as a weight's dequant, which every schedule recomputes, comes out the same in any kernel)."""
+  return u.op is Ops.REDUCE and u.arg[0] is not Ops.MAX and dtypes.is_float(u.dtype)
+
+def shares_values(realized:UOp) -> bool:
+  """The realize of this tensor graph computes a value that another schedule computes too: one that an earlier partial
+  realize computed, or one that a live tensor, left unrealized (its graph already rewritten to the realized buffers),
+  will compute again. Every such value is remembered."""
+  values = {u for u in realized.toposort() if order_dependent(u)}
+  seen: set[UOp] = set()
+  for root in live_tensor_uops(): seen |= set(root.toposort(gate=lambda u: u not in seen))
+  again = values & seen
+  earlier = any(u in _computed_twice for u in values)
+  _computed_twice.update(again)
+  return bool(again) or earlier
+
+def _transform_to_call(big_sink:UOp):
+  _realizing[:] = [big_sink]
+  return _originals[(tensor, "transform_to_call")](big_sink)
+
+def _create_linear_with_vars(big_sink:UOp):
+  # transform_to_call ran first and the realized tensors now point at their buffers (Tensor.linear_with_vars)
+  realized = _realizing.pop() if _realizing else None
+  shared = realized is not None and bool(registered_hooks(ScheduleStep, True)) and shares_values(realized)
+  token = shared_values.set(shared)
+  try: return _originals[(tensor, "create_linear_with_vars")](big_sink)
+  finally: shared_values.reset(token)
 
 # *** buffer views ***
 
@@ -154,11 +194,11 @@ def _diskcache_put(table:str, key, val, prepickled=False):
   return _originals[(search, "diskcache_put")](_disk_table(table), key, val, prepickled)
 
 class PassKeyedCache(dict):
-  """A dict that files every key under the cache_id() current at the time of the lookup."""
-  def get(self, key, default=None): return super().get((cache_id(), key), default)
-  def __getitem__(self, key): return super().__getitem__((cache_id(), key))
-  def __setitem__(self, key, val): super().__setitem__((cache_id(), key), val)
-  def __contains__(self, key): return super().__contains__((cache_id(), key))
+  """A dict that files every key under the cache_id() and registry.shared_values current at the time of the lookup."""
+  def get(self, key, default=None): return super().get((cache_id(), shared_values.get(), key), default)
+  def __getitem__(self, key): return super().__getitem__((cache_id(), shared_values.get(), key))
+  def __setitem__(self, key, val): super().__setitem__((cache_id(), shared_values.get(), key), val)
+  def __contains__(self, key): return super().__contains__((cache_id(), shared_values.get(), key))
 
 def _init_worker_with_ext() -> None:
   install()
@@ -191,6 +231,8 @@ def _install() -> None:
   _replace(Scheduler, "apply_opt", _apply_opt)
   _replace(codegen, "apply_opts", _apply_opts)
   _replace(tensor, "_make_buffer_view", _make_buffer_view)
+  _replace(tensor, "transform_to_call", _transform_to_call)
+  _replace(tensor, "create_linear_with_vars", _create_linear_with_vars)
   _sync_registered()
   on_change.append(_sync_registered)
 

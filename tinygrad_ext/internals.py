@@ -14,6 +14,11 @@ def shape_or_none(u:UOp):
   """u's shape, or None where it has none (UOp._shape: UOp.shape raises there)."""
   return u._shape
 
+def live_tensor_uops() -> list[UOp]:
+  """The graph of every Tensor alive in the process (tinygrad.tensor.all_tensors, weak references)."""
+  from tinygrad.tensor import all_tensors
+  return [t.uop for ref in list(all_tensors) if (t:=ref()) is not None]
+
 # Range ids tinygrad never hands out: it numbers ranges from 0, and its tensor-core opt's warp range is -1. REDUCE_LOCAL's
 # lane and warp ranges take these, so they sort before every other local dim (the lanes become the fastest thread index).
 LANE_RANGE_ID, WARP_RANGE_ID = -3, -2

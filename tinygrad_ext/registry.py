@@ -1,5 +1,6 @@
 """The pass registry: what a pass is, and the named passes known to this process."""
 from __future__ import annotations
+import contextvars
 from dataclasses import dataclass
 from enum import Enum
 from typing import Callable, Union
@@ -23,6 +24,12 @@ class ScheduleStep:
   step: str
   rewrite: Callable[[UOp], UOp]
   def where(self) -> str: return f"tinygrad.schedule.rangeify.get_kernel_graph: after step '{self.step}'"
+
+# True while the schedule being built computes a value that another schedule computes too: a live tensor that is not
+# realized now still computes from it, or an earlier such schedule did (hooks.py sets it; the schedule cache keys on it).
+# Values realized in the two are then mixed (SVD's S now, V with S's sort indices later), so a ScheduleStep must not make
+# a value's bits depend on the schedule around it (fusion then recomputes only reproducible intermediates).
+shared_values: contextvars.ContextVar[bool] = contextvars.ContextVar("tinygrad_ext_shared_values", default=False)
 
 @dataclass(frozen=True)
 class SchedulerOpt:

@@ -21,7 +21,8 @@ gather's mask) look costly, so tinygrad keeps it, a kernel more.
 Legality (DESIGN.md, "Legality"): an intermediate is recomputed in a consumer only where it reads no buffer the
 schedule stores to (but through that store's AFTER), where the consumer indexes all its ranges, and where every kernel
 that reads it would see the same bits: it has one reading kernel, or it is reproducible (integers, or floats through
-single correctly rounded operations), and where it computes no narrow-int arithmetic that may wrap and no reduce in a
+single correctly rounded operations); only the latter while another schedule computes the same value (a tensor left
+unrealized, registry.shared_values: SVD's S realized before V); and where it computes no narrow-int arithmetic that may wrap and no reduce in a
 dtype its device emulates. A phase that would grow the schedule's arithmetic beyond MAX_WORK_GROWTH is not applied. The
 rewrite runs in rounds until nothing more is inlined, counting readers afresh each round.
 
@@ -46,6 +47,7 @@ from tinygrad.schedule.indexing import BufferizeOpts
 from tinygrad.codegen.opt import KernelOptError, Opt, OptOps
 from tinygrad_ext import Pass, ScheduleStep, OptHeuristic, CodegenStep, register, is_active
 from tinygrad_ext.config import flag
+from tinygrad_ext.registry import shared_values
 from tinygrad_ext.passes.reduce_local import LANE_ID, WARP_ID, SHUFFLE_WIDTH, COMBINES, ACC_DTYPES, LANE_DTYPES, OptOpsExt, share_lanes, unroll_whole
 from tinygrad_ext.passes.shared import native, stored_buffers, pow2_at_most
 from tinygrad_ext.internals import output_ranges
@@ -274,8 +276,8 @@ def recomputed_alike(s:UOp, ctx:FusionContext, reader:tuple) -> bool:
   """Every kernel that reads an intermediate must see the same bits (a sort compares its values with the values it
   sorted, in another kernel): it is recomputed only where it is reproducible, or in the one kernel that read it as
   the round began (one reached through another inlined intermediate waits for the next round, when it is counted
-  where that one went)."""
-  return reproducible(s) or ctx.readers.get(stable_key(s)) == frozenset({reader})
+  where that one went) unless another schedule computes it too (a reader this schedule cannot count)."""
+  return reproducible(s) or (not shared_values.get() and ctx.readers.get(stable_key(s)) == frozenset({reader}))
 
 def inlinable(idx:UOp, value:UOp, out_rngs:dict[UOp, None], elementwise:bool, looped:set[UOp], iterations:int,
               ctx:FusionContext, reader:tuple) -> UOp|None:
