@@ -15,12 +15,14 @@ def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--out", type=pathlib.Path, help="write the listing here too")
   ap.add_argument("--sources", type=pathlib.Path, help="write each kernel's CUDA source into this folder")
+  ap.add_argument("--dtype", default="mixed", help="the model's numerics policy (examples/glm/model.py: NUMERICS)")
   args = ap.parse_args(argv)
   import tinygrad_ext  # noqa: F401
   from examples.glm import model as glm, synth
+  if args.dtype not in glm.NUMERICS: ap.error(f"--dtype must be one of {', '.join(glm.NUMERICS)}")
   from kernels import kernel_asts, render, cuda_renderer
   with tempfile.TemporaryDirectory() as tmp:
-    model = glm.load(synth.write(pathlib.Path(tmp) / "tiny.gguf", "tiny", "Q4_0", seed=0), max_context=32)[0]
+    model = glm.load(synth.write(pathlib.Path(tmp) / "tiny.gguf", "tiny", "Q4_0", seed=0), max_context=32, numerics=args.dtype)[0]
     asts = kernel_asts(lambda: model.forward([5], model.start_pos.bind(3)))
   ren = cuda_renderer()
   lines, total = [], hashlib.sha256()

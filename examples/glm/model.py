@@ -1,7 +1,7 @@
 """GLM-4.7-Flash in plain tinygrad, read from a llama.cpp GGUF (architecture `deepseek2`).
 
 The weights stay on the device as their GGUF bytes; tinygrad.llm's ggml_data_to_tensor turns each into a lazy dequant
-expression, and every matmul reads it through `w.cast(x.dtype)`, so tinygrad fuses the dequant into the matmul kernel.
+expression, and every matmul reads it through `w.cast(act)` (NUMERICS), so tinygrad fuses the dequant into the matmul kernel.
 Nothing is dequantized ahead of time and there are no custom kernels or hand-picked opts.
 
 Conventions, as llama.cpp's deepseek2 graph (src/models/deepseek2.cpp) uses them:
@@ -181,14 +181,39 @@ def load_weights(path:str|os.PathLike, infos:dict[str, TensorInfo], device:str|N
   bar.close()
   return out
 
+# ***** numerics *****
+
+@dataclass(frozen=True)
+class Numerics:
+  """The dtype of every value in the model, in one place.
+  act:   what a matmul reads: its activation, rounded to act once (where it is produced), times the weight dequantized
+         to act; the product summed in float32 (tinygrad accumulates half sums in float)
+  out:   everything else: the residual stream, what each matmul returns, norm outputs, rope, the MoE's expert weights
+         and weighted sum. Norm statistics, the router's input, logits and scores, attention's scores and softmax, and
+         the output logits are float32 in every policy.
+  cache: the KV cache (its rows are read as the attention matmuls' activations)"""
+  act: DType; out: DType; cache: DType
+
+NUMERICS = {
+  # the default: a float32 residual stream and float32 matmul outputs; fp16 only where a matmul reads its input, rounded
+  # once, and the KV cache (llama.cpp keeps activations in float32 and rounds a matvec's input to 8-bit blocks)
+  "mixed": Numerics(act=dtypes.float16, out=dtypes.float32, cache=dtypes.float16),
+  # everything fp16 (the model up to Dec 2026: it drifts 6-69% from float64 at full size), for comparison
+  "float16": Numerics(act=dtypes.float16, out=dtypes.float16, cache=dtypes.float16),
+  "float32": Numerics(act=dtypes.float32, out=dtypes.float32, cache=dtypes.float32),
+}
+
 # ***** layers *****
 
-def rms_norm(x:Tensor, w:Tensor, eps:float) -> Tensor:
+def rms_norm(x:Tensor, w:Tensor, eps:float, out:DType|None=None) -> Tensor:
   # in float32: the sum of squares of fp16 activations overflows and loses precision
   xf = x.float()
-  return (xf * (xf.square().mean(-1, keepdim=True) + eps).rsqrt() * w.float()).cast(x.dtype)
+  return (xf * (xf.square().mean(-1, keepdim=True) + eps).rsqrt() * w.float()).cast(out or x.dtype)
 
-def linear(x:Tensor, w:Tensor) -> Tensor: return x @ w.cast(x.dtype).transpose(-1, -2)
+def linear(x:Tensor, w:Tensor, n:Numerics, out:DType|None=None) -> Tensor:
+  """x @ w.T read in n.act, returned in out (n.out)."""
+  out = out or n.out
+  return x.cast(n.act).matmul(w.cast(n.act).transpose(-1, -2), dtype=None if out == n.act else out)
 
 def rope(x:Tensor, cos:Tensor, sin:Tensor) -> Tensor:
   # NORM (GPT-J style) rotation of consecutive pairs, as llama.cpp's LLAMA_ROPE_TYPE_NORM; cos/sin broadcast over x[..., ::2]
@@ -203,10 +228,10 @@ def topk_ids(x:Tensor, k:int) -> Tensor:
   rank = beats.sum(-1)
   return (rank.unsqueeze(-1) == Tensor.arange(k)).where(i.unsqueeze(-1), 0).sum(-2).cast(dtypes.int32)
 
-def experts(w:Tensor, sel:Tensor, x:Tensor) -> Tensor:
+def experts(w:Tensor, sel:Tensor, x:Tensor, n:Numerics) -> Tensor:
   # w: (n_experts, out, in), sel: (B, T, k), x: (B, T, 1|k, in) -> (B, T, k, out). As tinygrad.llm's ExpertWeights: the
   # expert id feeds the gather inside the matmul, and the result is its own kernel (not fused with the next matmul)
-  return (x.unsqueeze(-2) @ w[sel].cast(x.dtype).transpose(-1, -2)).contiguous().squeeze(-2)
+  return linear(x.unsqueeze(-2), w[sel], n).contiguous().squeeze(-2)
 
 def projections(x:Tensor, ws:tuple[Tensor, ...], sizes:tuple[int, ...], f) -> list[Tensor]:
   """f(x, w) for each projection, `sizes` wide: one product with the stacked weight (one kernel), split, or one each."""
@@ -214,15 +239,15 @@ def projections(x:Tensor, ws:tuple[Tensor, ...], sizes:tuple[int, ...], f) -> li
 
 # a projection's output, realized: several consumers read it (each would recompute the matmul), and a stacked product
 # is only split after it (as tinygrad.llm's ffn: this keeps gate's and up's matmuls out of one two-reduce kernel)
-def linear_out(x:Tensor, w:Tensor) -> Tensor: return linear(x, w).contiguous()
+def linear_out(n:Numerics): return lambda x, w: linear(x, w, n).contiguous()
 
-def ffn(x:Tensor, gate_up:tuple[Tensor, ...], down:Tensor) -> Tensor:
-  gate, up = projections(x, gate_up, (down.shape[-1],) * 2, linear_out)
-  return linear(gate.silu() * up, down)
+def ffn(x:Tensor, gate_up:tuple[Tensor, ...], down:Tensor, n:Numerics) -> Tensor:
+  gate, up = projections(x, gate_up, (down.shape[-1],) * 2, linear_out(n))
+  return linear(gate.silu() * up, down, n)
 
 class Block:
-  def __init__(self, cfg:Config, w:dict[str, Tensor], i:int, max_context:int, dtype:DType):
-    self.cfg, p = cfg, f"blk.{i}."
+  def __init__(self, cfg:Config, w:dict[str, Tensor], i:int, max_context:int, n:Numerics):
+    self.cfg, self.n, p = cfg, n, f"blk.{i}."
     def g(name): return w[p + name]
     self.attn_norm, self.ffn_norm = g("attn_norm.weight"), g("ffn_norm.weight")
     # the stacked projections of load_weights where it stacked them (STACKED), else the GGUF's own
@@ -242,72 +267,77 @@ class Block:
       if cfg.n_shared and not self.shared_in_experts:
         self.gate_up_sh, self.down_sh = pair("ffn_gate_up_shexp.weight", "ffn_gate_shexp.weight", "ffn_up_shexp.weight"), g("ffn_down_shexp.weight")
     # the compressed KV cache: per position [kv_c (kv_lora, normed) ; k_pe (qk_rope, roped)]
-    self.cache = Tensor.zeros(1, max_context, cfg.kv_lora + cfg.qk_rope, dtype=dtype).contiguous().realize()
+    self.cache = Tensor.zeros(1, max_context, cfg.kv_lora + cfg.qk_rope, dtype=n.cache).contiguous().realize()
 
   def attention(self, x:Tensor, start_pos:int|UOp, cos:Tensor, sin:Tensor) -> Tensor:
-    c, (B, T, _) = self.cfg, x.shape
-    q_a, kv = projections(x, self.q_a_kv_a, (c.q_lora, c.kv_lora + c.qk_rope), linear_out)
-    q = linear(rms_norm(q_a, self.q_a_norm, c.eps), self.q_b)
+    c, n, (B, T, _) = self.cfg, self.n, x.shape
+    q_a, kv = projections(x, self.q_a_kv_a, (c.q_lora, c.kv_lora + c.qk_rope), linear_out(n))
+    q = linear(rms_norm(q_a, self.q_a_norm, c.eps), self.q_b, n)
     q = q.reshape(B, T, c.n_heads, c.qk_nope + c.qk_rope).transpose(1, 2)                        # (B, H, T, nope+rope)
     q_nope, q_pe = q[..., :c.qk_nope], rope(q[..., c.qk_nope:], cos, sin)
-    q = (q_nope @ self.k_b.cast(x.dtype).transpose(-1, -2)).cat(q_pe, dim=-1)                      # absorbed: (B, H, T, kv_lora+rope)
+    q = linear(q_nope, self.k_b, n).cat(q_pe, dim=-1)                                              # absorbed: (B, H, T, kv_lora+rope)
     kv = rms_norm(kv[..., :c.kv_lora], self.kv_a_norm, c.eps).cat(rope(kv[..., c.kv_lora:], cos, sin), dim=-1)
     self.cache[:, start_pos:start_pos+T].assign(kv.cast(self.cache.dtype))
-    keys = self.cache[:, :start_pos+T].unsqueeze(1).cast(x.dtype)                                  # (B, 1, S, kv_lora+rope)
-    # scores come out in float32 (fp16 inputs, float accumulation): q.k over 576 latent dims can pass fp16's range
-    scores = q.matmul(keys.transpose(-1, -2), dtype=dtypes.float32) * (1.0 / math.sqrt(c.qk_nope + c.qk_rope))  # (B, H, T, S)
+    keys = self.cache[:, :start_pos+T].unsqueeze(1)                                                # (B, 1, S, kv_lora+rope)
+    # scores come out in float32 (float accumulation): q.k over 576 latent dims can pass fp16's range
+    scores = linear(q, keys, n, dtypes.float32) * (1.0 / math.sqrt(c.qk_nope + c.qk_rope))         # (B, H, T, S)
     if T > 1: scores = scores + Tensor.full((T, start_pos+T), float("-inf")).triu(start_pos+1)     # causal, T > 1 only at prefill
-    latent = scores.softmax(-1).cast(x.dtype) @ keys[..., :c.kv_lora]                             # (B, H, T, kv_lora)
-    out = latent @ self.v_b.cast(x.dtype).transpose(-1, -2)                                        # (B, H, T, v_head)
-    return linear(out.transpose(1, 2).reshape(B, T, c.n_heads * c.v_head), self.attn_out)
+    latent = linear(scores.softmax(-1), keys[..., :c.kv_lora].transpose(-1, -2), n)               # (B, H, T, kv_lora)
+    out = linear(latent, self.v_b, n)                                                              # (B, H, T, v_head)
+    return linear(out.transpose(1, 2).reshape(B, T, c.n_heads * c.v_head), self.attn_out, n)
 
-  def moe_ffn(self, x:Tensor) -> Tensor:
-    c = self.cfg
+  def moe_ffn(self, x:Tensor, trace:dict|None=None) -> Tensor:
+    c, n = self.cfg, self.n
     logits = x.float() @ self.router.float().T                       # the router in float32: near-ties decide the experts
     scores = logits.sigmoid() if c.gating == SIGMOID else logits.softmax(-1)
     sel = topk_ids(scores if self.router_bias is None else scores + self.router_bias.float(), c.n_used)  # (B, T, k)
+    if trace is not None: trace["experts"].append(sel[0, -1])
     weights = scores.gather(-1, sel)
     if c.expert_norm: weights = weights / weights.sum(-1, keepdim=True)
-    weights = (weights * c.expert_scale).cast(x.dtype)
+    weights = (weights * c.expert_scale).cast(n.out)
     if self.shared_in_experts:  # every token selects the shared expert too, with weight 1
       # (a pad, not a cat with a constant tensor: tinygrad would realize that constant, a kernel each)
       sel = sel.pad(((0, 0),) * (sel.ndim - 1) + ((0, 1),), value=c.n_experts)
       weights = weights.pad(((0, 0),) * (weights.ndim - 1) + ((0, 1),), value=1.0)
     h = x.unsqueeze(-2)                                                                            # (B, T, 1, dim)
-    gate, up = projections(h, self.gate_up_exps, (c.expert_ffn,) * 2, lambda x, w: experts(w, sel, x))
+    gate, up = projections(h, self.gate_up_exps, (c.expert_ffn,) * 2, lambda x, w: experts(w, sel, x, n))
     act = gate.silu() * up                                                                         # (B, T, k, expert_ffn)
-    out = (experts(self.down_exps, sel, act) * weights.unsqueeze(-1)).sum(-2)                      # (B, T, dim)
-    if c.n_shared and not self.shared_in_experts: out = out + ffn(x, self.gate_up_sh, self.down_sh)
+    out = (experts(self.down_exps, sel, act, n) * weights.unsqueeze(-1)).sum(-2)                   # (B, T, dim)
+    if c.n_shared and not self.shared_in_experts: out = out + ffn(x, self.gate_up_sh, self.down_sh, n)
     return out
 
-  def __call__(self, x:Tensor, start_pos:int|UOp, cos:Tensor, sin:Tensor) -> Tensor:
+  def __call__(self, x:Tensor, start_pos:int|UOp, cos:Tensor, sin:Tensor, trace:dict|None=None) -> Tensor:
     h = x + self.attention(rms_norm(x, self.attn_norm, self.cfg.eps), start_pos, cos, sin)
     f = rms_norm(h, self.ffn_norm, self.cfg.eps)
-    return h + (self.moe_ffn(f) if self.moe else ffn(f, self.gate_up, self.down))
+    out = h + (self.moe_ffn(f, trace) if self.moe else ffn(f, self.gate_up, self.down, self.n))
+    if trace is not None: trace["hidden"].append(out[0, -1])
+    return out
 
 class GLM:
-  def __init__(self, cfg:Config, w:dict[str, Tensor], max_context:int|None=None, dtype:DType=dtypes.float16):
-    self.cfg, self.dtype = cfg, dtype
+  def __init__(self, cfg:Config, w:dict[str, Tensor], max_context:int|None=None, numerics:str="mixed"):
+    self.cfg, self.numerics, self.n = cfg, numerics, NUMERICS[numerics]
     self.max_context = min(max_context or 4096, cfg.context)
     self.token_embd, self.output_norm = w["token_embd.weight"], w["output_norm.weight"]
     self.output = w.get("output.weight", self.token_embd)  # tied embeddings when the GGUF has no output
-    self.blk = [Block(cfg, w, i, self.max_context, dtype) for i in range(cfg.n_blocks)]
+    self.blk = [Block(cfg, w, i, self.max_context, self.n) for i in range(cfg.n_blocks)]
     # rope tables cos/sin(pos * theta_i), theta_i = base^(-2i/n_rot), computed once on the host in float64 (an arange
     # expression stays lazy in tinygrad: it would be recomputed, with float32 sin, in every kernel that reads it)
     ang = np.arange(self.max_context, dtype=np.float64)[:, None] * cfg.rope_theta ** (-np.arange(0, cfg.qk_rope, 2) / cfg.qk_rope)
     self.cos, self.sin = Tensor(np.cos(ang).astype(np.float32)).realize(), Tensor(np.sin(ang).astype(np.float32)).realize()
     self.start_pos, self.token = UOp.variable("start_pos", 0, self.max_context - 1), UOp.variable("token", 0, cfg.vocab - 1)
 
-  def forward(self, tokens:list[int]|UOp, start_pos:int|UOp) -> Tensor:
+  def forward(self, tokens:list[int]|UOp, start_pos:int|UOp, trace:dict|None=None) -> Tensor:
     """tokens at positions start_pos.. -> float32 logits of the last position (1, vocab). tokens are python ints
     (prefill) or one bound Variable (decode: one JIT serves every token); either way each lookup is a shrink that reads
-    one row, where a Tensor of ids would make a one-hot reduce over the whole vocab."""
+    one row, where a Tensor of ids would make a one-hot reduce over the whole vocab. With a trace ({"hidden": [],
+    "experts": []}), each block appends the last position's hidden state after it, each MoE block its chosen experts
+    (the numerics check; realizing them changes the schedule, so a traced step is not the decode step's program)."""
     ids = tokens if isinstance(tokens, list) else [tokens]
-    x, T = Tensor.stack(*[self.token_embd[t] for t in ids]).unsqueeze(0).cast(self.dtype), len(ids)    # (1, T, dim)
+    x, T = Tensor.stack(*[self.token_embd[t] for t in ids]).unsqueeze(0).cast(self.n.out), len(ids)   # (1, T, dim)
     cos, sin = self.cos[start_pos:start_pos+T].unsqueeze(0), self.sin[start_pos:start_pos+T].unsqueeze(0)
-    for blk in self.blk: x = blk(x, start_pos, cos, sin)
+    for blk in self.blk: x = blk(x, start_pos, cos, sin, trace)
     x = rms_norm(x[:, -1], self.output_norm, self.cfg.eps)
-    return x.matmul(self.output.cast(x.dtype).T, dtype=dtypes.float32)  # float32 logits: fp16 rounding would decide near-ties
+    return linear(x, self.output, self.n, dtypes.float32)  # float32 logits: fp16 rounding would decide near-ties
 
   def step(self, tokens:list[int]|UOp, start_pos:int|UOp) -> tuple[Tensor, Tensor]:
     """One forward: (greedy next token (1, 1) int32, logits (1, vocab) float32)."""
@@ -328,7 +358,7 @@ class GLM:
     tok, logits = jit(self.token.bind(token), self.start_pos.bind(pos))
     return int(tok.item()), logits
 
-def load(path:str|os.PathLike, max_context:int|None=None, dtype:DType=dtypes.float16, device:str|None=None, progress:bool=False,
+def load(path:str|os.PathLike, max_context:int|None=None, numerics:str="mixed", device:str|None=None, progress:bool=False,
          stack:bool=True, shared_in_experts:bool=True) -> tuple[GLM, dict]:
   """Checks the GGUF, copies its tensor bytes to the device and builds the model. Raises GGUFError for files it cannot use."""
   kv, infos = read_header(path)
@@ -337,5 +367,5 @@ def load(path:str|os.PathLike, max_context:int|None=None, dtype:DType=dtypes.flo
   for name in ("blk.0.attn_q_a.weight", "blk.0.attn_k_b.weight", "output_norm.weight"):
     if name not in infos: raise GGUFError(f"missing tensor {name}")
   w = load_weights(path, infos, device, progress, stack, shared_in_experts)
-  try: return GLM(cfg, w, max_context, dtype), kv
+  try: return GLM(cfg, w, max_context, numerics), kv
   except KeyError as e: raise GGUFError(f"missing tensor {e.args[0]}") from None

@@ -18,7 +18,7 @@ from tinygrad import Device, Tensor, dtypes  # noqa: E402
 from tinygrad.uop.ops import Ops  # noqa: E402
 from examples.glm import model as glm, synth, stats, roofline  # noqa: E402
 
-SYNTH_VERSION = 2  # bump when synth.py's output changes, so cached files are rewritten
+SYNTH_VERSION = 3  # bump when synth.py's output changes, so cached files are rewritten
 
 class UsageError(Exception): pass
 
@@ -48,7 +48,8 @@ def parse_args(argv):
                  help="keep the shared expert's own matvecs (default: appended to the routed experts, computed with them; see model.SHARED_INTO)")
   p.add_argument("--separate-projections", action="store_true",
                  help="keep the GGUF's projections separate (default: stack those sharing an input, one matmul each; see model.STACKED)")
-  p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="activation dtype (default float16)")
+  p.add_argument("--dtype", choices=tuple(glm.NUMERICS), default="mixed",
+                 help="numerics policy (model.NUMERICS; default mixed: float32 residual stream and matmul outputs, fp16 matmul inputs and KV cache)")
   p.add_argument("--cache-dir", default=os.environ.get("GLM_CACHE_DIR", str(pathlib.Path.home() / ".cache" / "tinygrad_ext")),
                  help="where synthetic models are written (env GLM_CACHE_DIR)")
   a = p.parse_args(argv)
@@ -249,7 +250,7 @@ def main(argv=None) -> int:
     path = pathlib.Path(a.model) if a.model else synthetic_path(a)
     st = time.perf_counter()
     big = path.is_file() and path.stat().st_size > 256 << 20
-    m, kv = glm.load(path, a.max_context, dtypes.float16 if a.dtype == "float16" else dtypes.float32, progress=big,
+    m, kv = glm.load(path, a.max_context, a.dtype, progress=big,
                      stack=not a.separate_projections, shared_in_experts=not a.separate_shared_expert)
     load_s = time.perf_counter() - st
     tok = Tokenizer(kv, m.cfg.vocab)

@@ -6,9 +6,20 @@
 Tensors follow llama.cpp's converter: matmul weights in the chosen type, norms, router and selection bias in F32,
 attn_k_b/attn_v_b as llama.cpp splits attn_kv_b for MLA. Rows whose length a type's block does not divide fall back
 to Q8_0 (llama.cpp falls back too: GLM's attn_k_b rows are 192 long, not a multiple of 256 for the K-quants).
-Weights have std 1/sqrt(fan_in), so activations stay O(1) and the logits are well-conditioned. Large tensors are tiled
-from a pool of pre-quantized random blocks (quantizing 16 GB would take minutes), and tensors are streamed to disk
-one at a time into a temp file that is renamed into place when complete.
+Weights have std 1/sqrt(fan_in), so activations stay O(1). Large tensors are drawn row by row from a pool of
+pre-quantized random blocks (quantizing 16 GB would take minutes): each row starts at its own random block of the pool
+and has its own scale (its blocks' scales times a log-normal factor), so no two rows or experts are alike. Tensors are
+streamed to disk one at a time into a temp file that is renamed into place when complete.
+
+Well-conditioned, as a trained model is, so that the float64 check measures rounding and not coin flips:
+- the router has margins: every token's embedding carries one of TOPICS = n_experts / n_used orthonormal directions
+  (token id mod TOPICS), and each MoE block's router gives the n_used experts of a topic (a random assignment per block)
+  a row along that direction, so those experts' logits stand several units above the others' at every depth (their own
+  random parts and the selection bias order them among themselves). A router whose top-k is decided by less than
+  rounding moves it (random rows: the 4th and 5th of 64 Gaussian logits) would flip an expert, and the block's output
+  jumps. Embeddings of a type gguf cannot quantize (the K-quants) have no topics: their routers are random.
+- the output head has std HEAD_STD / sqrt(dim): logits spread over several units, the greedy token decided by far more
+  than rounding.
 
 Nothing half-written is left: write() refuses to start where the file system lacks the file's size and a margin
 (SynthError), and a failed or interrupted write (Ctrl-C, SIGTERM, SIGHUP; a full disk) removes its temp file. From the
@@ -35,6 +46,9 @@ PRESETS = {
   # every tensor kind, row lengths multiples of 256 so the K-quants apply (attn_k_b falls back, as in the real model)
   "tiny": Dims(n_blocks=3, n_dense=1, dim=256, ffn=512, expert_ffn=256, n_experts=8, n_used=2, n_shared=1, n_heads=4,
                q_lora=256, kv_lora=256, qk_nope=64, qk_rope=32, v_head=64, vocab=512, context=4096),
+  # between the two: 8 blocks at dim 512, 16 experts (4 used), enough to show the fp16 drift (tests/test_numerics.py)
+  "deep": Dims(n_blocks=8, n_dense=1, dim=512, ffn=1024, expert_ffn=256, n_experts=16, n_used=4, n_shared=1, n_heads=4,
+               q_lora=256, kv_lora=256, qk_nope=64, qk_rope=32, v_head=64, vocab=1024, context=4096),
   # GLM-4.7-Flash (Glm4MoeLiteForCausalLM)
   "full": Dims(n_blocks=47, n_dense=1, dim=2048, ffn=10240, expert_ffn=1536, n_experts=64, n_used=4, n_shared=1, n_heads=20,
                q_lora=768, kv_lora=512, qk_nope=192, qk_rope=64, v_head=256, vocab=154880, context=202752),
@@ -101,34 +115,83 @@ def _random_kquant(qtype:QT, n_blocks:int, std:float, rng:np.random.Generator) -
   set_scales(std / measured)
   return blocks
 
+def quantized(qtype:QT, x:np.ndarray) -> np.ndarray:
+  """float32 values (n_elems,) in qtype as raw bytes (n_blocks, block bytes), for the types gguf can quantize."""
+  block = gguf.GGML_QUANT_SIZES[qtype][0]
+  row = block * 128 if x.size % (block * 128) == 0 else block  # gguf.quants quantizes row by row: long rows are fast
+  return gguf.quants.quantize(x.reshape(-1, row), qtype).view(np.uint8).reshape(x.size // block, -1)
+
 def random_blocks(qtype:QT, n_elems:int, std:float, rng:np.random.Generator, mean:float=0.0) -> np.ndarray:
   """n_elems random values N(mean, std) in qtype as raw bytes (n_blocks, block bytes)."""
   if qtype in _KQ_SCALES: return _random_kquant(qtype, n_elems // gguf.GGML_QUANT_SIZES[qtype][0], std, rng)
-  block = gguf.GGML_QUANT_SIZES[qtype][0]
-  row = block * 128 if n_elems % (block * 128) == 0 else block  # gguf.quants quantizes row by row: long rows are fast
-  x = (rng.standard_normal(n_elems, dtype=np.float32) * np.float32(std) + np.float32(mean)).reshape(-1, row)
-  return gguf.quants.quantize(x, qtype).view(np.uint8).reshape(n_elems // block, -1)
+  return quantized(qtype, rng.standard_normal(n_elems, dtype=np.float32) * np.float32(std) + np.float32(mean))
 
-POOL_ELEMS = 1 << 22  # tensors larger than this are tiled from a pool of this many random values
+POOL_ELEMS = 1 << 24  # tensors larger than this are drawn row by row from a pool of this many random values
+ROW_SCALE_STD = 0.2   # each such row's scale: exp(N(0, ROW_SCALE_STD))
+# where each type's block keeps its fp16 scales (multiplying them scales the block's values); native types are the values
+_SCALE_FIELDS = {QT.Q4_0: (0,), QT.Q8_0: (0,), QT.Q5_0: (0,), QT.Q4_K: (0, 2), QT.Q5_K: (0, 2), QT.Q6_K: (208,)}
 
-class Tiled:
-  """n blocks of pool from block start on, wrapping around; GGUFWriter.write_tensor_data calls .tofile, which writes the
-  pool's slices straight to the file (a 180 MB tensor is never assembled in memory)."""
-  def __init__(self, pool:np.ndarray, start:int, n:int): self.pool, self.start, self.n, self.nbytes = pool, start, n, n * pool.shape[1]
+def scale_rows(blocks:np.ndarray, qtype:QT, scales:np.ndarray) -> None:
+  """blocks (rows, blocks per row, block bytes): each row's values times its scale, in place."""
+  if qtype == QT.F32 or qtype == QT.F16:
+    v = blocks.view(np.float32 if qtype == QT.F32 else np.float16)
+    v *= scales[:, None, None].astype(v.dtype)
+  for off in _SCALE_FIELDS.get(qtype, ()):
+    d = blocks[..., off:off+2].view(np.float16)
+    d[:] = (d.astype(np.float32) * scales[:, None, None]).astype(np.float16)
+
+class Rows:
+  """A tensor of n_rows rows, row i being row_blocks consecutive blocks of pool from offsets[i] on, scaled by scales[i].
+  GGUFWriter.write_tensor_data calls .tofile, which writes it a few MB at a time (a 180 MB tensor is never assembled)."""
+  CHUNK_BYTES = 16 << 20
+  def __init__(self, pool:np.ndarray, qtype:QT, row_blocks:int, offsets:np.ndarray, scales:np.ndarray):
+    self.pool, self.qtype, self.row_blocks, self.offsets, self.scales = pool, qtype, row_blocks, offsets, scales
+    self.nbytes = len(offsets) * row_blocks * pool.shape[1]
   def tofile(self, f):
-    pos, left = self.start, self.n
-    while left:
-      k = min(left, len(self.pool) - pos)
-      f.write(self.pool[pos:pos + k].data)
-      left, pos = left - k, 0
+    step = max(1, self.CHUNK_BYTES // (self.row_blocks * self.pool.shape[1]))
+    for i in range(0, len(self.offsets), step):
+      blocks = self.pool[self.offsets[i:i+step, None] + np.arange(self.row_blocks)]
+      scale_rows(blocks, self.qtype, self.scales[i:i+step])
+      f.write(blocks.data)
 
 class Pools:
-  """Large tensors: consecutive blocks of a shared random pool (one pool per type and std), from a random start."""
+  """Large tensors: each row from its own random offset into a shared random pool (one per type and std) and with its
+  own scale."""
   def __init__(self, rng:np.random.Generator): self.rng, self.pools = rng, {}
-  def tensor(self, qtype:QT, n_elems:int, std:float) -> np.ndarray|Tiled:
+  def tensor(self, qtype:QT, shape:tuple[int, ...], std:float) -> np.ndarray|Rows:
+    n_elems = math.prod(shape)
     if n_elems <= POOL_ELEMS: return random_blocks(qtype, n_elems, std, self.rng)
     if (pool := self.pools.get((qtype, std))) is None: pool = self.pools[(qtype, std)] = random_blocks(qtype, POOL_ELEMS, std, self.rng)
-    return Tiled(pool, int(self.rng.integers(0, len(pool))), n_elems // gguf.GGML_QUANT_SIZES[qtype][0])
+    row_blocks, n_rows = shape[-1] // gguf.GGML_QUANT_SIZES[qtype][0], n_elems // shape[-1]
+    return Rows(pool, qtype, row_blocks, self.rng.integers(0, len(pool) - row_blocks + 1, n_rows),
+                np.exp(self.rng.normal(0, ROW_SCALE_STD, n_rows)).astype(np.float32))
+
+# ***** routing topics (see the module's docstring) *****
+
+HEAD_STD = 3.0        # the output head's std times sqrt(dim): logits spread over several units
+# a topic's experts' logit where TOPIC_SHARE of the normed hidden state's norm lies along the token's topic direction (the
+# share left at the last of 47 blocks, estimated; shallower it is more). Other topics' experts then have logits
+# ~N(0, TOPIC_LOGIT / (TOPIC_SHARE sqrt(dim))): in the sigmoid's slope, not saturated with the topic's, so the score gap
+# (~0.1) is far above both rounding and the selection bias
+TOPIC_LOGIT, TOPIC_SHARE = 2.5, 0.1
+
+def topics(d:Dims, rng:np.random.Generator) -> np.ndarray:
+  """(TOPICS, dim) orthonormal directions, TOPICS = n_experts // n_used."""
+  return np.linalg.qr(rng.standard_normal((d.dim, d.n_experts // d.n_used)))[0].T.astype(np.float32)
+
+def embedding(d:Dims, qtype:QT, dirs:np.ndarray, rng:np.random.Generator) -> np.ndarray:
+  """Token rows N(0, 1) plus their topic's direction (token id mod TOPICS) at the same norm, sqrt(dim)."""
+  rows = rng.standard_normal((d.vocab, d.dim), dtype=np.float32)
+  rows += dirs[np.arange(d.vocab) % len(dirs)] * np.float32(math.sqrt(d.dim))
+  return quantized(qtype, rows.reshape(-1))
+
+def router(d:Dims, dirs:np.ndarray, rng:np.random.Generator) -> np.ndarray:
+  """(n_experts, dim) float32: the experts of topic k (a random assignment) read direction k (gain TOPIC_LOGIT /
+  (TOPIC_SHARE sqrt(dim))), plus a random row (logits ~N(0, 0.3)) that orders them among themselves."""
+  gain = TOPIC_LOGIT / (TOPIC_SHARE * math.sqrt(d.dim))
+  rows = rng.standard_normal((d.n_experts, d.dim), dtype=np.float32) * np.float32(0.3 / math.sqrt(d.dim))
+  rows[rng.permutation(d.n_experts)] += np.repeat(dirs, d.n_used, axis=0) * np.float32(gain)
+  return rows
 
 # ***** tokenizer *****
 
@@ -235,13 +298,19 @@ def add_metadata(w:gguf.GGUFWriter, d:Dims, name:str):
   w.add_expert_weights_scale(d.expert_scale); w.add_expert_weights_norm(True)
   w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
 
-def tensor_data(name:str, shape:tuple[int, ...], matmul:bool, qtype:QT, pools:Pools, rng:np.random.Generator) -> np.ndarray|Tiled:
+def tensor_data(name:str, shape:tuple[int, ...], matmul:bool, qtype:QT, pools:Pools, rng:np.random.Generator, d:Dims,
+                dirs:np.ndarray|None) -> np.ndarray|Rows:
   n = math.prod(shape)
   # weights std 1/sqrt(fan_in) keep activations O(1); the embedding rows are O(1), each block's input is normed anyway
-  if matmul: return pools.tensor(qtype, n, 1.0 if name.startswith("token_embd") else shape[-1] ** -0.5)
+  if name.startswith("token_embd"):
+    return embedding(d, qtype, dirs, rng) if dirs is not None else pools.tensor(qtype, shape, 1.0)
+  if name.startswith("output."): return pools.tensor(qtype, shape, HEAD_STD * shape[-1] ** -0.5)
+  if matmul: return pools.tensor(qtype, shape, shape[-1] ** -0.5)
   if "norm" in name: return random_blocks(QT.F32, n, 0.1, rng, mean=1.0)
-  if name.endswith("exp_probs_b.bias"): return random_blocks(QT.F32, n, 0.05, rng)  # on the scale of the sigmoid score gaps
-  return random_blocks(QT.F32, n, shape[-1] ** -0.5, rng)  # the router
+  # the selection bias orders a topic's experts (their scores are all near 1), not the topics (their score gaps are ~0.02)
+  if name.endswith("exp_probs_b.bias"): return random_blocks(QT.F32, n, 0.01, rng)
+  if dirs is not None: return router(d, dirs, rng).view(np.uint8).reshape(n, 4)
+  return random_blocks(QT.F32, n, shape[-1] ** -0.5, rng)  # a random router
 
 @contextlib.contextmanager
 def replacing(path:pathlib.Path):
@@ -282,9 +351,11 @@ def write(path:str|os.PathLike, preset:str|Dims="tiny", qtype:str|QT="Q4_0", see
       for (name, shape, _), t in zip(table, types): w.add_tensor_info(name, shape, np.dtype(np.float32), nbytes(t, shape), raw_dtype=t)
       w.write_header_to_file(); w.write_kv_data_to_file(); w.write_ti_data_to_file()
       pools, total = Pools(rng), sum(nbytes(t, shape) for (_, shape, _), t in zip(table, types))
+      embd_type = types[[name for name, _, _ in table].index("token_embd.weight")]
+      dirs = topics(d, rng) if embd_type not in _KQ_SCALES else None
       with tqdm(total=total, desc=f"writing {path.name}", unit="B", unit_scale=True, disable=not progress) as bar:
         for (name, shape, mm), t in zip(table, types):
-          data = tensor_data(name, shape, mm, t, pools, rng)
+          data = tensor_data(name, shape, mm, t, pools, rng, d, dirs)
           w.write_tensor_data(data, tensor_endianess=gguf.GGUFEndian.LITTLE)  # type: ignore[arg-type]
           bar.update(data.nbytes)
           if delay: time.sleep(delay)
