@@ -132,7 +132,10 @@ def main(argv=None) -> int:
       model = glm.GLM(cfg, weights, len(ref["tokens"]) + 1, policy)
       with (tinygrad_ext.passes_off() if mode == "off" else tinygrad_ext.only(*tinygrad_ext.PASSES)):
         results[f"{policy} {mode}"] = compare(model_run(model, ref, len(prompt)), ref)
-      print(f"  {policy}, passes {mode}: {time.perf_counter()-st:.0f} s", file=sys.stderr, flush=True)
+      r = results[f"{policy} {mode}"]
+      print(f"  {policy}, passes {mode}: {time.perf_counter()-st:.0f} s; hidden <= {max(max(h) for h in r['hidden']):.1e}, logits <= "
+            f"{max(r['logits'] + r['decode_logits']):.1e}, expert sets differing {sum(not e for s in r['experts_equal'] for e in s)}, "
+            f"tokens differing {sum(not t for t in r['tokens_equal'])}", file=sys.stderr, flush=True)
   print(f"device {Device.DEFAULT}, model {pathlib.Path(a.model).name}, reference tokens {ref['tokens'][len(prompt):]}")
   print(table(results, cfg.n_dense))
   if a.json:
