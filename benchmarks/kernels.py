@@ -101,14 +101,15 @@ def q4_0_weight(raw:Tensor, *shape:int) -> Tensor:
   return ggml_data_to_tensor(raw, prod(shape), Q4_0).reshape(*shape)
 
 def dense_matvec(raw:Tensor, x:Tensor, out:int, inp:int) -> Tensor:
-  """tinygrad.llm's Linear on a Q4_0 weight: x (1, in) fp16 -> (1, out)."""
-  return x @ q4_0_weight(raw, out, inp).cast(x.dtype).T
+  """The GLM model's linear on a Q4_0 weight (examples/glm/model.py, mixed numerics): x (1, in) fp16, widened, times the
+  weight as it dequantizes (float32) -> (1, out) float32."""
+  return x.float() @ q4_0_weight(raw, out, inp).T
 
 def moe_matvec(raw:Tensor, x:Tensor, sel:Tensor, experts:int, out:int, inp:int, contiguous:bool=True) -> Tensor:
-  """tinygrad.llm's ExpertWeights (mul_mat_id) on a Q4_0 weight: x (1,1,1,in) fp16, sel (1,1,k) int32 -> (1,1,k,out).
-  contiguous=False leaves out its final .contiguous() for a caller that assigns the result into a buffer: the same kernel
-  then writes that buffer instead of one more kernel copying into it."""
-  y = x.unsqueeze(-2) @ q4_0_weight(raw, experts, out, inp).cast(x.dtype)[sel].transpose(-1, -2)
+  """The GLM model's experts() (tinygrad.llm's ExpertWeights, mul_mat_id) on a Q4_0 weight, mixed numerics: x (1,1,1,in)
+  fp16, sel (1,1,k) int32 -> (1,1,k,out) float32. contiguous=False leaves out its final .contiguous() for a caller that
+  assigns the result into a buffer: the same kernel then writes that buffer instead of one more kernel copying into it."""
+  y = x.float().unsqueeze(-2) @ q4_0_weight(raw, experts, out, inp)[sel].transpose(-1, -2)
   return (y.contiguous() if contiguous else y).squeeze(-2)
 
 def rotation(r:Row, nbytes:int, rotate_bytes:int, call_bytes:int, max_launches:int=1024) -> list[tuple[int, int]]:
@@ -196,7 +197,8 @@ def rel_err(a:np.ndarray, ref:np.ndarray) -> float: return float(np.abs(a - ref)
 
 def bench_setting(case:Case, setting:str, args) -> tuple[Callable[[], dict], dict]:
   """Compiles and captures case's TinyJit under `setting` and checks its numerics; returns a timer and the results."""
-  out = Tensor.empty(*case.matvec(case.x, 0).shape, dtype=case.x.dtype, device=Device.DEFAULT).realize()
+  probe = case.matvec(case.x, 0)
+  out = Tensor.empty(*probe.shape, dtype=probe.dtype, device=Device.DEFAULT).realize()
   # x is no input of the JIT but a buffer it holds: every graph node reading an input would be re-patched each call
   @TinyJit
   def run() -> Tensor:

@@ -23,18 +23,19 @@ def program(ast:UOp, device:str|None=None) -> UOp:
 def kernel_sources(make:Callable[[], Tensor], device:str|None=None) -> list[str]:
   return [program(ast, device).src[2].arg for ast in kernel_asts(make)]
 
-# *** Q4_0 matvecs as tinygrad.llm loads them (raw GGUF bytes dequantized in the kernel), and what renders of them hold ***
+# *** Q4_0 matvecs as the GLM model reads them (raw GGUF bytes dequantized in the kernel, in float32, times the fp16
+# activation widened: model.linear under the mixed numerics policy), and what renders of them hold ***
 
 def q4_0_matvec_ast(rows=256, inp=2048):
   raw = Tensor.empty(rows * inp // 32 * 18, dtype=dtypes.uint8)
   x = Tensor.empty(1, inp, dtype=dtypes.float16)
-  return kernel_asts(lambda: x @ ggml_data_to_tensor(raw, rows * inp, 2).reshape(rows, inp).cast(dtypes.float16).T)[0]
+  return kernel_asts(lambda: x.float() @ ggml_data_to_tensor(raw, rows * inp, 2).reshape(rows, inp).T)[0]
 
 def gated_moe_matvec_ast(experts=8, rows=256, inp=2048):
   raw = Tensor.empty(experts * rows * inp // 32 * 18, dtype=dtypes.uint8)
   x, sel = Tensor.empty(1, 1, 1, inp, dtype=dtypes.float16), Tensor.empty(1, 1, 4, dtype=dtypes.int32)
   w = ggml_data_to_tensor(raw, experts * rows * inp, 2).reshape(experts, rows, inp)
-  return kernel_asts(lambda: (x.unsqueeze(-2) @ w[sel].cast(dtypes.float16).transpose(-1, -2)).contiguous())[0]
+  return kernel_asts(lambda: (x.float().unsqueeze(-2) @ w[sel].transpose(-1, -2)).contiguous())[0]
 
 def shuffle_offsets(src:str) -> list[int]:
   """The lane offsets of every warp shuffle in rendered CUDA, in order."""

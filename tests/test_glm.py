@@ -157,6 +157,31 @@ def test_full_shape_table():
   # K-quants: attn_k_b rows (192) are not a multiple of 256, they fall back to Q8_0 as llama-quantize does
   assert synth.storage_type(synth.QT.Q4_K, (20, 512, 192), True) == synth.QT.Q8_0
 
+def test_mixes_give_every_tensor_the_quantizers_type():
+  # --mix: llama-quantize's choice for each tensor of GLM-4.7-Flash (third_party/llama.cpp/quant-mixes), at full size
+  # exactly the JSON's, at other depths the type each tensor kind gets in most blocks
+  table = synth.tensor_table(synth.PRESETS["full"])
+  for mix in synth.MIXES:
+    want = {name: synth.QT[t.upper()] for name, t in json.loads((synth.MIX_DIR / f"types-{mix}.json").read_text()).items()}
+    assert {name: synth.storage_type(mix, shape, mm, name) for name, shape, mm in table} == want
+  assert synth.storage_type("Q4_K_M", (20, 512, 192), True, "blk.60.attn_k_b.weight") == synth.QT.Q5_0
+  assert synth.storage_type("Q4_0", (154880, 2048), True, "output.weight") == synth.QT.Q6_K
+
+def test_q4_k_quantizer_round_trips_through_ggufs_dequantizer():
+  x = np.random.default_rng(0).standard_normal(256 * 64).astype(np.float32)
+  y = gguf.quants.dequantize(synth.quantize_q4_k(x), synth.QT.Q4_K).reshape(-1)
+  # 16 levels over each 32-value range (~5 std): half a level ~0.17, plus the 6-bit scales' rounding
+  assert np.abs(y - x).max() < 0.3 and np.abs(y - x).mean() < 0.08
+
+def test_a_mixed_file_matches_the_reference(tmp_path):
+  path = synth.write(tmp_path / "tiny-q4km.gguf", "tiny", seed=0, mix="Q4_K_M")
+  _, infos = glm.read_header(path)
+  assert {glm.GGML_TYPES[t.ggml_type] for t in infos.values()} == {"F32", "Q4_K", "Q5_0", "Q6_K"}
+  model, ref = glm.load(path, max_context=32)[0], Reference(str(path))
+  tok, logits = model.prefill(PROMPT)
+  want = ref.forward(PROMPT, 0)
+  assert rel_err(logits.numpy()[0], want) <= 2.5 * 2.0 ** -11 and tok == int(want.argmax())
+
 def test_full_writer_header(tmp_path):
   # the full preset's dimensions with 2 blocks (one dense, one MoE): the header parses into the real config
   out = subprocess.run([sys.executable, str(ROOT / "examples" / "glm" / "synth.py"), "full", str(tmp_path / "f.gguf"), "--blocks", "2"],

@@ -182,9 +182,9 @@ def test_moe_scale_is_applied_once_per_block():
   # (contiguous) and as a kernel that assigns into an existing buffer (the select's 0 is then a weak float)
   raw = Tensor.empty(8 * 256 * 2048 // 32 * 18, dtype=dtypes.uint8)
   x, sel = Tensor.empty(1, 1, 1, 2048, dtype=dtypes.float16), Tensor.empty(1, 1, 4, dtype=dtypes.int32)
-  out = Tensor.empty(1, 1, 4, 1, 256, dtype=dtypes.float16)
+  out = Tensor.empty(1, 1, 4, 1, 256, dtype=dtypes.float32)
   w = ggml_data_to_tensor(raw, 8 * 256 * 2048, 2).reshape(8, 256, 2048)
-  y = lambda: x.unsqueeze(-2) @ w[sel].cast(dtypes.float16).transpose(-1, -2)
+  y = lambda: x.float().unsqueeze(-2) @ w[sel].transpose(-1, -2)  # the GLM model's experts() (mixed numerics)
   for make in (lambda: y().contiguous(), lambda: out.assign(y())):
     ast = kernel_asts(make)[-1]
     on = [u for u, _ in scale_users(ast, cuda_renderer())]

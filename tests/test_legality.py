@@ -103,6 +103,27 @@ def test_a_schedule_shares_values_while_an_unrealized_tensor_computes_them_too()
   assert seen == [True, True, False, False]
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_half_products_keep_their_overflow(device):
+  # hoist evaluated a half matmul's products in float32 and dropped the weight's rounding to half, to take a quant
+  # scale out of the sum: values past 65504 (int extremes cast to half) then stayed finite where the program's are inf,
+  # and an attention or a convolution came out with numbers where tinygrad gives NaN. Half products stay half now.
+  big = np.array([14, 6, 0, 1967082864678646399, -8], np.int64)
+  def attention():
+    with Context(DEV=device):
+      q = Tensor.full((1, 4, 3, 4), -0.125, dtype=dtypes.float16)
+      kv = Tensor(np.resize(big, 40)).float().reshape(1, 2, 5, 4).cast(dtypes.float16)
+      return q.scaled_dot_product_attention(kv, kv * 0.5, enable_gqa=True).numpy()
+  def conv():
+    with Context(DEV=device):
+      x = Tensor(np.array([0.5, -1, 2, 1.5, -0.25, 3, -2, 1], np.float16)).reshape(1, 1, 1, 8)
+      w = Tensor(np.array([2**31 - 1, -3], np.int32)).float().cast(dtypes.float16).reshape(1, 1, 1, 2)
+      return x.conv2d(w, stride=2).numpy()
+  for make in (attention, conv):
+    off, on = both(make, "hoist")
+    np.testing.assert_array_equal(np.isnan(on), np.isnan(off))
+    np.testing.assert_array_equal(on[~np.isnan(off)], off[~np.isnan(off)])
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_recomputing_a_hash_round_by_round_is_refused(device):
   # keccak's rounds are small intermediates; inlined into each other they grew 9.5x in work until codegen's rewrite
   # stack overflowed: fusion applies no phase that multiplies the schedule's work by more than MAX_WORK_GROWTH

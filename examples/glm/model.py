@@ -186,8 +186,8 @@ def load_weights(path:str|os.PathLike, infos:dict[str, TensorInfo], device:str|N
 @dataclass(frozen=True)
 class Numerics:
   """The dtype of every value in the model, in one place.
-  act:   what a matmul reads: its activation, rounded to act once (where it is produced), times the weight dequantized
-         to act; the product summed in float32 (tinygrad accumulates half sums in float)
+  act:   what a matmul's activation is rounded to, once (where it is produced); the weight is read as it dequantizes
+         (float32) and the products summed in out, unless out is act (then both are act, summed in float32)
   out:   everything else: the residual stream, what each matmul returns, norm outputs, rope, the MoE's expert weights
          and weighted sum. Norm statistics, the router's input, logits and scores, attention's scores and softmax, and
          the output logits are float32 in every policy.
@@ -211,9 +211,12 @@ def rms_norm(x:Tensor, w:Tensor, eps:float, out:DType|None=None) -> Tensor:
   return (xf * (xf.square().mean(-1, keepdim=True) + eps).rsqrt() * w.float()).cast(out or x.dtype)
 
 def linear(x:Tensor, w:Tensor, n:Numerics, out:DType|None=None) -> Tensor:
-  """x @ w.T read in n.act, returned in out (n.out)."""
+  """x @ w.T with x rounded to n.act, returned in out (n.out). Where out is wider than act the products are out's: the
+  weight is read as it dequantizes (float32, exact), x widened from its rounded value, so a quant block's scale is a
+  factor the hoist pass takes out of the block's sum. Where they agree (all fp16) both are rounded to act."""
   out = out or n.out
-  return x.cast(n.act).matmul(w.cast(n.act).transpose(-1, -2), dtype=None if out == n.act else out)
+  if out == n.act: return x.cast(n.act) @ w.cast(n.act).transpose(-1, -2)
+  return x.cast(n.act).cast(out) @ w.cast(out).transpose(-1, -2)
 
 def rope(x:Tensor, cos:Tensor, sin:Tensor) -> Tensor:
   # NORM (GPT-J style) rotation of consecutive pairs, as llama.cpp's LLAMA_ROPE_TYPE_NORM; cos/sin broadcast over x[..., ::2]

@@ -30,7 +30,8 @@ def parse_args(argv):
   src = p.add_mutually_exclusive_group()
   src.add_argument("--model", metavar="PATH.gguf", help="a GLM-4.7-Flash GGUF (llama.cpp arch deepseek2)")
   src.add_argument("--synthetic", choices=sorted(synth.PRESETS), help="a synthetic GLM with random weights (default: tiny)")
-  p.add_argument("--type", default="Q4_0", choices=list(synth.TYPES), help="weight type of --synthetic (default Q4_0)")
+  p.add_argument("--type", default="Q4_0", choices=list(synth.TYPES), help="type of every matmul weight of --synthetic (default Q4_0)")
+  p.add_argument("--mix", choices=synth.MIXES, help="--synthetic with each tensor in the type llama.cpp's quantizer picks for GLM-4.7-Flash")
   p.add_argument("--seed", type=int, default=0, help="seed of --synthetic")
   p.add_argument("--prompt", default="The quick brown fox", help="prompt text")
   p.add_argument("--count", type=int, default=16, help="tokens to generate (default 16)")
@@ -56,7 +57,8 @@ def parse_args(argv):
   if a.count < 1: p.error("--count must be >= 1")
   if a.benchmark is not None and a.benchmark < 1: p.error("--benchmark must be >= 1")
   if a.max_context is not None and a.max_context < 2: p.error("--max-context must be >= 2")
-  if a.model is not None and (a.type != "Q4_0" or a.seed != 0): p.error("--type and --seed apply to --synthetic, not --model")
+  if a.model is not None and (a.type != "Q4_0" or a.seed != 0 or a.mix): p.error("--type, --mix and --seed apply to --synthetic, not --model")
+  if a.mix and a.type != "Q4_0": p.error("--type and --mix exclude each other (--mix gives each tensor its type)")
   for v in a.variant:
     key, _, val = v.partition("=")
     if key not in tinygrad_ext.settings() or not val: p.error(f"--variant {v}: need SETTING=VALUE, SETTING one of {', '.join(tinygrad_ext.settings())}")
@@ -76,22 +78,24 @@ def parse_args(argv):
 def synthetic_path(a) -> pathlib.Path:
   """The cached synthetic GGUF for (preset, type, seed), written on first use (atomically: a crash leaves no file)."""
   preset = a.synthetic or "tiny"
-  path = pathlib.Path(a.cache_dir) / f"glm-{preset}-{a.type}-seed{a.seed}-v{SYNTH_VERSION}.gguf"
+  kind = f"mix-{a.mix}" if a.mix else a.type
+  path = pathlib.Path(a.cache_dir) / f"glm-{preset}-{kind}-seed{a.seed}-v{SYNTH_VERSION}.gguf"
   if not path.exists():
     st = time.perf_counter()
     try:
       # refused (SynthError) or failing (OSError) before it says "writing", where it can: one line then (write checks too)
-      synth.check_free_space(path, synth.file_size(synth.PRESETS[preset], synth.TYPES[a.type]))
+      synth.check_free_space(path, synth.file_size(synth.PRESETS[preset], a.mix or synth.TYPES[a.type]))
       path.parent.mkdir(parents=True, exist_ok=True)
-      print(f"writing synthetic GLM ({preset}, {a.type}, seed {a.seed}) to {path}", file=sys.stderr)
-      synth.write(path, preset, a.type, a.seed, progress=preset != "tiny")
+      print(f"writing synthetic GLM ({preset}, {kind}, seed {a.seed}) to {path}", file=sys.stderr)
+      synth.write(path, preset, a.type, a.seed, progress=preset != "tiny", mix=a.mix)
     except OSError as e: raise UsageError(f"--cache-dir {a.cache_dir}: cannot write {path.name}: {e.strerror or e}; nothing written") from None
     print(f"  wrote {path.stat().st_size/1e6:,.0f} MB in {time.perf_counter()-st:.1f} s", file=sys.stderr)
   return path
 
 def synthetic_note(a) -> str:
   """The line a synthetic run prints before it generates: what its text is, and where speed is measured."""
-  cmd = "python examples/glm/run.py" + (f" --synthetic {a.synthetic}" if a.synthetic else "") + (f" --type {a.type}" if a.type != "Q4_0" else "")
+  cmd = "python examples/glm/run.py" + (f" --synthetic {a.synthetic}" if a.synthetic else "") + (f" --type {a.type}" if a.type != "Q4_0" else "") + \
+        (f" --mix {a.mix}" if a.mix else "")
   return (f"note: a synthetic GLM has random weights, so the generated text is meaningless by design; for speed see README.md's "
           f"Results section, or time N decode steps here with `{cmd} --benchmark N`")
 

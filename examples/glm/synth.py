@@ -2,10 +2,13 @@
 
   python examples/glm/synth.py tiny /tmp/glm-tiny.gguf --type Q4_0 --seed 0
   python examples/glm/synth.py full /tmp/glm-full.gguf           # real dimensions, ~16.9 GB with Q4_0
+  python examples/glm/synth.py full /tmp/glm-q4km.gguf --mix Q4_K_M   # the types llama.cpp's quantizer picks per tensor
 
-Tensors follow llama.cpp's converter: matmul weights in the chosen type, norms, router and selection bias in F32,
-attn_k_b/attn_v_b as llama.cpp splits attn_kv_b for MLA. Rows whose length a type's block does not divide fall back
-to Q8_0 (llama.cpp falls back too: GLM's attn_k_b rows are 192 long, not a multiple of 256 for the K-quants).
+Tensors follow llama.cpp's converter: matmul weights in the chosen type (--type, every matmul weight) or in the type
+llama.cpp's quantizer picks for each tensor of GLM-4.7-Flash (--mix: third_party/llama.cpp/quant-mixes), norms, router
+and selection bias in F32, attn_k_b/attn_v_b as llama.cpp splits attn_kv_b for MLA. Rows whose length a type's block
+does not divide fall back to Q8_0 (llama.cpp falls back too: GLM's attn_k_b rows are 192 long, not a multiple of 256
+for the K-quants; its mixes give them Q5_0).
 Weights have std 1/sqrt(fan_in), so activations stay O(1). Large tensors are drawn row by row from a pool of
 pre-quantized random blocks (quantizing 16 GB would take minutes): each row starts at its own random block of the pool
 and has its own scale (its blocks' scales times a log-normal factor), so no two rows or experts are alike. Tensors are
@@ -17,7 +20,7 @@ Well-conditioned, as a trained model is, so that the float64 check measures roun
   a row along that direction, so those experts' logits stand several units above the others' at every depth (their own
   random parts and the selection bias order them among themselves). A router whose top-k is decided by less than
   rounding moves it (random rows: the 4th and 5th of 64 Gaussian logits) would flip an expert, and the block's output
-  jumps. Embeddings of a type gguf cannot quantize (the K-quants) have no topics: their routers are random.
+  jumps. Embeddings of a type without a quantizer here (Q5_K, Q6_K) have no topics: their routers are random.
 - the output head has std HEAD_STD / sqrt(dim): logits spread over several units, the greedy token decided by far more
   than rounding.
 
@@ -26,14 +29,16 @@ Nothing half-written is left: write() refuses to start where the file system lac
 command line such an end is one line on stderr: exit status 2 for a refusal, 128 + the signal's number for a signal.
 """
 from __future__ import annotations
-import argparse, contextlib, math, os, pathlib, shutil, signal, sys, tempfile, threading, time
+import argparse, collections, contextlib, functools, json, math, os, pathlib, shutil, signal, sys, tempfile, threading, time
 from dataclasses import dataclass, asdict
 import numpy as np
 import gguf
 from tqdm import tqdm
 
 QT = gguf.GGMLQuantizationType
-TYPES = {t.name: t for t in (QT.Q4_0, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.F16, QT.BF16, QT.F32)}
+TYPES = {t.name: t for t in (QT.Q4_0, QT.Q5_0, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.F16, QT.BF16, QT.F32)}
+MIX_DIR = pathlib.Path(__file__).resolve().parents[2] / "third_party" / "llama.cpp" / "quant-mixes"
+MIXES = ("Q4_0", "Q4_K_M")  # MIX_DIR/types-{name}.json: tensor name -> ggml type name
 ARCH = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.DEEPSEEK2]  # "deepseek2"
 
 @dataclass(frozen=True)
@@ -82,9 +87,25 @@ def tensor_table(d:Dims) -> list[tuple[str, tuple[int, ...], bool]]:
   out += [(N[T.OUTPUT_NORM] + ".weight", (d.dim,), False), (N[T.OUTPUT] + ".weight", (d.vocab, d.dim), True)]
   return out
 
-def storage_type(qtype:QT, shape:tuple[int, ...], matmul:bool) -> QT:
+@functools.cache
+def mix_types(mix:str) -> dict[str, QT]:
+  """Tensor name -> type llama.cpp's quantizer picks for GLM-4.7-Flash (47 blocks) in this mix."""
+  return {name: QT[t.upper()] for name, t in json.loads((MIX_DIR / f"types-{mix}.json").read_text()).items()}
+
+def mix_type(mix:str, name:str) -> QT:
+  """The mix's type for a tensor; for a block the full model lacks (a preset of other depth), the type it gives that
+  tensor in most blocks."""
+  types = mix_types(mix)
+  if name in types: return types[name]
+  kind = name.split(".", 2)[-1]
+  return collections.Counter(t for n, t in types.items() if n.startswith("blk.") and n.split(".", 2)[-1] == kind).most_common(1)[0][0]
+
+def storage_type(qtype:QT|str, shape:tuple[int, ...], matmul:bool, name:str="") -> QT:
+  """A matmul weight's type: qtype, or a mix's type for this tensor (qtype a name of MIXES); Q8_0 where the type's block
+  does not divide the rows. Everything else is F32."""
   if not matmul: return QT.F32
-  return qtype if shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0] == 0 else QT.Q8_0
+  t = mix_type(qtype, name) if isinstance(qtype, str) else qtype
+  return t if shape[-1] % gguf.GGML_QUANT_SIZES[t][0] == 0 else QT.Q8_0
 
 def nbytes(qtype:QT, shape:tuple[int, ...]) -> int:
   block, size = gguf.GGML_QUANT_SIZES[qtype]
@@ -115,8 +136,30 @@ def _random_kquant(qtype:QT, n_blocks:int, std:float, rng:np.random.Generator) -
   set_scales(std / measured)
   return blocks
 
+def quantize_q4_k(x:np.ndarray) -> np.ndarray:
+  """float32 values (a multiple of 256) as Q4_K blocks (144 bytes; gguf has no K-quant quantizer): each 32-value
+  sub-block's range mapped onto 16 levels, value = d*sc*q - dmin*m with 6-bit sc, m and fp16 d, dmin per block."""
+  x = x.reshape(-1, 8, 32).astype(np.float32)
+  lo, hi = np.minimum(x.min(-1), 0), np.maximum(x.max(-1), 0)
+  scale, mins = (hi - lo) / 15, -lo                                            # x ~ scale*q - mins, q in 0..15
+  d, dmin = (scale.max(-1) / 63).astype(np.float16), (mins.max(-1) / 63).astype(np.float16)
+  sc = np.clip(np.rint(scale / np.maximum(d.astype(np.float32), 1e-30)[:, None]), 1, 63).astype(np.uint8)
+  m = np.clip(np.rint(mins / np.maximum(dmin.astype(np.float32), 1e-30)[:, None]), 0, 63).astype(np.uint8)
+  step, offset = d.astype(np.float32)[:, None] * sc, dmin.astype(np.float32)[:, None] * m
+  q = np.clip(np.rint((x + offset[..., None]) / step[..., None]), 0, 15).astype(np.uint8).reshape(-1, 4, 2, 32)
+  out = np.zeros((len(x), 144), np.uint8)
+  out[:, 0:2], out[:, 2:4] = d.view(np.uint8).reshape(-1, 2), dmin.view(np.uint8).reshape(-1, 2)
+  # ggml's packing: 6-bit scales and mins of sub-blocks 0-3 in bytes 4-11, 4-7's low nibbles in 12-15, high bits on top
+  out[:, 4:8], out[:, 8:12] = sc[:, :4] | ((sc[:, 4:] >> 4) << 6), m[:, :4] | ((m[:, 4:] >> 4) << 6)
+  out[:, 12:16] = (sc[:, 4:] & 15) | ((m[:, 4:] & 15) << 4)
+  out[:, 16:] = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128)            # per 64 values: the first 32 in low nibbles
+  return out
+
+QUANTIZABLE = {QT.Q4_0, QT.Q5_0, QT.Q8_0, QT.Q4_K, QT.F16, QT.BF16, QT.F32}
+
 def quantized(qtype:QT, x:np.ndarray) -> np.ndarray:
-  """float32 values (n_elems,) in qtype as raw bytes (n_blocks, block bytes), for the types gguf can quantize."""
+  """float32 values (n_elems,) in qtype as raw bytes (n_blocks, block bytes), for the QUANTIZABLE types."""
+  if qtype == QT.Q4_K: return quantize_q4_k(x)
   block = gguf.GGML_QUANT_SIZES[qtype][0]
   row = block * 128 if x.size % (block * 128) == 0 else block  # gguf.quants quantizes row by row: long rows are fast
   return gguf.quants.quantize(x.reshape(-1, row), qtype).view(np.uint8).reshape(x.size // block, -1)
@@ -268,11 +311,11 @@ class _SignalGuard:
 
 def _size(n:int) -> str: return f"{n/1e9:,.1f} GB" if n >= 1e9 else f"{n/1e6:,.1f} MB"
 
-def file_size(d:Dims, qtype:QT) -> int:
+def file_size(d:Dims, qtype:QT|str) -> int:
   """The GGUF's size in bytes, near enough: the tensors (each aligned to 32 bytes) and the header (the tokenizer's
   strings are most of it: ~30 bytes a token)."""
   table = tensor_table(d)
-  return sum(-(-nbytes(storage_type(qtype, shape, mm), shape) // 32) * 32 for _, shape, mm in table) + (64 << 10) + 32 * d.vocab
+  return sum(-(-nbytes(storage_type(qtype, shape, mm, name), shape) // 32) * 32 for name, shape, mm in table) + (64 << 10) + 32 * d.vocab
 
 def check_free_space(path:pathlib.Path, need:int) -> None:
   """SynthError unless path's file system has need bytes free and a margin (64 MB and 1%: the header's estimate, and
@@ -331,28 +374,31 @@ def replacing(path:pathlib.Path):
         if tmp is not None:
           with contextlib.suppress(FileNotFoundError): os.unlink(tmp)
 
-def write(path:str|os.PathLike, preset:str|Dims="tiny", qtype:str|QT="Q4_0", seed:int=0, progress:bool=False) -> pathlib.Path:
-  """Writes the synthetic GGUF to path (atomically: a temp file in the same folder, renamed when complete). SynthError,
+def write(path:str|os.PathLike, preset:str|Dims="tiny", qtype:str|QT="Q4_0", seed:int=0, progress:bool=False, mix:str|None=None) -> pathlib.Path:
+  """Writes the synthetic GGUF to path (atomically: a temp file in the same folder, renamed when complete), its matmul
+  weights in qtype, or with a mix (a name of MIXES) in the mix's type for each tensor. SynthError,
   before anything is written, where path's file system has too little free space; a write that fails or is ended by
   SIGINT, SIGTERM or SIGHUP (raised as KeyboardInterrupt or Terminated) removes its temp file."""
   d = PRESETS[preset] if isinstance(preset, str) else preset
   qtype, path = TYPES[qtype] if isinstance(qtype, str) else qtype, pathlib.Path(path)
+  if mix is not None and mix not in MIXES: raise SynthError(f"unknown mix {mix!r} (one of {', '.join(MIXES)})")
+  types_of = mix or qtype
   rng, table = np.random.default_rng(seed), tensor_table(d)
-  check_free_space(path, file_size(d, qtype))
+  check_free_space(path, file_size(d, types_of))
   # testing: seconds to wait after each tensor, so a test's signal arrives mid-write however fast the disk is
   delay = float(os.environ.get("GLM_SYNTH_TEST_DELAY") or 0)
   path.parent.mkdir(parents=True, exist_ok=True)
   with replacing(path) as tmp:
     w = gguf.GGUFWriter(tmp, ARCH)
     try:
-      add_metadata(w, d, f"synthetic-glm-{preset if isinstance(preset, str) else 'custom'}")
+      add_metadata(w, d, f"synthetic-glm-{preset if isinstance(preset, str) else 'custom'}" + (f"-{mix}" if mix else ""))
       add_tokenizer(w, d.vocab)
-      types = [storage_type(qtype, shape, mm) for _, shape, mm in table]
+      types = [storage_type(types_of, shape, mm, name) for name, shape, mm in table]
       for (name, shape, _), t in zip(table, types): w.add_tensor_info(name, shape, np.dtype(np.float32), nbytes(t, shape), raw_dtype=t)
       w.write_header_to_file(); w.write_kv_data_to_file(); w.write_ti_data_to_file()
       pools, total = Pools(rng), sum(nbytes(t, shape) for (_, shape, _), t in zip(table, types))
       embd_type = types[[name for name, _, _ in table].index("token_embd.weight")]
-      dirs = topics(d, rng) if embd_type not in _KQ_SCALES else None
+      dirs = topics(d, rng) if embd_type in QUANTIZABLE else None
       with tqdm(total=total, desc=f"writing {path.name}", unit="B", unit_scale=True, disable=not progress) as bar:
         for (name, shape, mm), t in zip(table, types):
           data = tensor_data(name, shape, mm, t, pools, rng, d, dirs)
@@ -366,13 +412,15 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("preset", choices=sorted(PRESETS))
   p.add_argument("out", help="output .gguf path")
-  p.add_argument("--type", default="Q4_0", choices=list(TYPES), help="type of the matmul weights (default Q4_0)")
+  types = p.add_mutually_exclusive_group()
+  types.add_argument("--type", default="Q4_0", choices=list(TYPES), help="type of every matmul weight (default Q4_0)")
+  types.add_argument("--mix", choices=MIXES, help="each tensor in the type llama.cpp's quantizer picks for GLM-4.7-Flash (third_party/llama.cpp/quant-mixes)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--blocks", type=int, help=argparse.SUPPRESS)  # testing: fewer blocks at the preset's dimensions
   a = p.parse_args(argv)
   dims = PRESETS[a.preset]
   if a.blocks is not None: dims = Dims(**{**asdict(dims), "n_blocks": a.blocks, "n_dense": min(dims.n_dense, a.blocks)})
-  try: out = write(a.out, dims if a.blocks is not None else a.preset, a.type, a.seed, progress=sys.stderr.isatty())
+  try: out = write(a.out, dims if a.blocks is not None else a.preset, a.type, a.seed, progress=sys.stderr.isatty(), mix=a.mix)
   except SynthError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -8,11 +8,11 @@ scale is applied once per block. Loads need no moving: tinygrad's linearizer alr
 reads (a Q4_0 scale is read once per block); what stayed in the inner range was the ALU of the factor. A factor that
 reads a buffer the kernel also stores to is never moved (the store could change it between iterations).
 
-A half-precision matmul hides the factor behind casts: float(x_h * half(q * d)) rounds every product to half. Where a
-factor can be hoisted, those half products of the float32 sum are evaluated in float32 (float(a_h * b_h) ->
-float(a_h) * float(b_h), float(half(y)) -> y): one rounding to half fewer per element, so the result moves closer to
-the exact sum (tested against float64), as C allows evaluating half expressions at a higher precision
-(FLT_EVAL_METHOD). Sums whose value has no hoistable factor keep their casts exactly.
+A half-precision matmul hides the factor behind casts, float(x_h * half(q * d)), and keeps it: evaluating those half
+products in float32 (and dropping the weight's rounding to half) would change what overflows (a product or a
+conversion past 65504 is inf in half, finite in float32), so the pass would compute something else than the program
+where values are large (the fuzzer's int64 extremes cast to half). A model that wants the scale hoisted multiplies in
+float32: float(x_h) * (q * d), as GLM's mixed numerics policy does.
 
 A gate leaves the sum the same way. A MoE matvec's weight is addressed through an expert id checked against the expert
 count, and that check selects every dequantized element against 0 and every weight word it loads (packed_loads): 44
@@ -35,17 +35,6 @@ from tinygrad_ext.passes.shared import clamped_root, reads_inside, stored_buffer
 
 # ranges a single thread iterates (a loop) or holds unrolled; lanes and warps (GROUP_REDUCE) are other threads' work
 INNER_AXES = (AxisType.REDUCE, AxisType.UNROLL)
-NARROW_FLOATS = (dtypes.half, dtypes.bfloat16)
-
-pm_widen = PatternMatcher([
-  (UPat(Ops.CAST, dtypes.float32, src=(UPat(Ops.MUL, NARROW_FLOATS, src=(UPat.var("a"), UPat.var("b"))),)),
-   lambda a, b: a.cast(dtypes.float32) * b.cast(dtypes.float32)),
-  (UPat(Ops.CAST, dtypes.float32, src=(UPat(Ops.CAST, NARROW_FLOATS, src=(UPat.var("y", dtypes.float32),)),)), lambda y: y),
-  # a gated weight (MoE: the expert id is checked against the expert count): the cast moves inside the select
-  (UPat(Ops.CAST, dtypes.float32, src=(UPat(Ops.WHERE, src=(UPat.var("c"), UPat.var("t"), UPat.var("f"))),)),
-   lambda c, t, f: c.where(t.cast(dtypes.float32), f.cast(dtypes.float32))),
-  (UPat(Ops.CAST, dtypes.float32, src=(UPat(Ops.CONST, name="k"),)), lambda k: UOp.const(k.arg, dtypes.float32)),
-])
 
 def factors(v:UOp) -> list[UOp]:
   """v as a product of factors. A select of a product against 0 is the product of the selected factors (both are 0
@@ -78,9 +67,7 @@ def hoist_factors(ctx:set[UOp], r:UOp) -> UOp|None:
   rngs = [x for x in r.src[1:] if x.op is Ops.RANGE]
   if len(rngs) != len(r.src) - 1: return None
   candidates = {x for x in rngs if x.arg[-1] in INNER_AXES}
-  # the value as it is, else with its half products widened (only when that exposes a factor)
-  if (split:=split_invariant(factors(r.src[0]), candidates, ctx)) is None and \
-     (split:=split_invariant(factors(graph_rewrite(r.src[0], pm_widen, name="hoist: widen half products")), candidates, ctx)) is None: return None
+  if (split:=split_invariant(factors(r.src[0]), candidates, ctx)) is None: return None
   inv, rest, inner = split
   # rest is never empty: some factor reads the inner ranges (that is how they were chosen)
   inner_sum = functools.reduce(UOp.__mul__, rest).reduce(*[x for x in rngs if x in inner], arg=(Ops.ADD, 0))
