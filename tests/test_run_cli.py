@@ -177,17 +177,20 @@ def test_signal_while_creating_or_removing_temp_file_waits():
 
 # ***** Ctrl-C or SIGTERM while run.py loads, compiles or generates: one line, no traceback *****
 
+INFO = ("model:", "prompt:", "note:")  # what run.py says on stderr before it generates (stdout is the generated text)
+
 class _Follow:
-  """A run's stdout lines as they come."""
+  """A run's stderr lines as they come."""
   def __init__(self, p:subprocess.Popen):
     self.p, self.lines = p, []
-    self.thread = threading.Thread(target=lambda: self.lines.extend(iter(p.stdout.readline, "")), daemon=True)
+    self.thread = threading.Thread(target=lambda: self.lines.extend(iter(p.stderr.readline, "")), daemon=True)
     self.thread.start()
   def has(self, prefix:str) -> bool: return any(l.startswith(prefix) for l in self.lines)
   def finish(self, timeout:float=120) -> str:
-    err = self.p.stderr.read()
+    """stderr past the info lines."""
+    self.p.stdout.read()
     self.p.wait(timeout=timeout); self.thread.join(timeout)
-    return err
+    return "".join(l for l in self.lines if not l.startswith(INFO))
 
 def test_run_interrupted_while_generating(tmp_path):
   # two runs at once: the default synthetic demo gets Ctrl-C, the same model given by --model gets SIGTERM, each once it
@@ -206,6 +209,6 @@ def test_run_interrupted_while_generating(tmp_path):
     # (the demo wrote its model first, and said so in two lines)
     assert _one_line("\n".join(l for l in err.splitlines() if not l.startswith(("writing synthetic GLM", "  wrote ")))) == line
   # the demo says its text is meaningless before it generates; a model of one's own does not
-  assert [l.split(":")[0] for l in demo.lines] == ["model", "prompt", "note"]
-  assert [l.split(":")[0] for l in given.lines] == ["model", "prompt"]
+  assert [l.split(":")[0] for l in demo.lines if l.startswith(INFO)] == ["model", "prompt", "note"]
+  assert [l.split(":")[0] for l in given.lines if l.startswith(INFO)] == ["model", "prompt"]
   assert [p.name for p in tmp_path.iterdir()] == [model.name]  # the cached model complete, no temp file

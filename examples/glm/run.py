@@ -6,19 +6,24 @@
   python examples/glm/run.py --synthetic full --benchmark 20 --passes compare
   python examples/glm/run.py --profile                         # per-kernel table of one decode token
 
-The prompt goes through the same jitted one-token decode step as the generated tokens (one compile, not two).
-Speed is measured after the JIT has captured: each step is one TinyJit replay plus reading back the chosen token.
+The prompt is written into the GGUF's chat template (`tokenizer.chat_template`) unless --raw, tokenized with its own
+tokenizer (examples/glm/tokenizer.py), and goes through the same jitted one-token decode step as the generated tokens
+(one compile, not two). The generated text streams to stdout as it is decoded; generation ends at an end-of-generation
+token (eos, and the template's end of turn: <|user|>, <|observation|>) or after --count tokens. Everything else (the
+model, timings, tables) goes to stderr. Speed is measured after the JIT has captured: each step is one TinyJit replay
+plus reading back the chosen token.
 """
 import tinygrad_ext  # registers the passes (first, before anything compiles)
-import argparse, contextlib, json, os, pathlib, re, sys, time
+import argparse, contextlib, json, os, pathlib, sys, time
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # the repo root: examples.glm is a package
 from tinygrad import Device, Tensor, dtypes  # noqa: E402
 from tinygrad.uop.ops import Ops  # noqa: E402
 from examples.glm import model as glm, synth, stats, roofline  # noqa: E402
+from examples.glm.tokenizer import Tokenizer, TokenizerError, StreamDecoder  # noqa: E402
 
-SYNTH_VERSION = 3  # bump when synth.py's output changes, so cached files are rewritten
+SYNTH_VERSION = 4  # bump when synth.py's output changes, so cached files are rewritten
 
 class UsageError(Exception): pass
 
@@ -33,7 +38,9 @@ def parse_args(argv):
   p.add_argument("--type", default="Q4_0", choices=list(synth.TYPES), help="type of every matmul weight of --synthetic (default Q4_0)")
   p.add_argument("--mix", choices=synth.MIXES, help="--synthetic with each tensor in the type llama.cpp's quantizer picks for GLM-4.7-Flash")
   p.add_argument("--seed", type=int, default=0, help="seed of --synthetic")
-  p.add_argument("--prompt", default="The quick brown fox", help="prompt text")
+  p.add_argument("--prompt", default="The quick brown fox", help="prompt text (a user turn in the chat template, unless --raw)")
+  p.add_argument("--raw", action="store_true", help="tokenize --prompt as it is (control tokens written in it are parsed), no chat template")
+  p.add_argument("--verbose", action="store_true", help="print the prompt's token ids and text to stderr")
   p.add_argument("--count", type=int, default=16, help="tokens to generate (default 16)")
   p.add_argument("--benchmark", type=int, metavar="N", help="time N decode steps after the JIT warmup")
   p.add_argument("--passes", choices=("on", "off", "compare"), default="on", help="tinygrad_ext passes (compare: off, then on)")
@@ -105,36 +112,6 @@ def write_file(path:str|os.PathLike, text:str) -> None:
 
 # ***** tokenizer *****
 
-class Tokenizer:
-  """Byte-level BPE vocab of a GGUF (tokenizer.ggml.model "gpt2"): words are merged greedily by token id, lower id first
-  (ids follow merge order in these vocabs; no merges table needed). Without a tokenizer, text is UTF-8 bytes as ids."""
-  def __init__(self, kv:dict, vocab:int):
-    self.vocab, toks = vocab, kv.get("tokenizer.ggml.tokens")
-    self.id_bytes: list[bytes] | None = None
-    if toks and kv.get("tokenizer.ggml.model") == "gpt2":
-      byte_of = {c: b for b, c in enumerate(synth._gpt2_byte_chars())}
-      types = kv.get("tokenizer.ggml.token_type", [1] * len(toks))
-      normal = [types[i] == 1 and all(c in byte_of for c in t) for i, t in enumerate(toks)]
-      self.id_bytes = [bytes(byte_of[c] for c in t) if n else t.encode() for t, n in zip(toks, normal)]
-      self.ids = {b: i for i, (b, n) in enumerate(zip(self.id_bytes, normal)) if n}
-    self.words = re.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\w+| ?[^\s\w]+|\s+""")
-
-  def encode(self, text:str) -> list[int]:
-    if self.id_bytes is None: return [b % self.vocab for b in text.encode()]
-    out = []
-    for word in self.words.findall(text):
-      parts = [bytes([b]) for b in word.encode()]
-      while len(parts) > 1:
-        rank, j = min((self.ids.get(parts[j] + parts[j+1], 1 << 62), j) for j in range(len(parts) - 1))
-        if rank == 1 << 62: break
-        parts[j:j+2] = [parts[j] + parts[j+1]]
-      out += [self.ids[p] for p in parts if p in self.ids]
-    return out
-
-  def decode(self, ids:list[int]) -> str:
-    if self.id_bytes is None: return bytes(i for i in ids if i < 256).decode(errors="replace")
-    return b"".join(self.id_bytes[i] if i < len(self.id_bytes) else b"" for i in ids).decode(errors="replace")
-
 # ***** running *****
 
 def kernel_roles(m:glm.GLM) -> dict:
@@ -177,6 +154,12 @@ def mode_passes(mode:str):
     return tinygrad_ext.with_setting(*mode.removeprefix("with ").split("=", 1))
   return contextlib.nullcontext()
 
+def log(*args): print(*args, file=sys.stderr, flush=True)
+
+def prompt_ids(tok:Tokenizer, a) -> list[int]:
+  if a.raw or not tok.chat_template: return tok.encode(a.prompt, parse_special=True, add_bos=tok.add_bos)
+  return tok.encode(tok.render_chat([{"role": "user", "content": a.prompt}]), parse_special=True)
+
 def run_mode(m:glm.GLM, tok:Tokenizer, prompt:list[int], a, mode:str) -> dict:
   """Generates with a fresh decode JIT (compiled with the passes on or off); returns the measurements."""
   res: dict = {"passes": mode}
@@ -189,18 +172,23 @@ def run_mode(m:glm.GLM, tok:Tokenizer, prompt:list[int], a, mode:str) -> dict:
       steps.append(time.perf_counter() - s0)
       return t, logits
     for pos, t in enumerate(prompt[:-1]): step(t, pos)  # the prompt, one token per step
-    t, pos, out = prompt[-1], len(prompt) - 1, []
+    t, pos, out, stream = prompt[-1], len(prompt) - 1, [], StreamDecoder(tok)
     for i in range(a.count):
       t, logits = step(t, pos); pos += 1
       out.append(t)
       # the logits that chose the first generated token: a compare checks the two modes' numerics on them
       if i == 0: res["first_logits"] = logits.numpy()[0].astype(np.float64)
+      if t in tok.eog: break
+      print(stream.push(t), end="", flush=True)
+    print(stream.flush(), flush=True)
     # the first two calls of a TinyJit run the step (compiling its kernels) and capture it; the rest replay
     res["tokens"], res["text"], res["warmup_s"] = out, tok.decode(out), sum(steps[:2])
+    res["stopped_at_eog"] = out[-1] in tok.eog
     res["kernels_per_token"] = len(stats.kernel_calls(jit)) if jit.captured is not None else None
     if len(steps) > 2: res["generate_ms_per_token"] = 1e3 * sum(steps[2:]) / len(steps[2:])
     if a.benchmark:
       while jit.captured is None: t, _ = step(t, pos); pos += 1
+      # a benchmark times --benchmark steps whatever tokens come (an end of generation does not stop it)
       sync(); s0 = time.perf_counter()
       for _ in range(a.benchmark): t, _ = m.decode(jit, t, pos); pos += 1
       sync(); dt = (time.perf_counter() - s0) / a.benchmark
@@ -232,18 +220,18 @@ def ms_per_token(res:dict) -> float|None: return res.get("benchmark", {}).get("m
 
 def report(res:dict):
   tag, ms = f"passes {res['passes']}", ms_per_token(res)
-  print(f"[{tag}] tokens: {res['tokens']}\n[{tag}] text: {res['text']!r}")
+  log(f"[{tag}] tokens: {res['tokens']}\n[{tag}] text: {res['text']!r}" + (" (ended at an end-of-generation token)" if res["stopped_at_eog"] else ""))
   what = f"benchmark {res['benchmark']['steps']} steps" if "benchmark" in res else "generation"
-  if ms is not None: print(f"[{tag}] {1e3/ms:.2f} tok/s, {ms:.2f} ms/token, {res['kernels_per_token']} kernels/token ({what}, after JIT warmup)")
-  else: print(f"[{tag}] {res['kernels_per_token']} kernels/token (too few steps to time after JIT warmup: use --count >= 3)")
+  if ms is not None: log(f"[{tag}] {1e3/ms:.2f} tok/s, {ms:.2f} ms/token, {res['kernels_per_token']} kernels/token ({what}, after JIT warmup)")
+  else: log(f"[{tag}] {res['kernels_per_token']} kernels/token (too few steps to time after JIT warmup: use --count >= 3)")
   if "prefill" in res:
     pf = res["prefill"]
-    print(f"[{tag}] prefill {pf['tokens']} tokens: {pf['tok_per_s']:.1f} tok/s ({pf['s']*1e3:.1f} ms, schedule cached; "
+    log(f"[{tag}] prefill {pf['tokens']} tokens: {pf['tok_per_s']:.1f} tok/s ({pf['s']*1e3:.1f} ms, schedule cached; "
           f"first call {pf['first_s']:.1f} s with compiling, second {pf['second_s']:.1f} s)")
   if "profile" in res:
-    print(stats.format_table(res["profile"]))
+    log(stats.format_table(res["profile"]))
     if ms is not None:  # what the kernels leave of a token: the host's share (the jit call, the token's readback)
-      print(f"[{tag}] kernels of one token {res['profile']['total_us']/1e3:.2f} ms of {ms:.2f} ms/token; the device's own time "
+      log(f"[{tag}] kernels of one token {res['profile']['total_us']/1e3:.2f} ms of {ms:.2f} ms/token; the device's own time "
             f"for one decode step {res['profile']['step_device_ms']:.2f} ms (the rest is the host's)")
 
 def main(argv=None) -> int:
@@ -257,21 +245,25 @@ def main(argv=None) -> int:
     m, kv = glm.load(path, a.max_context, a.dtype, progress=big,
                      stack=not a.separate_projections, shared_in_experts=not a.separate_shared_expert)
     load_s = time.perf_counter() - st
-    tok = Tokenizer(kv, m.cfg.vocab)
-    prompt = tok.encode(a.prompt) or [0]
+    try: tok = Tokenizer.from_kv(kv, str(path))
+    except TokenizerError as e: raise UsageError(str(e)) from None
+    prompt = prompt_ids(tok, a)
+    if not prompt: raise UsageError("--prompt is empty (and the model has no chat template to put it in)")
     if (a.prefill or 0) > m.max_context: raise UsageError(f"--prefill {a.prefill} exceeds --max-context {m.max_context}")
     if len(prompt) + a.count + 2 + (a.benchmark or 0) > m.max_context:  # + 2: steps that may capture the JIT before a benchmark
       raise UsageError(f"prompt ({len(prompt)} tokens) + --count + --benchmark exceed --max-context {m.max_context}")
     c = m.cfg
-    print(f"model: {path.name}  {c.n_blocks} blocks ({c.n_dense} dense), dim {c.dim}, {c.n_experts} experts ({c.n_used} used, {c.n_shared} shared), "
+    log(f"model: {path.name}  {c.n_blocks} blocks ({c.n_dense} dense), dim {c.dim}, {c.n_experts} experts ({c.n_used} used, {c.n_shared} shared), "
           f"vocab {c.vocab}; loaded in {load_s:.1f} s; device {Device.DEFAULT}, activations {a.dtype}, max context {m.max_context}")
-    print(f"prompt: {len(prompt)} tokens {prompt[:16]}{' ...' if len(prompt) > 16 else ''}")
-    if a.model is None: print(synthetic_note(a), flush=True)
+    log(f"prompt: {len(prompt)} tokens {prompt[:16]}{' ...' if len(prompt) > 16 else ''}")
+    if a.verbose: log(f"prompt ids: {prompt}\nprompt text: {tok.decode(prompt)!r}")
+    if a.model is None: log(synthetic_note(a))
     results = {}
     modes = ["off", "on"] if a.passes == "compare" else [a.passes]
     if a.without: modes.insert(modes.index("on") if "on" in modes else len(modes), f"without {a.without}")
     modes += [f"with {v}" for v in a.variant]
     for mode in modes:
+      if len(modes) > 1: log(f"[passes {mode}] generating:")
       results[mode] = run_mode(m, tok, prompt, a, mode)
       report(results[mode])
     out = {"model": str(path), "device": Device.DEFAULT, "dtype": a.dtype, "stacked_projections": not a.separate_projections, "shared_in_experts": not a.separate_shared_expert, "prompt_tokens": len(prompt), "count": a.count,
@@ -281,30 +273,30 @@ def main(argv=None) -> int:
       same = r_off["tokens"] == r_on["tokens"]
       if ms_per_token(r_off) and ms_per_token(r_on):
         out["speedup"] = ms_per_token(r_off) / ms_per_token(r_on)
-        print(f"passes on vs off: {out['speedup']:.2f}x tok/s, kernels/token {r_off['kernels_per_token']} -> {r_on['kernels_per_token']}, "
+        log(f"passes on vs off: {out['speedup']:.2f}x tok/s, kernels/token {r_off['kernels_per_token']} -> {r_on['kernels_per_token']}, "
               f"tokens {'identical' if same else 'DIFFER'}")
       out["tokens_identical"] = same
       out["first_logits"] = logit_agreement(r_off["first_logits"], r_on["first_logits"])
-      print(f"first token's logits, on vs off: max|on-off|/max|off| {out['first_logits']['rel_err']:.2e}; off's top two logits differ by "
+      log(f"first token's logits, on vs off: max|on-off|/max|off| {out['first_logits']['rel_err']:.2e}; off's top two logits differ by "
             f"{out['first_logits']['off_top2_gap']:.2e} of max|off|, {out['first_logits']['off_within_err']} logits lie within that error of off's top")
     if "on" in results:  # an A/B setting computes what passes on compute: a wrong kernel shows here, not only in the time
       for mode in [m for m in results if m.startswith(("with ", "without "))]:
         agree = results[mode]["logits_vs_on"] = logit_agreement(results["on"]["first_logits"], results[mode]["first_logits"])
-        print(f"[passes {mode}] first token's logits vs passes on: max|a-on|/max|on| {agree['rel_err']:.2e}, tokens "
+        log(f"[passes {mode}] first token's logits vs passes on: max|a-on|/max|on| {agree['rel_err']:.2e}, tokens "
               f"{'identical' if results[mode]['tokens'] == results['on']['tokens'] else 'DIFFER'}")
     for r in results.values(): del r["first_logits"]  # the logits themselves stay out of the JSON
     if a.plot:
       from benchmarks.kernels import read_ceiling
       # a buffer well past the 60 MB L2 of an H200 on GPUs; CPUs read from memory whatever its size
       out["ceiling"] = ceiling = read_ceiling(1024 if Device.DEFAULT in ("CUDA", "NV", "AMD", "METAL") else 64, 50, 2.0, ("colsum256",))
-      print(f"read ceiling {ceiling['gbs']:.0f} GB/s ({ceiling['kernel']} over {ceiling['mb']:.0f} MB)")
+      log(f"read ceiling {ceiling['gbs']:.0f} GB/s ({ceiling['kernel']} over {ceiling['mb']:.0f} MB)")
       roofline.plot({f"passes {k}": r["profile"] for k, r in results.items()}, ceiling, a.plot,
                     f"{path.name} on {Device.DEFAULT}: one decode token")
-      print(f"wrote {a.plot}")
+      log(f"wrote {a.plot}")
     if a.json:
       try: write_file(a.json, json.dumps(out, indent=2, default=str))
       except OSError as e: raise UsageError(f"--json {a.json}: cannot write: {e.strerror or e}") from None
-      print(f"wrote {a.json}")
+      log(f"wrote {a.json}")
     return 0
   except (UsageError, glm.GGUFError, synth.SynthError, tinygrad_ext.SettingError) as e:
     print(f"error: {e}", file=sys.stderr)

@@ -238,21 +238,33 @@ def router(d:Dims, dirs:np.ndarray, rng:np.random.Generator) -> np.ndarray:
 
 # ***** tokenizer *****
 
-def _gpt2_byte_chars() -> list[str]:
-  # GPT-2's byte -> printable unicode map (what tokenizer.ggml.model "gpt2" token strings are written in)
-  bs = [*range(33, 127), *range(161, 173), *range(174, 256)]
-  extra = iter(range(256, 512))
-  return [chr(b) if b in bs else chr(next(extra)) for b in range(256)]
+VOCAB_SOURCE = pathlib.Path(__file__).resolve().parents[2] / "third_party" / "llama.cpp" / "vocab" / "ggml-vocab-llama-bpe.gguf"
+TEMPLATE = pathlib.Path(__file__).resolve().parents[2] / "third_party" / "llama.cpp" / "templates" / "GLM-4.7-Flash.jinja"
+# GLM-4.7-Flash's special tokens (its tokenizer_config.json), control tokens at the end of the vocab as in the real one
+GLM_SPECIALS = ["<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>", "<|assistant|>",
+                "<|observation|>", "<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>", "<|end_of_video|>",
+                "<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>",
+                "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>"]
 
 def add_tokenizer(w:gguf.GGUFWriter, vocab:int):
-  # byte-level: ids 0..255 are the bytes, then special tokens, then unused filler; no merges (text -> bytes)
-  specials = ["<|endoftext|>", "[gMASK]", "<sop>", "<|user|>", "<|assistant|>"]
-  tokens = _gpt2_byte_chars() + specials + [f"<|unused_{i}|>" for i in range(vocab - 256 - len(specials))]
-  assert len(tokens) == vocab, "vocab must hold 256 bytes and the special tokens"
-  w.add_tokenizer_model("gpt2"); w.add_tokenizer_pre("default")
-  w.add_token_list(tokens)
-  w.add_token_types([gguf.TokenType.NORMAL] * 256 + [gguf.TokenType.CONTROL] * (vocab - 256))
-  w.add_eos_token_id(256); w.add_add_bos_token(False)
+  """A real byte-level BPE vocabulary with GLM-4's pre-tokenizer (llama.cpp's llama-bpe test vocab, which GLM-4 shares
+  it with: its first tokens and the merges among them, then unused control tokens up to the size), GLM-4.7-Flash's
+  special tokens and chat template, so the tokenizer's and the chat's real code paths run on a synthetic model."""
+  from examples.glm.model import read_header
+  kv = read_header(VOCAB_SOURCE)[0]
+  n_bpe = min(vocab - len(GLM_SPECIALS), 128000)  # llama-bpe's ordinary tokens: bytes first, then one a merge
+  tokens = kv["tokenizer.ggml.tokens"][:n_bpe]
+  known = set(tokens)
+  merges = [m for m in kv["tokenizer.ggml.merges"] if (a_b := m.split(" ", 1)) and {a_b[0], a_b[1], a_b[0] + a_b[1]} <= known]
+  tokens += [f"<|unused_{i}|>" for i in range(vocab - len(GLM_SPECIALS) - n_bpe)] + GLM_SPECIALS
+  assert len(tokens) == vocab and n_bpe >= 256, "the vocab must hold the 256 byte tokens and GLM's special tokens"
+  w.add_tokenizer_model("gpt2"); w.add_tokenizer_pre("glm4")
+  w.add_token_list(tokens); w.add_token_merges(merges)
+  w.add_token_types([gguf.TokenType.NORMAL] * n_bpe + [gguf.TokenType.CONTROL] * (vocab - n_bpe))
+  special = {t: i for i, t in enumerate(tokens) if i >= vocab - len(GLM_SPECIALS)}
+  w.add_eos_token_id(special["<|endoftext|>"]); w.add_eot_token_id(special["<|user|>"])
+  w.add_bos_token_id(special["[gMASK]"]); w.add_add_bos_token(False)
+  w.add_chat_template(TEMPLATE.read_text())
 
 # ***** writer *****
 
