@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import gguf
 import tinygrad_ext
-from tinygrad import Tensor, dtypes
+from tinygrad import Tensor, TinyJit, dtypes
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -252,3 +252,31 @@ def test_bad_input(tiny, tmp_path):
     lines = err.strip().splitlines()
     assert p.returncode == 2, (case, err)
     assert len(lines) == 1 and lines[0].startswith("error: ") and want in lines[0], (case, err)
+
+def test_sampling_draws_from_the_softmax_within_top_k_and_top_p():
+  rng = np.random.default_rng(0)
+  x = Tensor(rng.standard_normal((1, 1000)).astype(np.float32) * 3)
+  xn = x.numpy()[0].astype(np.float64)
+  p = np.exp(xn - xn.max()); p /= p.sum()
+  assert glm.sample(x, glm.Sampling()).item() == int(xn.argmax())  # temperature 0: exactly the argmax
+  kth = glm.largest_threshold(x[0], lambda m: m.sum(-1) >= 10).item()
+  assert (xn >= kth).sum() == 10
+  need = int(np.searchsorted(np.cumsum(np.sort(p)[::-1]), 0.9)) + 1  # the fewest most likely reaching 0.9
+  tp = glm.largest_threshold(x[0], lambda m: m.where(x[0].softmax(-1), 0).sum(-1) >= 0.9).item()
+  assert (xn >= tp).sum() == need
+  Tensor.manual_seed(1)
+  draw = TinyJit(lambda: glm.sample(x, glm.Sampling(1.0, 5, 0.9)).realize())  # as in the decode step: a replay a draw
+  draws = np.array([draw().item() for _ in range(400)])
+  allowed = set(np.argsort(-xn)[:5].tolist())
+  assert set(draws.tolist()) <= allowed
+  q = p[sorted(allowed)] / p[sorted(allowed)].sum()  # the five's renormalized probabilities, against their frequencies
+  freq = np.array([(draws == i).mean() for i in sorted(allowed)])
+  assert np.abs(freq - q).max() < 0.08, (freq, q)
+
+def test_sampling_in_the_decode_step_repeats_with_its_seed(tiny):
+  def run(seed):
+    cmd = RUN + ["--model", str(tiny), "--count", "6", "--temperature", "0.8", "--top-p", "0.95", "--seed", str(seed), "--prompt", "Hello"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    return [l for l in out.stderr.splitlines() if "tokens:" in l]
+  assert run(1) == run(1) != run(2)

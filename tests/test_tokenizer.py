@@ -88,3 +88,16 @@ def test_generation_ends_at_an_end_of_generation_token(tiny, tmp_path, monkeypat
   monkeypatch.setattr(run.Tokenizer, "from_kv", staticmethod(ending_at))
   second = generate()
   assert second["tokens"] == first["tokens"][:1] and second["stopped_at_eog"]
+
+def test_chat_keeps_the_cache_across_turns(tiny):
+  cmd = [sys.executable, str(ROOT / "examples" / "glm" / "run.py"), "--model", str(tiny), "--chat", "--verbose", "--count", "4"]
+  out = subprocess.run(cmd, input="Hello there\nWhat is 2+2?\n", capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr
+  turns = [l for l in out.stderr.splitlines() if l.startswith("turn ")]
+  tok = Tokenizer.from_gguf(tiny)
+  fed = [eval(l.split("fed ")[1]) for l in turns]
+  assert len(turns) == 2 and "0 cached" in turns[0] and "0 cached" not in turns[1]
+  assert [tok.tokens[i] for i in fed[0][:3]] == ["[gMASK]", "<sop>", "<|user|>"]
+  for ids in fed: assert [tok.tokens[i] for i in ids[-2:]] == ["<|assistant|>", "<think>"]
+  assert "<|user|>What is 2+2?" in tok.decode(fed[1]) and "Hello there" not in tok.decode(fed[1])  # the new turn only
+  assert len(out.stdout.splitlines()) == 2  # a reply a turn

@@ -316,6 +316,42 @@ class Block:
     if trace is not None: trace["hidden"].append(out[0, -1])
     return out
 
+# ***** sampling *****
+
+@dataclass(frozen=True)
+class Sampling:
+  """How the next token is chosen: greedy (temperature 0: exactly the argmax), else from softmax(logits / temperature)
+  restricted to the top_k most likely tokens (0: all) and to the fewest most likely whose probability reaches top_p."""
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+
+PROBES, ROUNDS = 32, 5  # a threshold search: 32 candidates a round, each round 32x narrower (32^5: 3e-8 of the range)
+
+def largest_threshold(x:Tensor, reaches) -> Tensor:
+  """The largest t (within (max - min) * PROBES^-ROUNDS) with reaches(x >= t) true, where reaches is monotone (true
+  at t = min(x)): a few reduces over the vocab instead of a sort (a bitonic sort of 154,880 logits is ~170 kernels)."""
+  lo, width = x.min(), x.max() - x.min()
+  steps = Tensor.arange(1, PROBES + 1, dtype=dtypes.float32) / PROBES
+  for _ in range(ROUNDS):
+    taus = lo + width * steps                                                # (PROBES,)
+    n_ok = reaches(x.unsqueeze(-2) >= taus.unsqueeze(-1)).sum()              # taus are increasing: the first n_ok reach
+    lo, width = lo + width * n_ok.cast(dtypes.float32) / PROBES, width / PROBES
+  return lo
+
+def sample(logits:Tensor, s:Sampling) -> Tensor:
+  """logits (1, vocab) float32 -> the chosen token (1, 1) int32, on the device: top-k and top-p as thresholds on the
+  scaled logits, then the Gumbel-max trick (argmax of logits / temperature plus Gumbel noise is a draw from the softmax)."""
+  if s.temperature <= 0: return logits.argmax(-1, keepdim=True).cast(dtypes.int32)
+  x = (logits / s.temperature)[0]
+  keep = x >= x.min()
+  if s.top_k > 0: keep = keep & (x >= largest_threshold(x, lambda m: m.sum(-1) >= s.top_k))
+  if s.top_p < 1.0:
+    p = x.softmax(-1)
+    keep = keep & (x >= largest_threshold(x, lambda m: (m.where(p, 0)).sum(-1) >= s.top_p))
+  gumbel = -(-Tensor.rand(*x.shape).clip(1e-20, 1.0).log()).log()
+  return keep.where(x + gumbel, float("-inf")).argmax(-1).reshape(1, 1).cast(dtypes.int32)
+
 class GLM:
   def __init__(self, cfg:Config, w:dict[str, Tensor], max_context:int|None=None, numerics:str="mixed"):
     self.cfg, self.numerics, self.n = cfg, numerics, NUMERICS[numerics]
@@ -342,14 +378,15 @@ class GLM:
     x = rms_norm(x[:, -1], self.output_norm, self.cfg.eps)
     return linear(x, self.output, self.n, dtypes.float32)  # float32 logits: fp16 rounding would decide near-ties
 
-  def step(self, tokens:list[int]|UOp, start_pos:int|UOp) -> tuple[Tensor, Tensor]:
-    """One forward: (greedy next token (1, 1) int32, logits (1, vocab) float32)."""
+  def step(self, tokens:list[int]|UOp, start_pos:int|UOp, sampling:Sampling=Sampling()) -> tuple[Tensor, Tensor]:
+    """One forward: (next token (1, 1) int32, greedy unless sampling says otherwise; logits (1, vocab) float32)."""
     logits = self.forward(tokens, start_pos)
-    return logits.argmax(-1, keepdim=True).cast(dtypes.int32), logits
+    return sample(logits, sampling), logits
 
-  def decoder(self) -> TinyJit:
-    """A fresh TinyJit of the one-token decode step: call it with (self.token.bind(id), self.start_pos.bind(pos))."""
-    return TinyJit(self.step)
+  def decoder(self, sampling:Sampling=Sampling()) -> TinyJit:
+    """A fresh TinyJit of the one-token decode step (its sampling inside): call it with (self.token.bind(id),
+    self.start_pos.bind(pos)). A sampling one draws from tinygrad's device RNG (Tensor.manual_seed fixes it)."""
+    return TinyJit(lambda tokens, start_pos: self.step(tokens, start_pos, sampling))
 
   def prefill(self, tokens:list[int]) -> tuple[int, Tensor]:
     """Runs the prompt at positions 0.. (not jitted: its length varies); returns (next token, logits)."""

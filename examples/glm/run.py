@@ -37,11 +37,16 @@ def parse_args(argv):
   src.add_argument("--synthetic", choices=sorted(synth.PRESETS), help="a synthetic GLM with random weights (default: tiny)")
   p.add_argument("--type", default="Q4_0", choices=list(synth.TYPES), help="type of every matmul weight of --synthetic (default Q4_0)")
   p.add_argument("--mix", choices=synth.MIXES, help="--synthetic with each tensor in the type llama.cpp's quantizer picks for GLM-4.7-Flash")
-  p.add_argument("--seed", type=int, default=0, help="seed of --synthetic")
+  p.add_argument("--synth-seed", type=int, default=0, help="seed of --synthetic's random weights")
   p.add_argument("--prompt", default="The quick brown fox", help="prompt text (a user turn in the chat template, unless --raw)")
+  p.add_argument("--chat", action="store_true", help="an interactive chat: each line on stdin is a user turn (the KV cache is kept across turns)")
   p.add_argument("--raw", action="store_true", help="tokenize --prompt as it is (control tokens written in it are parsed), no chat template")
   p.add_argument("--verbose", action="store_true", help="print the prompt's token ids and text to stderr")
-  p.add_argument("--count", type=int, default=16, help="tokens to generate (default 16)")
+  p.add_argument("--count", type=int, default=16, help="tokens to generate at most (default 16)")
+  p.add_argument("--temperature", type=float, default=0.0, help="sample from softmax(logits / T) (default 0: greedy, the argmax)")
+  p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (default 0: all)")
+  p.add_argument("--top-p", type=float, default=1.0, help="sample among the fewest most likely tokens whose probability reaches p (default 1)")
+  p.add_argument("--seed", type=int, default=0, help="seed of the sampling (tinygrad's device RNG): the same seed, the same tokens")
   p.add_argument("--benchmark", type=int, metavar="N", help="time N decode steps after the JIT warmup")
   p.add_argument("--passes", choices=("on", "off", "compare"), default="on", help="tinygrad_ext passes (compare: off, then on)")
   p.add_argument("--without", metavar="PASS[,PASS]", help="also run with every pass on but these (an A/B of single passes)")
@@ -64,7 +69,10 @@ def parse_args(argv):
   if a.count < 1: p.error("--count must be >= 1")
   if a.benchmark is not None and a.benchmark < 1: p.error("--benchmark must be >= 1")
   if a.max_context is not None and a.max_context < 2: p.error("--max-context must be >= 2")
-  if a.model is not None and (a.type != "Q4_0" or a.seed != 0 or a.mix): p.error("--type, --mix and --seed apply to --synthetic, not --model")
+  if a.model is not None and (a.type != "Q4_0" or a.synth_seed != 0 or a.mix): p.error("--type, --mix and --synth-seed apply to --synthetic, not --model")
+  if a.temperature < 0: p.error("--temperature must be >= 0 (0: greedy)")
+  if a.top_k < 0: p.error("--top-k must be >= 0 (0: every token)")
+  if not 0 < a.top_p <= 1: p.error("--top-p must be in (0, 1]")
   if a.mix and a.type != "Q4_0": p.error("--type and --mix exclude each other (--mix gives each tensor its type)")
   for v in a.variant:
     key, _, val = v.partition("=")
@@ -86,15 +94,15 @@ def synthetic_path(a) -> pathlib.Path:
   """The cached synthetic GGUF for (preset, type, seed), written on first use (atomically: a crash leaves no file)."""
   preset = a.synthetic or "tiny"
   kind = f"mix-{a.mix}" if a.mix else a.type
-  path = pathlib.Path(a.cache_dir) / f"glm-{preset}-{kind}-seed{a.seed}-v{SYNTH_VERSION}.gguf"
+  path = pathlib.Path(a.cache_dir) / f"glm-{preset}-{kind}-seed{a.synth_seed}-v{SYNTH_VERSION}.gguf"
   if not path.exists():
     st = time.perf_counter()
     try:
       # refused (SynthError) or failing (OSError) before it says "writing", where it can: one line then (write checks too)
       synth.check_free_space(path, synth.file_size(synth.PRESETS[preset], a.mix or synth.TYPES[a.type]))
       path.parent.mkdir(parents=True, exist_ok=True)
-      print(f"writing synthetic GLM ({preset}, {kind}, seed {a.seed}) to {path}", file=sys.stderr)
-      synth.write(path, preset, a.type, a.seed, progress=preset != "tiny", mix=a.mix)
+      print(f"writing synthetic GLM ({preset}, {kind}, seed {a.synth_seed}) to {path}", file=sys.stderr)
+      synth.write(path, preset, a.type, a.synth_seed, progress=preset != "tiny", mix=a.mix)
     except OSError as e: raise UsageError(f"--cache-dir {a.cache_dir}: cannot write {path.name}: {e.strerror or e}; nothing written") from None
     print(f"  wrote {path.stat().st_size/1e6:,.0f} MB in {time.perf_counter()-st:.1f} s", file=sys.stderr)
   return path
@@ -160,12 +168,42 @@ def prompt_ids(tok:Tokenizer, a) -> list[int]:
   if a.raw or not tok.chat_template: return tok.encode(a.prompt, parse_special=True, add_bos=tok.add_bos)
   return tok.encode(tok.render_chat([{"role": "user", "content": a.prompt}]), parse_special=True)
 
+def common_prefix(a:list[int], b:list[int]) -> int:
+  n = 0
+  while n < min(len(a), len(b)) and a[n] == b[n]: n += 1
+  return n
+
+def chat(m:glm.GLM, tok:Tokenizer, a) -> None:
+  """Each line on stdin a user turn; the reply streams to stdout. The whole conversation is written into the template
+  each turn, and only what differs from what the KV cache holds is fed (the template writes a past reply without its
+  thinking, so from that reply on), at its positions; the rest of the cache stays."""
+  if not tok.chat_template: raise UsageError("--chat needs a GGUF with tokenizer.chat_template")
+  Tensor.manual_seed(a.seed)
+  jit, cached, messages = m.decoder(glm.Sampling(a.temperature, a.top_k, a.top_p)), [], []
+  for line in sys.stdin:
+    messages.append({"role": "user", "content": line.rstrip("\n")})
+    ids = tok.encode(tok.render_chat(messages), parse_special=True)
+    keep = min(common_prefix(cached, ids), len(ids) - 1)  # at least the last token is fed: its step gives the reply's first
+    if len(ids) + a.count > m.max_context: raise UsageError(f"the conversation ({len(ids)} tokens) + --count exceed --max-context {m.max_context}")
+    if a.verbose: log(f"turn {len(messages) // 2 + 1}: {len(ids)} tokens, {keep} cached, fed {ids[keep:]}")
+    for pos in range(keep, len(ids) - 1): m.decode(jit, ids[pos], pos)
+    t, pos, reply, stream = ids[-1], len(ids) - 1, [], StreamDecoder(tok)
+    for _ in range(a.count):
+      t, _ = m.decode(jit, t, pos); pos += 1
+      reply.append(t)
+      if t in tok.eog: break
+      print(stream.push(t), end="", flush=True)
+    print(stream.flush(), flush=True)
+    cached = ids + reply
+    messages.append({"role": "assistant", "content": tok.decode([r for r in reply if r not in tok.eog], skip_special=True)})
+
 def run_mode(m:glm.GLM, tok:Tokenizer, prompt:list[int], a, mode:str) -> dict:
   """Generates with a fresh decode JIT (compiled with the passes on or off); returns the measurements."""
   res: dict = {"passes": mode}
   with mode_passes(mode):
     res["active_passes"] = list(tinygrad_ext.active_passes())
-    jit, steps = m.decoder(), []
+    Tensor.manual_seed(a.seed)  # each run draws the same random numbers
+    jit, steps = m.decoder(glm.Sampling(a.temperature, a.top_k, a.top_p)), []
     def step(t:int, pos:int) -> tuple[int, Tensor]:
       s0 = time.perf_counter()
       t, logits = m.decode(jit, t, pos)
@@ -255,6 +293,9 @@ def main(argv=None) -> int:
     c = m.cfg
     log(f"model: {path.name}  {c.n_blocks} blocks ({c.n_dense} dense), dim {c.dim}, {c.n_experts} experts ({c.n_used} used, {c.n_shared} shared), "
           f"vocab {c.vocab}; loaded in {load_s:.1f} s; device {Device.DEFAULT}, activations {a.dtype}, max context {m.max_context}")
+    if a.chat:
+      chat(m, tok, a)
+      return 0
     log(f"prompt: {len(prompt)} tokens {prompt[:16]}{' ...' if len(prompt) > 16 else ''}")
     if a.verbose: log(f"prompt ids: {prompt}\nprompt text: {tok.decode(prompt)!r}")
     if a.model is None: log(synthetic_note(a))
