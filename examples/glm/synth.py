@@ -447,5 +447,6 @@ def main(argv=None):
   return 0
 
 if __name__ == "__main__":
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # the repo root: add_tokenizer reads through examples.glm
   raise_on_termination()
   sys.exit(main())
