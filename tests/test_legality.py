@@ -30,6 +30,17 @@ def test_int_to_float_is_not_folded_with_a_float_constant(device):
   np.testing.assert_allclose(off, np.cos(np.array([2, 3, 4, 200], np.float32)), rtol=1e-4)  # tinygrad's own cos
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_int_to_float_subtract_is_not_reassociated_by_the_renderer(device):
+  # y + float(u8) became y + (bits - 2^23), which C-style renderers print without its parentheses, `y+bits+-8388608.0f`:
+  # C adds y to 2^23 + u first and rounds y away (log(17.5) + 17 gave 20.0). The subtract is a SUB now.
+  with Context(DEV=device):
+    u = Tensor([17, 3, 200, 0], dtype=dtypes.uint8).realize()
+    y = Tensor([2.8622007, -0.1, 0.4375, 1e-3]).realize()
+    off, on = both(lambda: (y + u.float()).numpy(), "int_to_float")
+  np.testing.assert_array_equal(on, off)
+  np.testing.assert_allclose(on, np.array([19.8622007, 2.9, 200.4375, 1e-3], np.float32), rtol=1e-6)
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_assigns_that_read_each_others_targets_through_reduces_keep_their_order(device):
   # b0 <- sum(a0 - b1) * b0 and b1 <- sum(a1 - b0) * b1: each reduce reads the other's target as it was before either
   # store. Recomputed inside the other assign's kernel, a read would be ordered after a store (tinygrad: "cycle

@@ -22,8 +22,10 @@ instruction an element.
 Legality: the subtract of the exponent's constant is exact only as it stands. tinygrad's symbolic folds float constant
 additions ((x + c1) + c2 -> x + (c1 + c2)) and moves them past other addends ((x + c) + y -> (x + y) + c), which would
 round the converted value (or y) at 2^23's scale: (uint8 x).float() - 1.5707964 became x - 8388609.57, rounded. So the
-pass runs after tinygrad's last symbolic rewrite ("final symbolic"); what runs later (decompositions, the renderer's
-rules) does not reassociate float additions.
+pass runs after tinygrad's last symbolic rewrite ("final symbolic"), and writes the subtract as a SUB where the renderer
+has one: tinygrad's C-style renderers print an ADD of an ADD without its parentheses, so y + (bits - 2^23) came out as
+`y+bits+-8388608.0f`, which C evaluates as (y + bits) - 2^23, rounding y at 2^23's scale (a uint8's log plus the uint8:
+20.0 where 19.86 is right).
 
 Hook: a CodegenStep after tinygrad's "final symbolic" step (devectorized: every conversion is a scalar CAST).
 """
@@ -49,6 +51,10 @@ def and_or(w:UOp, mask:int, bits:int, ren:Renderer) -> UOp:
   asm = 'lop3.b32 %0, %1, %2, %3, 0xEA;'
   return UOp(Ops.CUSTOMI, dtypes.uint32, (w,), f'([](uint a){{{{ uint d; asm("{asm}" : "=r"(d) : "r"(a), "r"({mask}u), "r"({bits}u)); return d; }}}})({{0}})')
 
+def minus(x:UOp, c:float, ren:Renderer) -> UOp:
+  """x - c, kept whole where the renderer prints it: a SUB (C-style renderers), else an ADD (PTX: an instruction an op)."""
+  return UOp(Ops.SUB, x.dtype, (x, x.const_like(c))) if Ops.SUB in ren.code_for_op else x - c
+
 def exponent_trick(ctx:Renderer, x:UOp, e:UOp) -> UOp|None:
   if (core:=unsigned_core(e)) is None: return None
   u, c = core
@@ -56,9 +62,9 @@ def exponent_trick(ctx:Renderer, x:UOp, e:UOp) -> UOp|None:
   w, s, m = bit_field(u)
   # no field (the value itself: a K-quant's bits joined from two fields), or not one a float holds in place
   if w is u or m & (m + 1) or not m or s + m.bit_length() > 23 or w.dtype.itemsize > 4:
-    return (u.cast(dtypes.uint32) | MAGIC_BITS).bitcast(dtypes.float32) - (MAGIC - c)
+    return minus((u.cast(dtypes.uint32) | MAGIC_BITS).bitcast(dtypes.float32), MAGIC - c, ctx)
   # the field stays at bit s; the exponent of 2^(23-s) makes its float 2^(23-s) + the field's value, exactly
-  return and_or(w, m << s, (150 - s) << 23, ctx).bitcast(dtypes.float32) - (float(1 << (23 - s)) - c)
+  return minus(and_or(w, m << s, (150 - s) << 23, ctx).bitcast(dtypes.float32), float(1 << (23 - s)) - c, ctx)
 
 pm_int_to_float = PatternMatcher([
   (UPat(Ops.CAST, dtypes.float32, src=(UPat(dtype=dtypes.ints, name="e"),), name="x"), exponent_trick),
