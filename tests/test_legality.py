@@ -102,7 +102,7 @@ def test_a_schedule_shares_values_while_an_unrealized_tensor_computes_them_too()
     return schedule(sink)
   hooks._originals[(hooks.tensor, "create_linear_with_vars")] = recording
   try:
-    with Context(DEV="CPU"):
+    with Context(DEV=DEVICES[0]):
       x = Tensor.rand(8, 8).realize()
       seen.clear()
       total = x.sum(1)
