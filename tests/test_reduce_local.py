@@ -238,3 +238,11 @@ def test_reduce_local_memory_tree_that_does_not_fit_falls_back_to_tinygrads_grou
   W, x = Tensor.rand(64, 1024, device="CL").realize(), Tensor.rand(1024, device="CL").realize()
   np.testing.assert_allclose(realize_with_opts(lambda: W @ x, REDUCE_LOCAL(0, 32), Opt(OptOps.UPCAST, 0, 8), Opt(OptOps.LOCAL, 0, 8)),
                              W.numpy() @ x.numpy(), rtol=1e-4)
+
+def test_cuda_shuffle_mask_names_only_the_threads_of_a_small_workgroup():
+  # a warp shuffle's mask must name only threads that exist: 0xffffffff over a 2-thread workgroup (the row heuristic's
+  # lanes for a batch of 2x2 QRs) gave a wrong Q on an H100
+  src = render(with_opts(matvec_ast(8, 256), REDUCE_LOCAL(0, 8)), cuda_renderer())
+  assert re.findall(r"__shfl_xor_sync\((\w+), ", src) == ["0xffu"] * 3, src
+  src = render(with_opts(matvec_ast(8, 256), REDUCE_LOCAL(0, 32)), cuda_renderer())
+  assert set(re.findall(r"__shfl_xor_sync\((\w+), ", src)) == {"0xffffffffu"}, src

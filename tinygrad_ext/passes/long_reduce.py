@@ -35,7 +35,7 @@ MAX_UPCAST = 16       # accumulators per lane: each is a value in the shuffle ep
 
 def lanes_for(ren, dtype) -> int:
   # a warp where the renderer shuffles registers; elsewhere the lanes combine through shared memory, a barrier a step
-  return SHUFFLE_WIDTH if warp_epilogue(ren, dtype) is not None else 16
+  return SHUFFLE_WIDTH if warp_epilogue(ren, dtype, SHUFFLE_WIDTH) is not None else 16
 
 def stride_one(idx:UOp, rng:UOp) -> bool:
   """idx advances by exactly one element when rng does: the range is the fastest index of the buffer."""

@@ -176,15 +176,21 @@ def _xor_shuffle(fmt:str, via_float:bool) -> Callable[[UOp, int], UOp]:
     return intrinsic(fmt.replace("OFFSET", str(offset)), v.cast(dtypes.float32)).cast(v.dtype)
   return shuffle
 
-def warp_epilogue(ren:Renderer, dtype) -> tuple[Callable[[UOp, int], UOp], dict]|None:
-  """(xor shuffle, {reduce op: whole-warp intrinsic}) for renderers with register shuffles, else None."""
+def warp_epilogue(ren:Renderer, dtype, threads:int) -> tuple[Callable[[UOp, int], UOp], dict]|None:
+  """(xor shuffle, {reduce op: whole-warp intrinsic}) for renderers with register shuffles, else None. An xor partner
+  always exists (a workgroup is a whole number of lane groups), but CUDA's mask must name only threads that exist and
+  take part: a workgroup smaller than a warp (a 2x2 QR's 2 lanes) gets a mask of exactly its threads, and one whose
+  last warp is partial goes through local memory instead (None). 0xffffffff over 2 threads gave a wrong Q on an H100."""
   if isinstance(ren, MetalRenderer):
     # Metal's simd functions take float, half and int; bfloat goes through float, which holds it exactly
     via_float = dtype not in (dtypes.float32, dtypes.float16, dtypes.int32)
     whole = {} if via_float else {Ops.ADD: "simd_sum({0})", Ops.MAX: "simd_max({0})"}
     return _xor_shuffle("simd_shuffle_xor({0}, (ushort)OFFSET)", via_float), whole
   if isinstance(ren, HIPRenderer): return _xor_shuffle("__shfl_xor({0}, OFFSET)", dtype not in NATIVE_SHUFFLE), {}
-  if isinstance(ren, CUDARenderer): return _xor_shuffle("__shfl_xor_sync(0xffffffffu, {0}, OFFSET)", dtype not in NATIVE_SHUFFLE), {}
+  if isinstance(ren, CUDARenderer):
+    if threads % SHUFFLE_WIDTH and threads > SHUFFLE_WIDTH: return None
+    mask = 0xffffffff if threads % SHUFFLE_WIDTH == 0 else (1 << threads) - 1
+    return _xor_shuffle(f"__shfl_xor_sync({mask:#x}u, {{0}}, OFFSET)", dtype not in NATIVE_SHUFFLE), {}
   return None
 
 def _elementwise(v:UOp, f:Callable[[UOp], UOp]) -> UOp:
@@ -240,16 +246,18 @@ def combine_lanes(ctx:tuple[Callable, dict]|None, r:UOp) -> UOp|None:
       offset //= 2
   return UOp(Ops.REDUCE, r.dtype, (v,)+warps, (op, 0)) if warps else v
 
+def workgroup_threads(sink:UOp) -> int: return prod(r.vmax+1 for r in sink.toposort() if r.op is Ops.RANGE and r.arg[-1] in LOCAL_AXES)
+
 def smem_tree_bytes(sink:UOp, reduces:list[UOp]) -> int:
   """Local memory the butterfly through memory takes: a buffer per step, each a value per thread."""
-  threads = prod(r.vmax+1 for r in sink.toposort() if r.op is Ops.RANGE and r.arg[-1] in LOCAL_AXES)
+  threads = workgroup_threads(sink)
   return sum(prod(r.shape) * r.dtype.itemsize * threads * (reduce_range(r, LANE_ID).vmax+1).bit_length() for r in reduces)
 
 def reduce_local_epilogue(sink:UOp, ren:Renderer) -> UOp:
   reduces = [u for u in sink.toposort() if u.op is Ops.REDUCE and reduce_range(u, LANE_ID) is not None]
   if not reduces: return sink
   # register shuffles need the lanes to be consecutive hardware threads; local memory works whatever the mapping
-  epilogue = warp_epilogue(ren, reduces[0].dtype) if lanes_map_to_hardware(sink, ren) else None
+  epilogue = warp_epilogue(ren, reduces[0].dtype, workgroup_threads(sink)) if lanes_map_to_hardware(sink, ren) else None
   # the tree through memory needs a buffer per step: where that does not fit (opts after REDUCE_LOCAL add rows and
   # threads), the lanes stay a GROUP_REDUCE and tinygrad's one-buffer shared-memory reduce combines them
   if epilogue is None and smem_tree_bytes(sink, reduces) > ren.shared_max: return sink
