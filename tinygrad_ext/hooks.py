@@ -109,7 +109,7 @@ def shares_values(realized:UOp) -> bool:
   """The realize of this tensor graph computes a value that another schedule computes too: one that an earlier partial
   realize computed, or one that a live tensor, left unrealized (its graph already rewritten to the realized buffers),
   will compute again. Every such value is remembered."""
-  values = {u for u in realized.toposort() if order_dependent(u)}
+  if not (values := {u for u in realized.toposort() if order_dependent(u)}): return False  # (loading weights: no sums)
   seen: set[UOp] = set()
   for root in live_tensor_uops(): seen |= set(root.toposort(gate=lambda u: u not in seen))
   again = values & seen
@@ -195,10 +195,12 @@ def _diskcache_put(table:str, key, val, prepickled=False):
 
 class PassKeyedCache(dict):
   """A dict that files every key under the cache_id() and registry.shared_values current at the time of the lookup."""
-  def get(self, key, default=None): return super().get((cache_id(), shared_values.get(), key), default)
-  def __getitem__(self, key): return super().__getitem__((cache_id(), shared_values.get(), key))
-  def __setitem__(self, key, val): super().__setitem__((cache_id(), shared_values.get(), key), val)
-  def __contains__(self, key): return super().__contains__((cache_id(), shared_values.get(), key))
+  @staticmethod
+  def filed(key): return (cache_id(), shared_values.get(), key)
+  def get(self, key, default=None): return super().get(self.filed(key), default)
+  def __getitem__(self, key): return super().__getitem__(self.filed(key))
+  def __setitem__(self, key, val): super().__setitem__(self.filed(key), val)
+  def __contains__(self, key): return super().__contains__(self.filed(key))
 
 def _init_worker_with_ext() -> None:
   install()
