@@ -1,11 +1,13 @@
 """examples/glm: the tinygrad GLM against an independent float64 numpy forward pass (tests/glm_reference.py) on the tiny
 synthetic GGUF, passes on vs off, every weight type's dequantization, the full-size shape table, and run.py's errors."""
-import json, pathlib, subprocess, sys
+import json, math, pathlib, subprocess, sys
 import numpy as np
 import pytest
 import gguf
 import tinygrad_ext
 from tinygrad import Tensor, TinyJit, dtypes
+from tinygrad.uop.ops import Ops
+from tinygrad_ext.internals import captured_calls
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -272,6 +274,26 @@ def test_sampling_draws_from_the_softmax_within_top_k_and_top_p():
   q = p[sorted(allowed)] / p[sorted(allowed)].sum()  # the five's renormalized probabilities, against their frequencies
   freq = np.array([(draws == i).mean() for i in sorted(allowed)])
   assert np.abs(freq - q).max() < 0.08, (freq, q)
+
+def loop_space(program) -> int:
+  """A compiled kernel's largest iteration space: its threads times the sizes of the loops open at once."""
+  lin, open_loops, most = program.src[1].src, [], 1
+  threads = math.prod(u.src[0].vmax + 1 for u in lin if u.op is Ops.SPECIAL)
+  for u in lin:
+    if u.op is Ops.RANGE: open_loops.append(u.src[0].vmax); most = max(most, math.prod(open_loops))
+    elif u.op is Ops.END: open_loops.pop()
+  return most * threads
+
+def test_sampling_work_grows_linearly_with_the_vocab():
+  # the threshold search is a few rounds of counts over the vocab; a schedule that recomputes earlier rounds inside
+  # later ones (or the softmax inside every probe) nests loops over the vocab (~100x the decode step's time on CL)
+  def space(vocab):
+    x = Tensor(np.random.default_rng(0).standard_normal((1, vocab)).astype(np.float32)).realize()
+    draw = TinyJit(lambda: glm.sample(x, glm.Sampling(0.8, 5, 0.95)).realize())
+    draw(); draw()
+    return max(loop_space(call.src[0]) for call in captured_calls(draw))
+  small, large = space(256), space(2048)
+  assert large < 12 * small, (small, large)  # linear: 8x
 
 def test_sampling_in_the_decode_step_repeats_with_its_seed(tiny):
   def run(seed):

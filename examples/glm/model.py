@@ -336,7 +336,8 @@ def largest_threshold(x:Tensor, reaches) -> Tensor:
   for _ in range(ROUNDS):
     taus = lo + width * steps                                                # (PROBES,)
     n_ok = reaches(x.unsqueeze(-2) >= taus.unsqueeze(-1)).sum()              # taus are increasing: the first n_ok reach
-    lo, width = lo + width * n_ok.cast(dtypes.float32) / PROBES, width / PROBES
+    # contiguous: else each round's kernel recomputes every earlier round's count (vocab^rounds work)
+    lo, width = (lo + width * n_ok.cast(dtypes.float32) / PROBES).contiguous(), width / PROBES
   return lo
 
 def sample(logits:Tensor, s:Sampling) -> Tensor:
@@ -347,7 +348,7 @@ def sample(logits:Tensor, s:Sampling) -> Tensor:
   keep = x >= x.min()
   if s.top_k > 0: keep = keep & (x >= largest_threshold(x, lambda m: m.sum(-1) >= s.top_k))
   if s.top_p < 1.0:
-    p = x.softmax(-1)
+    p = x.softmax(-1).contiguous()  # once, not inside every probe's count
     keep = keep & (x >= largest_threshold(x, lambda m: (m.where(p, 0)).sum(-1) >= s.top_p))
   gumbel = -(-Tensor.rand(*x.shape).clip(1e-20, 1.0).log()).log()
   return keep.where(x + gumbel, float("-inf")).argmax(-1).reshape(1, 1).cast(dtypes.int32)
