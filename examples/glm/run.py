@@ -185,7 +185,7 @@ def chat(m:glm.GLM, tok:Tokenizer, a) -> None:
     ids = tok.encode(tok.render_chat(messages), parse_special=True)
     keep = min(common_prefix(cached, ids), len(ids) - 1)  # at least the last token is fed: its step gives the reply's first
     if len(ids) + a.count > m.max_context: raise UsageError(f"the conversation ({len(ids)} tokens) + --count exceed --max-context {m.max_context}")
-    if a.verbose: log(f"turn {len(messages) // 2 + 1}: {len(ids)} tokens, {keep} cached, fed {ids[keep:]}")
+    if a.verbose: log(f"turn {len(messages) // 2 + 1}: {len(ids)} tokens, {keep} cached, fed {ids[keep:]}\nfed text: {tok.decode(ids[keep:])!r}")
     for pos in range(keep, len(ids) - 1): m.decode(jit, ids[pos], pos)
     t, pos, reply, stream = ids[-1], len(ids) - 1, [], StreamDecoder(tok)
     for _ in range(a.count):
