@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
-"""GLM-4.7-Flash decode matvecs on Q4_0 GGUF weights: tinygrad with passes off vs on, against the read ceiling.
+"""GLM-4.7-Flash decode matvecs on GGUF weights: tinygrad with passes off vs on, against the read ceiling.
 
-Every kernel is built as tinygrad.llm builds it: the weight stays raw Q4_0 bytes on the device, ggml_data_to_tensor
+The rows: targets.md's Q4_0 table (the default), and with --mixes each other (type, shape) that the published Q4_0 and
+Q4_K_M mixes give a decode matvec (third_party/llama.cpp/quant-mixes; the model's stacked projections, so attn_q_a+kv_a
+and the dense gate+up are one matvec each), with the target 1.5x the row's read floor + 1 us.
+Every kernel is built as tinygrad.llm builds it: the weight stays raw GGUF bytes on the device, ggml_data_to_tensor
 dequantizes it lazily, and tinygrad fuses that into the matmul with the fp16 activation (one kernel per matvec).
 Measuring follows benchmarks/TARGETS.md:
   - per-kernel time: one TinyJit (CUDA graphs on CUDA) runs `launches` matvecs, each on its own weight copy (MoE: its own
@@ -19,7 +22,7 @@ Measuring follows benchmarks/TARGETS.md:
     16-byte loads, rotated and replayed as the rows are. What a kernel reading those bytes takes, launch included: the
     room a row has left that is not the GPU's.
 
-  DEV=CUDA python benchmarks/kernels.py [--json out.json] [--rows attn_q_a,moe_down] [--iters N]
+  DEV=CUDA python benchmarks/kernels.py [--json out.json] [--rows attn_q_a,moe_down] [--mixes] [--iters N]
   DEV=CPU python benchmarks/kernels.py --small        # scaled-down shapes, seconds on a CPU
 """
 from __future__ import annotations
@@ -27,16 +30,23 @@ import argparse, contextlib, importlib.metadata, json, math, re, sys, time
 from dataclasses import dataclass, replace
 from typing import Callable
 import numpy as np
+import gguf
 import tinygrad_ext
 from tinygrad import Tensor, Device, TinyJit, dtypes
 from tinygrad.helpers import Context, prod
 from tinygrad.uop.ops import Ops
 from tinygrad.llm.gguf import ggml_data_to_tensor
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+from examples.glm.synth import random_blocks  # noqa: E402
 
 QK, QBYTES, Q4_0 = 32, 18, 2  # a Q4_0 block: 32 elements in 18 bytes (fp16 scale d, 16 bytes of nibbles); ggml type 2
 TOL = 1e-3                    # relative error allowed for fp16 activations (targets.md)
 
 # ***** the rows of targets.md *****
+
+def block_of(qtype:str) -> tuple[int, int]:
+  """(elements, bytes) of a GGML type's block."""
+  return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
 
 @dataclass(frozen=True)
 class Row:
@@ -47,14 +57,19 @@ class Row:
   target_us: float|None
   experts: int = 0  # MoE (mul_mat_id) when > 0: k of the experts are selected
   k: int = 4
+  qtype: str = "Q4_0"
+  heads: int = 0    # a matvec per attention head when > 0 (MLA's attn_k_b, attn_v_b): weight (heads, out, in)
+  floor_target: bool = False  # the target is 1.5x the read floor + 1 us (issue #32), known once the floor is measured
   @property
   def desc(self) -> str:
-    return f"{self.label} {self.k} of {self.experts} x {self.out}x{self.inp}" if self.experts else f"{self.label} {self.out}x{self.inp}"
-  def weight_bytes(self, elem_bytes:float=QBYTES/QK) -> int:
+    shape = f"{self.k} of {self.experts} x " if self.experts else f"{self.heads} heads x " if self.heads else ""
+    return f"{self.label} {'' if self.qtype == 'Q4_0' else self.qtype + ' '}{shape}{self.out}x{self.inp}"
+  def weight_bytes(self, elem_bytes:float|None=None) -> int:
     """Bytes of weight one launch must read: the whole weight, or for MoE the k selected experts."""
-    return int((self.k if self.experts else 1) * self.out * self.inp * elem_bytes)
+    if elem_bytes is None: elem_bytes = block_of(self.qtype)[1] / block_of(self.qtype)[0]
+    return int((self.k if self.experts else self.heads or 1) * self.out * self.inp * elem_bytes)
   @property
-  def q4_bytes(self) -> int: return self.weight_bytes()
+  def nbytes(self) -> int: return self.weight_bytes()
 
 ROWS = [
   Row("attn_q_a", "attn_q_a", 768, 2048, 4),
@@ -68,9 +83,33 @@ ROWS = [
   Row("moe_down", "MoE down", 2048, 1536, 5, experts=64),
 ]
 
+# each (type, shape) of a decode matvec in the Q4_0 and Q4_K_M mixes that ROWS lacks (types-*.json; the model stacks
+# attn_q_a with attn_kv_a_mqa and the dense gate with up; MoE as targets.md's rows: 4 of 64 experts)
+MIX_ROWS = [
+  Row("attn_k_b", "attn_k_b", 512, 192, None, heads=20, floor_target=True),
+  Row("attn_v_b", "attn_v_b", 256, 512, None, heads=20, floor_target=True),
+  Row("ffn_down", "dense ffn down", 2048, 10240, None, floor_target=True),
+  Row("output_q6_k", "output head", 154880, 2048, None, qtype="Q6_K", floor_target=True),
+  Row("attn_q_a_kv_a_q4_k", "attn_q_a+kv_a", 1344, 2048, None, qtype="Q4_K", floor_target=True),
+  Row("attn_q_b_q4_k", "attn_q_b", 5120, 768, None, qtype="Q4_K", floor_target=True),
+  Row("attn_k_b_q5_0", "attn_k_b", 512, 192, None, qtype="Q5_0", heads=20, floor_target=True),
+  Row("attn_v_b_q4_k", "attn_v_b", 256, 512, None, qtype="Q4_K", heads=20, floor_target=True),
+  Row("attn_output_q4_k", "attn_output", 2048, 5120, None, qtype="Q4_K", floor_target=True),
+  Row("ffn_gate_up_q4_k", "dense ffn gate+up", 20480, 2048, None, qtype="Q4_K", floor_target=True),
+  Row("ffn_down_q6_k", "dense ffn down", 2048, 10240, None, qtype="Q6_K", floor_target=True),
+  Row("shexp_gate_up_q4_k", "shexp gate+up", 3072, 2048, None, qtype="Q4_K", floor_target=True),
+  Row("shexp_down_q4_k", "shexp down", 2048, 1536, None, qtype="Q4_K", floor_target=True),
+  Row("shexp_down_q6_k", "shexp down", 2048, 1536, None, qtype="Q6_K", floor_target=True),
+  Row("moe_gate_up_q4_k", "MoE gate+up", 3072, 2048, None, experts=64, qtype="Q4_K", floor_target=True),
+  Row("moe_down_q4_k", "MoE down", 2048, 1536, None, experts=64, qtype="Q4_K", floor_target=True),
+  Row("moe_down_q6_k", "MoE down", 2048, 1536, None, experts=64, qtype="Q6_K", floor_target=True),
+]
+
 def small_row(r:Row) -> Row:
-  """--small: out/16, in/4 (in stays a multiple of 32), 16 experts; the targets do not apply."""
-  return replace(r, out=r.out//16, inp=r.inp//4, experts=r.experts//4, target_us=None)
+  """--small: out/16, in/4 (in stays a multiple of the type's block), 16 experts, heads/4; the targets do not apply."""
+  block = block_of(r.qtype)[0]
+  return replace(r, out=r.out//16, inp=max(block, r.inp//4//block*block), experts=r.experts//4, heads=r.heads//4 or r.heads,
+                 target_us=None, floor_target=False)
 
 # ***** Q4_0 weights and the float64 reference *****
 
@@ -89,27 +128,37 @@ def dequant_q4_0(raw:np.ndarray) -> np.ndarray:
   q = np.concatenate([b[:, 2:] & 0xF, b[:, 2:] >> 4], axis=1).astype(np.float64) - 8
   return (q * d).reshape(-1)
 
-def ref_matvec(raw:np.ndarray, out:int, inp:int, x:np.ndarray, chunk:int=4096) -> np.ndarray:
-  """float64 x @ W.T for a Q4_0 (out, in) weight, in row chunks (the whole output head is 2.5 GB in float64)."""
-  w, x64 = raw.reshape(out, inp // QK * QBYTES), x.astype(np.float64).reshape(inp)
-  return np.concatenate([dequant_q4_0(w[i:i+chunk]).reshape(-1, inp) @ x64 for i in range(0, out, chunk)])
+def dequant(raw:np.ndarray, qtype:str) -> np.ndarray:
+  """float64 values of raw GGML bytes: Q4_0 by dequant_q4_0, other types by gguf (float32, exact: a quant times its
+  scales, as ggml computes it)."""
+  if qtype == "Q4_0": return dequant_q4_0(raw)
+  return gguf.quants.dequantize(raw.reshape(-1), gguf.GGMLQuantizationType[qtype]).reshape(-1).astype(np.float64)
+
+def ref_matvec(raw:np.ndarray, out:int, inp:int, x:np.ndarray, chunk:int=4096, qtype:str="Q4_0") -> np.ndarray:
+  """float64 x @ W.T for an (out, in) weight of qtype, in row chunks (the whole output head is 2.5 GB in float64)."""
+  block, size = block_of(qtype)
+  w, x64 = raw.reshape(out, inp // block * size), x.astype(np.float64).reshape(inp)
+  return np.concatenate([dequant(w[i:i+chunk], qtype).reshape(-1, inp) @ x64 for i in range(0, out, chunk)])
 
 # ***** the kernels, as tinygrad.llm builds them *****
 
-def q4_0_weight(raw:Tensor, *shape:int) -> Tensor:
-  """A GGUF Q4_0 weight as tinygrad.llm loads it: raw bytes on the device, dequantized lazily (a float32 expression)."""
-  return ggml_data_to_tensor(raw, prod(shape), Q4_0).reshape(*shape)
+def gguf_weight(raw:Tensor, *shape:int, qtype:str="Q4_0") -> Tensor:
+  """A GGUF weight as tinygrad.llm loads it: raw bytes on the device, dequantized lazily (a float32 expression)."""
+  return ggml_data_to_tensor(raw, prod(shape), int(gguf.GGMLQuantizationType[qtype])).reshape(*shape)
 
-def dense_matvec(raw:Tensor, x:Tensor, out:int, inp:int) -> Tensor:
-  """The GLM model's linear on a Q4_0 weight (examples/glm/model.py, mixed numerics): x (1, in) fp16, widened, times the
-  weight as it dequantizes (float32) -> (1, out) float32."""
-  return x.float() @ q4_0_weight(raw, out, inp).T
+def q4_0_weight(raw:Tensor, *shape:int) -> Tensor: return gguf_weight(raw, *shape)
 
-def moe_matvec(raw:Tensor, x:Tensor, sel:Tensor, experts:int, out:int, inp:int, contiguous:bool=True) -> Tensor:
-  """The GLM model's experts() (tinygrad.llm's ExpertWeights, mul_mat_id) on a Q4_0 weight, mixed numerics: x (1,1,1,in)
-  fp16, sel (1,1,k) int32 -> (1,1,k,out) float32. contiguous=False leaves out its final .contiguous() for a caller that
-  assigns the result into a buffer: the same kernel then writes that buffer instead of one more kernel copying into it."""
-  y = x.float().unsqueeze(-2) @ q4_0_weight(raw, experts, out, inp)[sel].transpose(-1, -2)
+def dense_matvec(raw:Tensor, x:Tensor, out:int, inp:int, qtype:str="Q4_0") -> Tensor:
+  """The GLM model's linear (examples/glm/model.py, mixed numerics): x (1, in) fp16, widened, times the weight as it
+  dequantizes (float32) -> (1, out) float32. With x (1, heads, 1, in) and a weight (heads, out, in): one matvec a head."""
+  w = gguf_weight(raw, *x.shape[1:2] if x.ndim == 4 else (), out, inp, qtype=qtype)
+  return x.float() @ w.transpose(-1, -2)
+
+def moe_matvec(raw:Tensor, x:Tensor, sel:Tensor, experts:int, out:int, inp:int, contiguous:bool=True, qtype:str="Q4_0") -> Tensor:
+  """The GLM model's experts() (tinygrad.llm's ExpertWeights, mul_mat_id), mixed numerics: x (1,1,1,in) fp16, sel (1,1,k)
+  int32 -> (1,1,k,out) float32. contiguous=False leaves out its final .contiguous() for a caller that assigns the result
+  into a buffer: the same kernel then writes that buffer instead of one more kernel copying into it."""
+  y = x.float().unsqueeze(-2) @ gguf_weight(raw, experts, out, inp, qtype=qtype)[sel].transpose(-1, -2)
   return (y.contiguous() if contiguous else y).squeeze(-2)
 
 def rotation(r:Row, nbytes:int, rotate_bytes:int, call_bytes:int, max_launches:int=1024) -> list[tuple[int, int]]:
@@ -137,27 +186,33 @@ class Case:
 
   def matvec(self, x:Tensor, i:int, contiguous:bool=True) -> Tensor:
     r, raw = self.row, self.copies[self.plan[i][0]]
-    return moe_matvec(raw, x, self.sels[i], r.experts, r.out, r.inp, contiguous) if r.experts else dense_matvec(raw, x, r.out, r.inp)
+    if r.experts: return moe_matvec(raw, x, self.sels[i], r.experts, r.out, r.inp, contiguous, r.qtype)
+    return dense_matvec(raw, x, r.out, r.inp, r.qtype)
 
   def reference(self, i:int) -> np.ndarray:
     r = self.row
-    if not r.experts: return ref_matvec(self.raw_np, r.out, r.inp, self.x_np)
+    if r.heads:
+      per_head, xs = self.raw_np.reshape(r.heads, -1), self.x_np.reshape(r.heads, r.inp)
+      return np.stack([ref_matvec(per_head[h], r.out, r.inp, xs[h], qtype=r.qtype) for h in range(r.heads)])
+    if not r.experts: return ref_matvec(self.raw_np, r.out, r.inp, self.x_np, qtype=r.qtype)
     per_expert = self.raw_np.reshape(r.experts, -1)
-    return np.stack([ref_matvec(per_expert[e], r.out, r.inp, self.x_np) for e in self.sels_np[i].reshape(-1)])
+    return np.stack([ref_matvec(per_expert[e], r.out, r.inp, self.x_np, qtype=r.qtype) for e in self.sels_np[i].reshape(-1)])
 
 def build(r:Row, rotate_bytes:int=0, call_bytes:int=0, seed:int=0) -> Case:
-  """Random Q4_0 weights for row r on Device.DEFAULT, enough copies to rotate over rotate_bytes; fp16 x in [-1, 1]."""
+  """Random weights of row r's type on Device.DEFAULT, enough copies to rotate over rotate_bytes; fp16 x in [-1, 1]."""
   rng = np.random.default_rng(seed)
-  raw_np = random_q4_0((r.experts or 1) * r.out * r.inp, rng, scale=0.5 / math.sqrt(r.inp))  # outputs ~N(0, 1/16)
-  x_np = rng.uniform(-1, 1, (1, r.inp)).astype(np.float16)
-  plan = rotation(r, r.q4_bytes, rotate_bytes, call_bytes)
+  n = (r.experts or r.heads or 1) * r.out * r.inp
+  if r.qtype == "Q4_0": raw_np = random_q4_0(n, rng, scale=0.5 / math.sqrt(r.inp))  # outputs ~N(0, 1/16)
+  else: raw_np = random_blocks(gguf.GGMLQuantizationType[r.qtype], n, 1.7 / math.sqrt(r.inp), rng).reshape(-1)
+  x_np = rng.uniform(-1, 1, (1, (r.heads or 1) * r.inp)).astype(np.float16)
+  plan = rotation(r, r.nbytes, rotate_bytes, call_bytes)
   copies = [Tensor(raw_np, device=Device.DEFAULT).realize() for _ in range(max(c for c, _ in plan) + 1)]
   sels_np: list[np.ndarray|None] = [None] * len(plan)
   if r.experts:
     perms = [rng.permutation(r.experts).astype(np.int32) for _ in copies]
     sels_np = [perms[c][g*r.k:(g+1)*r.k].reshape(1, 1, r.k) for c, g in plan]
   sels = [None if s is None else Tensor(s, device=Device.DEFAULT).realize() for s in sels_np]
-  x = Tensor(x_np.reshape((1, 1, 1, r.inp) if r.experts else (1, r.inp)), device=Device.DEFAULT).realize()
+  x = Tensor(x_np.reshape((1, 1, 1, r.inp) if r.experts else (1, r.heads, 1, r.inp) if r.heads else (1, r.inp)), device=Device.DEFAULT).realize()
   return Case(r, x_np, raw_np, x, copies, plan, sels_np, sels)
 
 def build_dense(out:int, inp:int, rotate_mb:float=0, seed:int=0) -> Case:
@@ -350,8 +405,8 @@ def bench_row(r:Row, args, ceiling_gbs:float) -> dict:
   st = time.perf_counter()
   case = build(r, args.rotate_bytes, args.call_bytes)
   res: dict = {"name": r.name, "desc": r.desc, "out": r.out, "in": r.inp, "experts": r.experts, "k": r.k if r.experts else 0,
-               "q4_bytes": r.q4_bytes, "launches": case.launches, "copies": len(case.copies),
-               "rotation_mb": len({p for p in case.plan}) * r.q4_bytes / 1e6, "target_us": r.target_us}
+               "qtype": r.qtype, "heads": r.heads, "weight_bytes": r.nbytes, "launches": case.launches, "copies": len(case.copies),
+               "rotation_mb": len({p for p in case.plan}) * r.nbytes / 1e6, "target_us": r.target_us}
   sync()  # also makes tinygrad's CUDA context current again
   timers = {}
   for s in SETTINGS: timers[s], res[s] = bench_setting(case, s, args)
@@ -362,12 +417,13 @@ def bench_row(r:Row, args, ceiling_gbs:float) -> dict:
       if (t := timer())["s"] < best.get(s, t)["s"] or s not in best: best[s] = t
   for s, t in best.items():
     us = t["s"] / case.launches * 1e6
-    gbs = r.q4_bytes / (us * 1e-6) / 1e9
+    gbs = r.nbytes / (us * 1e-6) / 1e9
     res[s].update(us=us, gbs=gbs, frac=gbs / ceiling_gbs, calls=t["calls"])
   res["speedup"] = res["off"]["us"] / res["on"]["us"]
   res["torch_us"] = args.torch_us.get(r.name)
   res["floor_us"] = args.floor_us.get(r.name)
-  res["met"] = None if r.target_us is None else res["on"]["us"] <= r.target_us
+  if r.floor_target and res["floor_us"] is not None: res["target_us"] = 1.5 * res["floor_us"] + 1
+  res["met"] = None if res["target_us"] is None else res["on"]["us"] <= res["target_us"]
   res["wall_s"] = time.perf_counter() - st
   return res
 
@@ -375,16 +431,16 @@ def fmt(v, spec:str) -> str: return "-" if v is None else format(v, spec)
 def fmt_num(v:float) -> str: return f"{v:.0f}" if v >= 100 else f"{v:.3g}"  # CPU runs have GB/s and % well below 1
 
 def table(rows:list[dict], ceiling:dict) -> str:
-  head = ["kernel", "Q4_0 MB", "launches", "off us", "off GB/s", "off %ceil", "on us", "on GB/s", "on %ceil", "on/off speedup",
+  head = ["kernel", "weight MB", "launches", "off us", "off GB/s", "off %ceil", "on us", "on GB/s", "on %ceil", "on/off speedup",
           "torch fp16 us", "read floor us", "target us", "met", "rel err off/on"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   def us(t:dict) -> str: return f"{t['us']:.1f}"
   for r in rows:
     off, on = r["off"], r["on"]
     err = f"{off['rel_err']:.1e}/{on['rel_err']:.1e}" + ("" if off["numerics_ok"] and on["numerics_ok"] else " FAIL")
-    lines.append("| " + " | ".join([r["desc"], f"{r['q4_bytes']/1e6:.2f}", str(r["launches"]),
+    lines.append("| " + " | ".join([r["desc"], f"{r['weight_bytes']/1e6:.2f}", str(r["launches"]),
       us(off), fmt_num(off["gbs"]), fmt_num(off["frac"]*100), us(on), fmt_num(on["gbs"]), fmt_num(on["frac"]*100),
-      f"{r['speedup']:.2f}", fmt(r["torch_us"], ".1f"), fmt(r["floor_us"], ".1f"), fmt(r["target_us"], "g"),
+      f"{r['speedup']:.2f}", fmt(r["torch_us"], ".1f"), fmt(r["floor_us"], ".1f"), fmt(r["target_us"], ".3g"),
       "-" if r["met"] is None else ("yes" if r["met"] else "no"), err]) + " |")
   lines.append(f"read ceiling: {ceiling['gbs']:.0f} GB/s ({ceiling['kernel']} over {ceiling['mb']:.0f} MB); met = passes on "
                f"within target; read floor = a kernel that only reads the row's bytes, same rotation and graph (cupy); rel err = max|a-ref|/max|ref| vs float64, tolerance {TOL:g}")
@@ -397,7 +453,8 @@ class OneLineParser(argparse.ArgumentParser):
 def parse_args(argv:list[str]|None=None):
   p = OneLineParser(description=__doc__.split("\n")[0])
   p.add_argument("--small", action="store_true", help="scaled-down shapes, rotation and timing: seconds on DEV=CPU")
-  p.add_argument("--rows", type=str, default="", help="comma-separated row names: " + ",".join(r.name for r in ROWS) + ", or dense_OUTxIN / moe_KofE_OUTxIN")
+  p.add_argument("--rows", type=str, default="", help="comma-separated row names: " + ",".join(r.name for r in ROWS + MIX_ROWS) + ", or dense_OUTxIN / moe_KofE_OUTxIN")
+  p.add_argument("--mixes", action="store_true", help="also the rows of the Q4_0 and Q4_K_M mixes' other types (MIX_ROWS)")
   p.add_argument("--iters", type=int, default=None, help="at most this many timed JIT calls per measurement")
   p.add_argument("--budget", type=float, default=None, help="seconds per measurement: fewer calls when a call is slow")
   p.add_argument("--rounds", type=int, default=None, help="interleaved off/on timing rounds, best of each")
@@ -442,9 +499,9 @@ def shape_row(name:str) -> Row|None:
   if m := re.fullmatch(r"moe_(\d+)of(\d+)_(\d+)x(\d+)", name): return Row(name, "MoE", int(m[3]), int(m[4]), None, int(m[2]), int(m[1]))
   return None
 
-def select_rows(names:str, small:bool) -> list[Row]:
-  rows = {r.name: small_row(r) if small else r for r in ROWS}
-  if not names: return list(rows.values())
+def select_rows(names:str, small:bool, mixes:bool=False) -> list[Row]:
+  rows = {r.name: small_row(r) if small else r for r in ROWS + MIX_ROWS}
+  if not names: return [rows[r.name] for r in ROWS + (MIX_ROWS if mixes else [])]
   picked = [rows.get(n) or shape_row(n) for n in names.split(",")]
   if (bad := [n for n, r in zip(names.split(","), picked) if r is None or r.inp % QK]):
     raise SystemExit(f"unknown rows {bad}: have {list(rows)}, or dense_OUTxIN / moe_KofE_OUTxIN with IN a multiple of {QK}")
@@ -467,7 +524,7 @@ def main(argv:list[str]|None=None) -> dict:
   for name, (key, val) in variants.items():
     SETTINGS[f"variant_{name}"] = lambda key=key, val=val: tinygrad_ext.with_setting(key, val)
   extra = [f"without_{n}" for n in without] + [f"policy_{n}" for n in policies] + [f"variant_{n}" for n in variants]
-  rows, st = select_rows(args.rows, args.small), time.perf_counter()
+  rows, st = select_rows(args.rows, args.small, args.mixes), time.perf_counter()
   # torch first: once tinygrad's CUDA context is current, the CUDA runtime would run torch in it
   args.torch_us = {}
   if not args.no_torch and (torch := torch_cuda()) is not None:
@@ -477,7 +534,7 @@ def main(argv:list[str]|None=None) -> dict:
   args.floor_us = {}
   if not args.no_floor and Device.DEFAULT.split(":")[0] in ("CUDA", "NV") and cupy_cuda() is not None:
     for r in rows:
-      args.floor_us[r.name] = floor_us(r.q4_bytes, args)
+      args.floor_us[r.name] = floor_us(r.nbytes, args)
       print(f"  read floor {r.name}: {args.floor_us[r.name]:.1f} us", flush=True)
   tinygrad_ext.enable()  # installs the hooks even under TINYGRAD_EXT=0; each setting is a Context around its compiles
   with SETTINGS["on"](): active, cid = list(tinygrad_ext.active_passes()), tinygrad_ext.cache_id()

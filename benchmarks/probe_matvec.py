@@ -243,7 +243,7 @@ def main(argv=None):
   args.rotate_bytes, args.call_bytes = int(args.rotate_mb * 1e6), int(args.call_mb * 1e6)
   import cupy as cp
   r = Row("probe", "", args.out, args.inp, None)
-  nbytes, steps = r.q4_bytes, args.inp // QK // 16
+  nbytes, steps = r.nbytes, args.inp // QK // 16
   rng = np.random.default_rng(0)
   raw = random_q4_0(args.out * args.inp, rng, scale=0.5 / math.sqrt(args.inp))
   x_np = rng.uniform(-1, 1, args.inp).astype(np.float16)

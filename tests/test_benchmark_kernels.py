@@ -35,9 +35,9 @@ def test_reference_matvec_is_x_times_w_transposed():
 
 @pytest.mark.parametrize("row", [bk.ROWS[0], bk.ROWS[-1]], ids=lambda r: r.name)
 def test_rotation_reads_enough_distinct_bytes(row):
-  plan = bk.rotation(row, row.q4_bytes, rotate_bytes=256_000_000, call_bytes=1_024_000_000)
-  assert len(set(plan)) * row.q4_bytes >= 256_000_000
-  assert len(plan) * row.q4_bytes >= 1_024_000_000 or len(plan) >= 1024
+  plan = bk.rotation(row, row.nbytes, rotate_bytes=256_000_000, call_bytes=1_024_000_000)
+  assert len(set(plan)) * row.nbytes >= 256_000_000
+  assert len(plan) * row.nbytes >= 1_024_000_000 or len(plan) >= 1024
   if row.experts: assert all(0 <= g < row.experts // row.k for _, g in plan)
   else: assert all(g == 0 for _, g in plan)
 
@@ -60,7 +60,7 @@ def test_select_rows():
   # rows of any shape beside targets.md's (a tiny one prices a launch)
   dense, moe = bk.select_rows("dense_64x256,moe_2of8_64x96", small=False)
   assert (dense.out, dense.inp, dense.experts, dense.target_us) == (64, 256, 0, None)
-  assert (moe.out, moe.inp, moe.experts, moe.k) == (64, 96, 8, 2) and moe.q4_bytes == 2 * 64 * 96 // 32 * 18
+  assert (moe.out, moe.inp, moe.experts, moe.k) == (64, 96, 8, 2) and moe.nbytes == 2 * 64 * 96 // 32 * 18
   for bad in ("dense_64x100", "dense_64", "moe_2of8_64"):
     with pytest.raises(SystemExit): bk.select_rows(bad, small=False)
 
@@ -77,15 +77,42 @@ def test_small_run_on_cpu(tmp_path):
   for r in res["rows"]:
     assert r["launches"] >= 2 and r["rotation_mb"] * 1e6 >= 0.25e6 and r["torch_us"] is None and r["floor_us"] is None and r["met"] is None
     moe = r["name"].startswith("moe")
-    assert r["q4_bytes"] == (4 if moe else 1) * r["out"] * r["in"] // 32 * 18
+    assert r["weight_bytes"] == (4 if moe else 1) * r["out"] * r["in"] // 32 * 18
     for s in ("off", "on"):
       t = r[s]
       assert t["us"] > 0 and t["gbs"] > 0 and t["frac"] > 0 and t["calls"] >= 2
       assert t["numerics_ok"] and 0 <= t["rel_err"] <= bk.TOL, (r["name"], s, t["rel_err"])
       assert t["kernels_per_matvec"] == 1, "the Q4_0 dequant should fuse into the matmul"
-      assert t["gbs"] == pytest.approx(r["q4_bytes"] / t["us"] / 1e3)
+      assert t["gbs"] == pytest.approx(r["weight_bytes"] / t["us"] / 1e3)
     assert r["speedup"] == pytest.approx(r["off"]["us"] / r["on"]["us"])
     assert r["desc"] in proc.stdout
+
+def test_mix_rows_cover_each_type_and_shape_of_the_mixes():
+  # every (type, in) of a decode matvec weight the two mixes give (the types-*.json files) has a row of that type and length
+  mixes = ROOT / "third_party" / "llama.cpp" / "quant-mixes"
+  have = {(r.qtype, r.inp) for r in bk.ROWS + bk.MIX_ROWS}
+  ins = {"attn_q_a": 2048, "attn_kv_a_mqa": 2048, "attn_q_b": 768, "attn_k_b": 192, "attn_v_b": 512, "attn_output": 5120,
+         "ffn_gate": 2048, "ffn_up": 2048, "ffn_down": 10240, "ffn_gate_exps": 2048, "ffn_up_exps": 2048, "ffn_down_exps": 1536,
+         "ffn_gate_shexp": 2048, "ffn_up_shexp": 2048, "ffn_down_shexp": 1536}
+  for mix in ("Q4_0", "Q4_K_M"):
+    for name, t in json.loads((mixes / f"types-{mix}.json").read_text()).items():
+      kind = name.split(".")[-2]
+      if name == "output.weight": assert (t.upper(), 2048) in have, (mix, name)
+      elif kind in ins: assert (t.upper(), ins[kind]) in have, (mix, name, t)
+
+def test_small_run_of_the_mix_types_on_cpu(tmp_path):
+  # one row per layout beside Q4_0 (K-quants, Q5_0, the per-head matvec, MoE): the dequant fuses and the numbers are right
+  out, names = tmp_path / "kernels.json", ["output_q6_k", "attn_k_b_q5_0", "attn_v_b_q4_k", "moe_down_q4_k"]
+  proc = subprocess.run([sys.executable, str(SCRIPT), "--small", "--rows", ",".join(names), "--json", str(out)], capture_output=True,
+                        text=True, timeout=240, env={**os.environ, "DEV": "CPU"}, cwd=ROOT)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  rows = json.loads(out.read_text())["rows"]
+  assert [r["name"] for r in rows] == names and [r["qtype"] for r in rows] == ["Q6_K", "Q5_0", "Q4_K", "Q4_K"]
+  for r in rows:
+    block, size = bk.block_of(r["qtype"])
+    assert r["weight_bytes"] == (r["k"] or r["heads"] or 1) * r["out"] * r["in"] // block * size
+    for s in ("off", "on"):
+      assert r[s]["numerics_ok"] and r[s]["kernels_per_matvec"] == 1, (r["name"], s, r[s])
 
 @pytest.mark.parametrize("args, says", [
   (["--variant", "k=TINYGRAD_EXT_FUSION_KEEP_PER_ELEMENT=7"], "TINYGRAD_EXT_FUSION_KEEP_PER_ELEMENT='7': must be 0 or 1"),
