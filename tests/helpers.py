@@ -25,7 +25,7 @@ def run_python(code:str, **env) -> subprocess.CompletedProcess:
   """code run by a fresh interpreter with these environment settings added."""
   return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env={**os.environ, **env})
 
-QTYPES = {"Q4_0": gguf.GGMLQuantizationType.Q4_0, "Q8_0": gguf.GGMLQuantizationType.Q8_0,
+QTYPES = {"Q4_0": gguf.GGMLQuantizationType.Q4_0, "Q8_0": gguf.GGMLQuantizationType.Q8_0, "Q5_0": gguf.GGMLQuantizationType.Q5_0,
           "Q4_K": gguf.GGMLQuantizationType.Q4_K, "Q5_K": gguf.GGMLQuantizationType.Q5_K, "Q6_K": gguf.GGMLQuantizationType.Q6_K}
 
 # gguf's quantize has no K-quants: random blocks, with the fp16 super-block scales set to small finite values
@@ -52,7 +52,7 @@ def quantized(rng, shape, qtype:str, device:str) -> Tensor:
 def matvecs(draw, device:str):
   # every GGML type tinygrad.llm dequantizes that GLM files use, and plain float weights (BF16 not on CPU: clang 14 has
   # no __bf16 for the target tinygrad's CPU backend compiles to)
-  qtype = draw(st.sampled_from(["Q4_0", "Q8_0", "F16", "Q4_K", "Q5_K", "Q6_K"] + (["BF16"] if device != "CPU" else [])))
+  qtype = draw(st.sampled_from(["Q4_0", "Q8_0", "Q5_0", "F16", "Q4_K", "Q5_K", "Q6_K"] + (["BF16"] if device != "CPU" else [])))
   block = 256 if qtype.endswith("_K") else 32
   # long rows leave each lane several blocks: a policy's reduce_warps splits those over warps
   inp = block * draw(st.sampled_from([1, 2, 3, 4, 6, 8, 48, 80] if block == 32 else [1, 2, 6]))

@@ -29,7 +29,8 @@ def test_matvec_passes_on_equal_passes_off(device):
       policy = data.draw(st.sampled_from(["", "lanes_per_block=2", "lanes=32,lanes_per_block=4", "lanes=32,lanes_per_block=2,reduce_warps=8",
                                           "lanes=16,lanes_per_block=2,block_unroll=2,block_unroll_min_elements=0",
                                           "lanes=32,lanes_per_block=8,block_unroll=4,block_unroll_min_elements=0",
-                                          "lanes=32,lanes_per_block=2,lanes_per_block_wide=2,reduce_warps=8,short_loop_unroll=8"]))
+                                          "lanes=32,lanes_per_block=2,lanes_per_block_wide=2,reduce_warps=8,short_loop_unroll=8",
+                                          "spread_in_block=0", "lanes=32,spread_in_block=1,reduce_warps=8"]))
       with tinygrad_ext.passes_off(): ref = make().numpy()
       with Context(TINYGRAD_EXT_MATVEC_POLICY=policy): assert_close_fp16(make().numpy(), ref)
   prop()
@@ -59,7 +60,7 @@ def test_matvec_picks_reduce_local_for_decode_matvecs(qtype):
   def lanes(opts) -> int: return prod(o.arg for o in opts if o.op is OptOpsExt.REDUCE_LOCAL)
   # a lane per quant block (the largest power of two up to 32 that divides them): 2048 inputs are 64 blocks of Q4_0 and
   # Q8_0 and 256 steps of 8 float weights, but 8 super-blocks of a K-quant
-  with Context(TINYGRAD_EXT_MATVEC_POLICY="lanes_per_block_wide=1"):
+  with Context(TINYGRAD_EXT_MATVEC_POLICY="lanes_per_block_wide=1,spread_in_block=0"):
     assert lanes(applied(lambda: x @ w.T, cuda_renderer())) == (8 if qtype.endswith("_K") else 32)
   # CUDA's policy: fewer rows than inputs and the rows split over warps, so the quantized blocks are split over lanes
   # too (2 a Q4_0/Q8_0 block, 4 a K-quant super-block): 32 lanes a row either way
@@ -263,3 +264,25 @@ def test_matvec_unrolls_two_blocks_a_step_only_on_the_largest_matrices():
   # 64M weights: the blocks left to a lane after the lanes (axis 1: 2048 inputs are 64 blocks, 32 lanes, 2 steps)
   assert block_unrolls(q4_0_empty(32768, 2048)) == [Opt(OptOps.UNROLL, 1, 2)]
   assert block_unrolls(q4_0_empty(16384, 2048)) == []  # 32M
+
+@pytest.mark.parametrize("qtype, inp, row_lanes", [("Q4_K", 768, 32), ("Q6_K", 512, 32), ("Q5_0", 64, 8)])
+def test_matvec_spreads_a_short_rows_blocks_over_lanes(qtype, inp, row_lanes):
+  # attn_q_b in Q4_K: 768 inputs are 3 super-blocks, which no power of two of lanes divides; a row's lanes take the
+  # super-block's 32-byte groups and its bytes a word a lane instead (32 lanes a row), where they took only 2 and the
+  # heuristic declined (Q5_0's 2 blocks of 16 bytes: 4 lanes a block, a word each). The lanes read other bytes: no
+  # nibble half (the same bytes) goes over lanes
+  w = quantized(rng, (5120, inp), qtype, Device.DEFAULT)
+  short = Tensor.empty(1, inp, dtype=dtypes.float16)
+  def lanes(opts) -> int: return prod(o.arg for o in opts if o.op is OptOpsExt.REDUCE_LOCAL)
+  opts = applied(lambda: short @ w.T, cuda_renderer())
+  assert lanes(opts) == row_lanes, opts
+  with Context(TINYGRAD_EXT_MATVEC_POLICY="spread_in_block=0"): assert lanes(applied(lambda: short @ w.T, cuda_renderer())) < row_lanes
+  (ast,) = kernel_asts(lambda: short @ w.T)
+  from kernels import scheduler_of
+  from tinygrad.uop.ops import AxisType
+  from tinygrad_ext.passes.matvec import distinct_byte_axes, pm_matvec
+  k = scheduler_of(ast, cuda_renderer())
+  red = k.axes_of(AxisType.REDUCE)
+  m = pm_matvec.rewrite(next(r for r in k.reduceops))
+  # Q4_K: the 4 groups of 32 bytes (2 x 2) and not the nibble half; Q6_K: the two 128-element halves; Q5_0: the 16 bytes' two halves
+  assert [k.full_shape[i] for i in distinct_byte_axes(k, m.weight, red)] == {"Q4_K": [2, 2], "Q6_K": [2], "Q5_0": [2]}[qtype]

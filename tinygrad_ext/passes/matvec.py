@@ -71,6 +71,10 @@ class MatvecPolicy:
   # more rows per block (LOCAL) until a block has at least this many threads: a short reduce (attn_k_b's 192 inputs, 6
   # Q4_0 blocks) fills only 4 lanes a row, and 4 rows of those left every warp half empty
   min_block_threads: int = 0
+  # where a row's blocks do not fill the lanes (a K-quant row of 2-3 super-blocks), the lanes also take the axes inside a
+  # block along which each lane reads other bytes (a super-block's 32-byte groups), and the block's bytes go a 32-bit word
+  # a lane: up to `lanes` lanes a row however few its blocks (0: off)
+  spread_in_block: int = 0
 
 POLICIES = {
   # H200 (benchmarks/results/h200-2026-11-22-q4-reduce-local-variants.txt): 32 lanes and 4 rows per block were best or
@@ -111,10 +115,13 @@ POLICIES = {
                        float_unroll=8, lanes_per_block=2, wide_upcast_rows=4, wide_upcast_min_elements=64 << 20,
                        costly_act_upcast_rows=4, costly_act_min_elements=8 << 20, min_row_blocks=64, min_block_threads=32,
                        reduce_warps=8, reduce_warps_max_elements=11 << 20, block_unroll=2, block_unroll_min_elements=64 << 20,
-                       lanes_per_block_wide=2, short_loop_unroll=8, tall_upcast_rows=4, tall_reduce_warps=2, tall_min_elements=11 << 20),
+                       lanes_per_block_wide=2, short_loop_unroll=8, tall_upcast_rows=4, tall_reduce_warps=2, tall_min_elements=11 << 20,
+                       spread_in_block=1),
   # a simdgroup is 32 wide; not measured (no Apple hardware here), so no row upcast until it is
-  "METAL": MatvecPolicy(lanes=32, rows_per_block=4, upcast_rows=1, upcast_min_elements=0, quant_upcast_min_elements=0, float_unroll=8),
-  "generic": MatvecPolicy(lanes=16, rows_per_block=4, upcast_rows=1, upcast_min_elements=0, quant_upcast_min_elements=0, float_unroll=4),
+  "METAL": MatvecPolicy(lanes=32, rows_per_block=4, upcast_rows=1, upcast_min_elements=0, quant_upcast_min_elements=0, float_unroll=8,
+                        spread_in_block=1),
+  "generic": MatvecPolicy(lanes=16, rows_per_block=4, upcast_rows=1, upcast_min_elements=0, quant_upcast_min_elements=0, float_unroll=4,
+                          spread_in_block=1),
 }
 # "field=value,...": overrides fields of the backend's policy, for A/B runs of the table (part of the cache id)
 def parse_override(spec:str) -> dict[str, int]:
@@ -158,6 +165,28 @@ def lanes_per_block(pol:MatvecPolicy, blocks:int, block_bytes:int, rows:int, inp
   fits = [n for n in (split, 2 * split) if block_bytes % n == 0 and block_bytes >= 2 * n]
   # the smallest split whose blocks fill every lane, else the smallest legal one
   return next((n for n in fits if _pow2_divisor(blocks, pol.lanes // n) * n == pol.lanes), fits[0] if fits else 1)
+
+BYTE_DTYPES = (dtypes.uint8, dtypes.int8)
+
+def distinct_byte_axes(k, weight:UOp, red:list[int]) -> list[int]:
+  """The axes inside a quant block (red[1:-1]) along which every load of the weight that reads the block's bytes (the
+  last axis) reads other bytes: a K-quant super-block's 32-byte groups, not a nibble half (the same bytes again)."""
+  last = k.rngs[red[-1]]
+  reads = [set(u.src[1].ranges) for u in weight.toposort()
+           if u.op is Ops.INDEX and getattr(u.dtype, "base", u.dtype) in BYTE_DTYPES and last in u.src[1].ranges]
+  return [i for i in red[1:-1] if reads and all(k.rngs[i] in r for r in reads)]
+
+def spread_in_block(k, weight:UOp, red:list[int], lanes:int) -> tuple[list[int], int]:
+  """(in-block axes over lanes, lanes on the block's bytes) for a row whose blocks do not fill its lanes: the bytes a
+  32-bit word a lane, the distinct-byte axes inside the block over the rest, innermost first, as many as fit."""
+  axes, width = [], 1
+  for i in reversed(distinct_byte_axes(k, weight, red)):
+    if width * k.full_shape[i] > lanes: break
+    axes.insert(0, i)
+    width *= k.full_shape[i]
+  block_bytes = k.full_shape[red[-1]]
+  byte_lanes = max((n for n in (1, 2, 4, 8, 16, 32) if block_bytes % n == 0 and block_bytes // n >= 4 and n * width <= lanes), default=1)
+  return axes, byte_lanes
 
 def warps_may_split_rows(pol:MatvecPolicy, weight_elements:int) -> bool:
   return pol.reduce_warps > 1 and not (pol.reduce_warps_max_elements and weight_elements >= pol.reduce_warps_max_elements)
@@ -227,7 +256,7 @@ def choose_matvec_opts(k):
   costly = costly_per_element(m.activation, {k.rngs[i] for i in red})  # before the opts below split those ranges
   inputs, rows = prod(k.full_shape[i] for i in red), k.full_shape[out]
   weight_elements = prod(k.full_shape[i] for i in k.axes_of(AxisType.GLOBAL)) * inputs
-  block_lanes = 1
+  block_lanes, spread, spread_width = 1, [], 1
   # a row's blocks may go over warps where the matvec is alone in its kernel (each warp would repeat a row reduce of the
   # activation, and load a side reduce's operands: the epilogue)
   dense = sum(k.full_shape[i] > 1 for i in outs) == 1  # one output axis: no expert slots (MoE) or batch beside the rows
@@ -239,13 +268,19 @@ def choose_matvec_opts(k):
     # the last (the block's contiguous bytes), which is split over lanes_per_block lanes, each reading a contiguous run
     block_lanes = lanes_per_block(pol, blocks=k.full_shape[red[0]], block_bytes=k.full_shape[red[-1]], rows=weight_elements // inputs,
                                   inputs=inputs, warps_split_rows=warps_split)
+    if pol.spread_in_block and _pow2_divisor(k.full_shape[red[0]], pol.lanes // block_lanes) * block_lanes < pol.lanes:
+      spread, bytes_lanes = spread_in_block(k, m.weight, red, pol.lanes)
+      if spread: block_lanes, spread_width = bytes_lanes, prod(k.full_shape[i] for i in spread)
     for i in reversed(range(1, len(red))):
+      if red[i] in spread: continue  # goes over lanes whole, below
       if (amt:=k.full_shape[red[i]] // (block_lanes if i == len(red) - 1 else 1)) > 1: unroll(main_red()[i], amt)
   elif k.full_shape[red[0]] % (pol.float_unroll * 2) == 0:
     unroll(red[0], pol.float_unroll)
+  bytes_lanes, block_lanes = block_lanes, block_lanes * spread_width  # lanes on the block's bytes; lanes a block
   if (lanes:=_pow2_divisor(k.full_shape[main_red()[0]], pol.lanes // block_lanes)) * block_lanes < 4: return None
-  # the block's lanes first: they are the fastest, adjacent lanes read adjacent bytes of a block, then adjacent blocks
-  if block_lanes > 1: reduce_local(main_red()[1], block_lanes)
+  # the block's lanes first: they are the fastest, adjacent lanes read adjacent bytes of a block (its bytes, then its
+  # distinct-byte axes, innermost first), then adjacent blocks
+  for _ in range((bytes_lanes > 1) + len(spread)): reduce_local(main_red()[-1], k.full_shape[main_red()[-1]])
   if lanes > 1: reduce_local(main_red()[0], lanes)
   if row_reduces and not spread_rows_over_lanes(k, row_reduces): return None
   # what is left of the block axis: loop steps of each lane, split over warps where the matvec is alone in its kernel
