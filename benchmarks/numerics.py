@@ -136,11 +136,11 @@ def main(argv=None) -> int:
       print(f"  {policy}, passes {mode}: {time.perf_counter()-st:.0f} s; hidden <= {max(max(h) for h in r['hidden']):.1e}, logits <= "
             f"{max(r['logits'] + r['decode_logits']):.1e}, expert sets differing {sum(not e for s in r['experts_equal'] for e in s)}, "
             f"tokens differing {sum(not t for t in r['tokens_equal'])}", file=sys.stderr, flush=True)
+      if a.json:  # after each configuration: a run cut short keeps what it measured
+        a.json.write_text(json.dumps({"model": str(a.model), "device": Device.DEFAULT, "prompt": prompt, "reference_tokens": ref["tokens"],
+                                      "reference_seconds": ref["seconds"], "results": results}, indent=1))
   print(f"device {Device.DEFAULT}, model {pathlib.Path(a.model).name}, reference tokens {ref['tokens'][len(prompt):]}")
   print(table(results, cfg.n_dense))
-  if a.json:
-    a.json.write_text(json.dumps({"model": str(a.model), "device": Device.DEFAULT, "prompt": prompt, "reference_tokens": ref["tokens"],
-                                  "reference_seconds": ref["seconds"], "results": results}, indent=1))
   return 0
 
 if __name__ == "__main__": sys.exit(main())
