@@ -7,7 +7,8 @@ import pytest
 from tinygrad import Tensor, dtypes, Context
 import tinygrad_ext
 from tinygrad_ext import only, passes_off
-from kernels import kernel_asts
+from tinygrad.uop.ops import Ops
+from kernels import kernel_asts, render, cuda_renderer, q4_0_matvec_ast
 
 DEVICES = os.getenv("TINYGRAD_EXT_TEST_DEVICES", "CL,CPU").split(",")
 
@@ -245,3 +246,19 @@ def test_row_heuristic_pads_no_reduce_past_its_length(device):
   (q_off, r_off), (q_on, r_on) = both(make)
   np.testing.assert_allclose(q_on, q_off, atol=1e-6)
   np.testing.assert_allclose(np.swapaxes(q_on, -1, -2) @ q_on, np.broadcast_to(np.eye(2), q_on.shape), atol=1e-6)
+
+def test_lanes_summing_values_that_read_no_memory_combine_through_local_memory():
+  # the QR batch above on CUDA: its sums over 2 lanes are of values computed from constants and the lane index, inside a
+  # `where` on that same lane index. tinygrad folds the condition to True inside the branch (where no INDEX stops it),
+  # also inside a shuffle's operand, which is another lane's value: lane 0 summed its own value twice (a wrong Q on an
+  # H100). Such sums combine through local memory, whose loads keep the fold out; the GLM's reduces read memory and
+  # keep their shuffles
+  t = Tensor(np.array([5], dtype=np.int16)).contiguous().realize()
+  m = (t == t).flatten().repeat(32).reshape(2, 2, 2, 2, 2).cast(dtypes.float32)
+  m = m + 17 * Tensor.eye(2, 2) * Tensor.arange(1, 3, dtype=dtypes.float32)
+  Q, R = m.qr()
+  asts = [c.src[0] for c in Tensor.linear_with_vars(Q, R)[0].src if c.src[0].op is Ops.SINK]
+  srcs = [render(a, cuda_renderer()) for a in asts]
+  assert srcs and all("__shfl" not in s for s in srcs)
+  assert any("__shared__" in s for s in srcs)  # the lanes still split the sums, through local memory
+  assert "__shfl_xor_sync" in render(q4_0_matvec_ast(), cuda_renderer())

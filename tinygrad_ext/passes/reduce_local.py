@@ -253,11 +253,18 @@ def smem_tree_bytes(sink:UOp, reduces:list[UOp]) -> int:
   threads = workgroup_threads(sink)
   return sum(prod(r.shape) * r.dtype.itemsize * threads * (reduce_range(r, LANE_ID).vmax+1).bit_length() for r in reduces)
 
+def reads_memory(u:UOp) -> bool: return any(x.op is Ops.INDEX for x in u.toposort())
+
 def reduce_local_epilogue(sink:UOp, ren:Renderer) -> UOp:
   reduces = [u for u in sink.toposort() if u.op is Ops.REDUCE and reduce_range(u, LANE_ID) is not None]
   if not reduces: return sink
-  # register shuffles need the lanes to be consecutive hardware threads; local memory works whatever the mapping
-  epilogue = warp_epilogue(ren, reduces[0].dtype, workgroup_threads(sink)) if lanes_map_to_hardware(sink, ren) else None
+  # register shuffles need the lanes to be consecutive hardware threads; local memory works whatever the mapping. And
+  # every shuffled value must read memory: tinygrad folds a condition to True inside the branch of a `where` it gates
+  # (symbolic.fold_where_closure) unless the branch has an INDEX, and a shuffle's operand is the value of another lane,
+  # where the condition (lane == 0) is false: a batch of 2x2 QRs, computed from constants, then summed lane 0's value
+  # twice on an H100. Through local memory the operand is stored, and the load's INDEX keeps the fold out
+  shufflable = all(reads_memory(r.src[0]) for r in reduces)
+  epilogue = warp_epilogue(ren, reduces[0].dtype, workgroup_threads(sink)) if shufflable and lanes_map_to_hardware(sink, ren) else None
   # the tree through memory needs a buffer per step: where that does not fit (opts after REDUCE_LOCAL add rows and
   # threads), the lanes stay a GROUP_REDUCE and tinygrad's one-buffer shared-memory reduce combines them
   if epilogue is None and smem_tree_bytes(sink, reduces) > ren.shared_max: return sink
