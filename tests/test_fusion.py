@@ -111,6 +111,25 @@ def test_normalized_row_feeding_a_matmul_is_realized_once(device):
       assert_close_fp16(make().float().numpy(), ref)
   prop()
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_row_read_wide_and_rounded_is_realized_once(device):
+  # GLM's MoE input under the mixed numerics policy: the float32 router reads the float32 norm, the experts read it
+  # rounded to fp16. One row kernel writes the float32 row and the experts' matvec rounds what it reads (the same bits);
+  # a row realized in each dtype was a sum-of-squares kernel and two elementwise ones (2 kernels a MoE block more)
+  rng = np.random.default_rng(0)
+  with Context(DEV=device):
+    x = Tensor(rng.standard_normal((1, 2048)).astype(np.float32)).realize()
+    w = Tensor(rng.standard_normal(2048).astype(np.float32)).realize()
+    router = Tensor((rng.standard_normal((64, 2048)) / 45).astype(np.float32)).realize()
+    experts = Tensor((rng.standard_normal((512, 2048)) / 45).astype(np.float16)).realize()
+    def make():
+      n = rms_norm(x, w)
+      return (n @ router.T).contiguous(), (n.cast(dtypes.half).cast(dtypes.float) @ experts.float().T).contiguous()
+    on = [c.src[0] for c in Tensor.linear_with_vars(*make())[0].src if c.src[0].op is Ops.SINK]
+    assert len(on) == 3, len(on)  # the row, the router, the experts
+    with without("fusion"): ref = [t.numpy() for t in make()]
+    for got, want in zip(make(), ref): assert_close_fp16(got.numpy(), want)  # the sum of squares summed in another order
+
 def test_short_row_is_recomputed_only_in_small_matmuls():
   # a 768-wide normalized row: inside a 768 x 5120 matvec (GLM's q_b) one kernel; read by a matmul over SHORT_ROW_MATMUL
   # elements it is realized once, as longer rows are (each lane would re-read x and the norm weight for every row)

@@ -396,21 +396,29 @@ def realize_normalized_rows(sink:UOp) -> UOp:
   def row(n:UOp) -> bool:
     if n not in is_row: is_row[n] = normalized_row(n)
     return is_row[n]
-  for r in sink.toposort():
-    if r.op is not Ops.REDUCE or r.arg[0] is not Ops.ADD: continue
-    if (mul:=skip(r.src[0], (Ops.PERMUTE, Ops.CAST), r)[0]).op is not Ops.MUL: continue
-    for operand in mul.src:  # a matmul's operand that it reads broadcast over its other axis: recomputed per output
-      n, parent = skip(operand, MOVEMENT, mul)
-      # a widening cast of a normalized row (the float32 router reading the fp16 row) reads the realized row, cast
-      while n.op is Ops.CAST and n.src[0].dtype.itemsize <= n.dtype.itemsize and row((under:=skip(n.src[0], MOVEMENT, n))[0]):
-        n, parent = under
-      # a tiny row (the selected experts' weights) is recomputed where it is read, as tiny buffers are (TINY above), and
-      # a short one in a small matmul (SHORT_ROW above)
-      if numel(mul) < 2 * numel(n) or numel(n) <= TINY or (numel(n) <= SHORT_ROW and numel(mul) <= SHORT_ROW_MATMUL) or not row(n): continue
-      realized.setdefault(n, n.contiguous())
-      # the consumer reads the realized row (substituting n itself would rewrite it inside its own CONTIGUOUS too)
-      p = subs.get(parent, parent)
-      subs[parent] = p.replace(src=tuple(realized[n] if s is n else s for s in p.src))
+  def rows_read(wider:frozenset[UOp]):
+    """(row, its consumer) for each normalized row a matmul reads: through widening casts, and through a narrowing cast
+    where the wider row is read too (`wider`)."""
+    for r in sink.toposort():
+      if r.op is not Ops.REDUCE or r.arg[0] is not Ops.ADD: continue
+      if (mul:=skip(r.src[0], (Ops.PERMUTE, Ops.CAST), r)[0]).op is not Ops.MUL: continue
+      for operand in mul.src:  # a matmul's operand that it reads broadcast over its other axis: recomputed per output
+        n, parent = skip(operand, MOVEMENT, mul)
+        # a widening cast of a normalized row (the float32 router reading the fp16 row) reads the realized row, cast;
+        # so does a narrowing one of a row another matmul reads wide (the mixed policy's experts reading the float32 norm
+        # rounded to fp16, beside the float32 router): one row realized, rounded in the consumer to the same bits
+        while n.op is Ops.CAST and row((under:=skip(n.src[0], MOVEMENT, n))[0]) and \
+              (n.src[0].dtype.itemsize <= n.dtype.itemsize or under[0] in wider):
+          n, parent = under
+        # a tiny row (the selected experts' weights) is recomputed where it is read, as tiny buffers are (TINY above),
+        # and a short one in a small matmul (SHORT_ROW above)
+        if numel(mul) < 2 * numel(n) or numel(n) <= TINY or (numel(n) <= SHORT_ROW and numel(mul) <= SHORT_ROW_MATMUL) or not row(n): continue
+        yield n, parent
+  for n, parent in rows_read(frozenset(n for n, _ in rows_read(frozenset()))):
+    realized.setdefault(n, n.contiguous())
+    # the consumer reads the realized row (substituting n itself would rewrite it inside its own CONTIGUOUS too)
+    p = subs.get(parent, parent)
+    subs[parent] = p.replace(src=tuple(realized[n] if s is n else s for s in p.src))
   return sink.substitute(subs, name="fusion: realize normalized rows read by matmuls") if subs else sink
 
 # *** codegen: one workgroup per row, reduces and outputs over the same lanes ***
