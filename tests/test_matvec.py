@@ -286,3 +286,26 @@ def test_matvec_spreads_a_short_rows_blocks_over_lanes(qtype, inp, row_lanes):
   m = pm_matvec.rewrite(next(r for r in k.reduceops))
   # Q4_K: the 4 groups of 32 bytes (2 x 2) and not the nibble half; Q6_K: the two 128-element halves; Q5_0: the 16 bytes' two halves
   assert [k.full_shape[i] for i in distinct_byte_axes(k, m.weight, red)] == {"Q4_K": [2, 2], "Q6_K": [2], "Q5_0": [2]}[qtype]
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_matvec_takes_a_matvec_per_head_whose_heads_and_rows_merged(device):
+  # MLA's attn_v_b under the mixed policy: a float32 latent (1, heads, 1, in) times a (heads, out, in) weight, one matvec
+  # a head. tinygrad merges heads and rows into one output axis, which the activation reads as out // rows: still a
+  # matvec (one activation for each run of rows), where the heuristic declined and one thread walked each row alone
+  r = np.random.default_rng(7)
+  with Context(DEV=device):
+    w = quantized(r, (4, 64, 256), "Q4_0", device)
+    probs = Tensor(r.uniform(0, 1, (1, 4, 1, 8)).astype(np.float32), device=device).realize()
+    keys = Tensor(r.standard_normal((1, 1, 8, 256)).astype(np.float16), device=device).realize()
+    # the latent as the model makes it, the attention's weighted sum of the cached keys: a float32 kernel of its own
+    # then each head's matvec, its outputs concatenated over the heads (the model's (B, T, heads * v_head))
+    make = lambda: ((probs @ keys.float()).contiguous().cast(dtypes.half).cast(dtypes.float) @ w.float().transpose(-1, -2)) \
+      .transpose(1, 2).reshape(1, 1, 4 * 64).contiguous()
+    if Device[device].renderer.has_local:
+      assert any(o.op is OptOpsExt.REDUCE_LOCAL for o in applied(make, Device[device].renderer))
+    with tinygrad_ext.passes_off(): ref = make().numpy()
+    assert_close_fp16(make().numpy(), ref)
+  from kernels import scheduler_of
+  k = scheduler_of(kernel_asts(make)[-1], cuda_renderer())
+  assert k.full_shape[0] == 4 * 64  # heads and rows merged (what the test is about)
+  assert any(o.op is OptOpsExt.REDUCE_LOCAL for o in applied(make, cuda_renderer()))

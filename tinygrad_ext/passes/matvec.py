@@ -141,6 +141,13 @@ def policy_for(device:str) -> MatvecPolicy:
 class Matvec:
   weight: UOp
   activation: UOp
+  act_ranges: frozenset  # the ranges the activation varies with element by element (not those it reads per block of rows)
+
+def per_block_of_rows(act:UOp, rng:UOp) -> bool:
+  """act reads rng only as rng // c (c > 1): one activation for each run of c rows. A batch of matvecs, one per attention
+  head (MLA's attn_v_b), whose head and row axes tinygrad merged into one output axis."""
+  users = [u for u in act.toposort() if rng in u.src]
+  return bool(users) and all(u.op in (Ops.FLOORDIV, Ops.CDIV) and u.src[0] is rng and u.src[1].op is Ops.CONST and u.src[1].arg > 1 for u in users)
 
 def classify(r:UOp, w:UOp, act:UOp) -> Matvec|None:
   # The activation reads a strict subset of the weight's ranges: no output row axis. That is what makes it a matvec
@@ -149,7 +156,10 @@ def classify(r:UOp, w:UOp, act:UOp) -> Matvec|None:
   # a norm fused into the activation, an activation that is itself a dequantized embedding row.
   if r.arg[0] is not Ops.ADD or not dtypes.is_float(w.dtype) or not dtypes.is_float(act.dtype): return None
   if not any(u.op is Ops.INDEX for u in act.toposort()): return None  # a vector read from memory, not a constant
-  return Matvec(w, act) if set(act.ranges) < set(w.ranges) else None
+  if not set(act.ranges) <= set(w.ranges): return None
+  reduced = set(r.src[1:])
+  reads = frozenset(x for x in act.ranges if x in reduced or not per_block_of_rows(act, x))
+  return Matvec(w, act, reads) if reads < set(w.ranges) else None
 
 # REDUCE(ADD, MUL(weight, activation)), the MUL possibly cast
 pm_matvec = PatternMatcher([
@@ -246,7 +256,7 @@ def choose_matvec_opts(k):
   # out of the reduce axes: what follows counts the matvec's axes only (a range two side reduces share, the experts'
   # weights and their sum, is unrolled once)
   unroll_whole(k, side)
-  act_ranges, w_ranges = set(m.activation.ranges), set(m.weight.ranges)
+  act_ranges, w_ranges = m.act_ranges, set(m.weight.ranges)
   # the weight's rows: global axes the activation does not read (MoE: the expert slot axis is read by both)
   outs = [i for i in k.axes_of(AxisType.GLOBAL) if k.rngs[i] in w_ranges and k.rngs[i] not in act_ranges]
   if not outs or any(not isinstance(s, int) for s in k.full_shape): return None
