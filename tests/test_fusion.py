@@ -130,6 +130,21 @@ def test_a_row_read_wide_and_rounded_is_realized_once(device):
     with without("fusion"): ref = [t.numpy() for t in make()]
     for got, want in zip(make(), ref): assert_close_fp16(got.numpy(), want)  # the sum of squares summed in another order
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_row_rounded_to_half_and_widened_back_is_realized_wide(device):
+  # tinygrad's codegen folds float.cast(half).cast(float) into the float (coalesce.py's pm_simplify_add_image): a matvec
+  # reading a float32 norm that way never rounds it. Realizing the rounded half row stored rounded values, a function
+  # other than the program's (the mixed policy's logits 2x further from float64 with fusion than without)
+  rng = np.random.default_rng(1)
+  with Context(DEV=device):
+    x = Tensor(rng.standard_normal((1, 2048)).astype(np.float32)).realize()
+    w = Tensor(rng.standard_normal(2048).astype(np.float32)).realize()
+    m = Tensor((rng.standard_normal((2048, 1024)) / 45).astype(np.float32)).realize()
+    make = lambda: rms_norm(x, w).cast(dtypes.half).cast(dtypes.float) @ m
+    with without("fusion"): ref = make().numpy()
+    assert len(kernel_asts(make)) == 2  # the row realized once, as for any long row
+    np.testing.assert_allclose(make().numpy(), ref, rtol=1e-5, atol=1e-5 * float(np.abs(ref).max()))
+
 def test_short_row_is_recomputed_only_in_small_matmuls():
   # a 768-wide normalized row: inside a 768 x 5120 matvec (GLM's q_b) one kernel; read by a matmul over SHORT_ROW_MATMUL
   # elements it is realized once, as longer rows are (each lane would re-read x and the norm weight for every row)

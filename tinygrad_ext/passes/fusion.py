@@ -388,6 +388,12 @@ def normalized_row(n:UOp) -> bool:
   edge = {s for u in inside for s in u.src if s.op is Ops.REDUCE}
   return any(2 * numel(r) <= numel(n) for r in edge)
 
+def folded_round_trip(n:UOp, parent:UOp) -> bool:
+  """n rounds a float32 row to half and its reader widens it straight back: tinygrad's codegen folds that round trip
+  (codegen/late/coalesce.py, pm_simplify_add_image: float.cast(half).cast(float) -> the float), so the program never
+  rounds. Realizing the half row would store the rounded values: the float32 row is realized instead."""
+  return n.dtype == dtypes.half and n.src[0].dtype == dtypes.float32 and parent.op is Ops.CAST and parent.dtype == dtypes.float32
+
 def realize_normalized_rows(sink:UOp) -> UOp:
   if not is_active(NAME): return sink
   realized: dict[UOp, UOp] = {}
@@ -408,7 +414,7 @@ def realize_normalized_rows(sink:UOp) -> UOp:
         # so does a narrowing one of a row another matmul reads wide (the mixed policy's experts reading the float32 norm
         # rounded to fp16, beside the float32 router): one row realized, rounded in the consumer to the same bits
         while n.op is Ops.CAST and row((under:=skip(n.src[0], MOVEMENT, n))[0]) and \
-              (n.src[0].dtype.itemsize <= n.dtype.itemsize or under[0] in wider):
+              (n.src[0].dtype.itemsize <= n.dtype.itemsize or under[0] in wider or folded_round_trip(n, parent)):
           n, parent = under
         # a tiny row (the selected experts' weights) is recomputed where it is read, as tiny buffers are (TINY above),
         # and a short one in a small matmul (SHORT_ROW above)
