@@ -111,17 +111,21 @@ def test_normalized_row_feeding_a_matmul_is_realized_once(device):
       assert_close_fp16(make().float().numpy(), ref)
   prop()
 
+def float32_row_and_norm(seed:int, cols:int=2048) -> tuple[Tensor, Tensor]:
+  rng = np.random.default_rng(seed)
+  return Tensor(rng.standard_normal((1, cols)).astype(np.float32)).realize(), Tensor(rng.standard_normal(cols).astype(np.float32)).realize()
+
+def random_matrix(seed:int, shape, dtype=np.float32) -> Tensor:
+  return Tensor((np.random.default_rng(seed).standard_normal(shape) / np.sqrt(shape[-1])).astype(dtype)).realize()
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_a_row_read_wide_and_rounded_is_realized_once(device):
   # GLM's MoE input under the mixed numerics policy: the float32 router reads the float32 norm, the experts read it
   # rounded to fp16. One row kernel writes the float32 row and the experts' matvec rounds what it reads (the same bits);
   # a row realized in each dtype was a sum-of-squares kernel and two elementwise ones (2 kernels a MoE block more)
-  rng = np.random.default_rng(0)
   with Context(DEV=device):
-    x = Tensor(rng.standard_normal((1, 2048)).astype(np.float32)).realize()
-    w = Tensor(rng.standard_normal(2048).astype(np.float32)).realize()
-    router = Tensor((rng.standard_normal((64, 2048)) / 45).astype(np.float32)).realize()
-    experts = Tensor((rng.standard_normal((512, 2048)) / 45).astype(np.float16)).realize()
+    x, w = float32_row_and_norm(0)
+    router, experts = random_matrix(1, (64, 2048)), random_matrix(2, (512, 2048), np.float16)
     def make():
       n = rms_norm(x, w)
       return (n @ router.T).contiguous(), (n.cast(dtypes.half).cast(dtypes.float) @ experts.float().T).contiguous()
@@ -135,11 +139,9 @@ def test_a_row_rounded_to_half_and_widened_back_is_realized_wide(device):
   # tinygrad's codegen folds float.cast(half).cast(float) into the float (coalesce.py's pm_simplify_add_image): a matvec
   # reading a float32 norm that way never rounds it. Realizing the rounded half row stored rounded values, a function
   # other than the program's (the mixed policy's logits 2x further from float64 with fusion than without)
-  rng = np.random.default_rng(1)
   with Context(DEV=device):
-    x = Tensor(rng.standard_normal((1, 2048)).astype(np.float32)).realize()
-    w = Tensor(rng.standard_normal(2048).astype(np.float32)).realize()
-    m = Tensor((rng.standard_normal((2048, 1024)) / 45).astype(np.float32)).realize()
+    x, w = float32_row_and_norm(3)
+    m = random_matrix(4, (1024, 2048)).T
     make = lambda: rms_norm(x, w).cast(dtypes.half).cast(dtypes.float) @ m
     with without("fusion"): ref = make().numpy()
     assert len(kernel_asts(make)) == 2  # the row realized once, as for any long row
