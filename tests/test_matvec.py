@@ -288,6 +288,25 @@ def test_matvec_spreads_a_short_rows_blocks_over_lanes(qtype, inp, row_lanes):
   assert [k.full_shape[i] for i in distinct_byte_axes(k, m.weight, red)] == {"Q4_K": [2, 2], "Q6_K": [2], "Q5_0": [2]}[qtype]
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_matvecs_per_head_with_merged_axes_equal_passes_off(device):
+  # the merged heads-and-rows matvec (below) over random types, head counts and shapes, each policy's opts on it
+  @settings(max_examples=EXAMPLES.get(device, 20), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+  @given(st.sampled_from(["Q4_0", "Q8_0", "Q5_0", "Q4_K", "Q6_K"]), st.sampled_from([2, 3, 4]), st.sampled_from([8, 16, 64]),
+         st.sampled_from([1, 2, 3]), st.integers(0, 2**16), st.sampled_from(["", "lanes=32,reduce_warps=8", "spread_in_block=0"]))
+  def prop(qtype, heads, rows, blocks, seed, policy):
+    inp = blocks * (256 if qtype.endswith("_K") else 32)
+    r = np.random.default_rng(seed)
+    with Context(DEV=device):
+      w = quantized(r, (heads, rows, inp), qtype, device)
+      probs = Tensor(r.uniform(0, 1, (1, heads, 1, 5)).astype(np.float32), device=device).realize()
+      keys = Tensor(r.standard_normal((1, 1, 5, inp)).astype(np.float16), device=device).realize()
+      make = lambda: ((probs @ keys.float()).contiguous().cast(dtypes.half).cast(dtypes.float) @ w.float().transpose(-1, -2)) \
+        .transpose(1, 2).reshape(1, 1, heads * rows).contiguous()
+      with tinygrad_ext.passes_off(): ref = make().numpy()
+      with Context(TINYGRAD_EXT_MATVEC_POLICY=policy): assert_close_fp16(make().numpy(), ref)
+  prop()
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_matvec_takes_a_matvec_per_head_whose_heads_and_rows_merged(device):
   # MLA's attn_v_b under the mixed policy: a float32 latent (1, heads, 1, in) times a (heads, out, in) weight, one matvec
   # a head. tinygrad merges heads and rows into one output axis, which the activation reads as out // rows: still a
