@@ -178,11 +178,12 @@ class Program:
       n += values_of(s)
     return "\n".join(lines + [f"realize {', '.join(f't{o}' for o in self.outputs)} (assign={self.assign}, backward={self.backward}, jit={self.jit})"])
 
-  def build(self, inputs:list[Tensor]) -> list[Tensor]:
+  def build(self, inputs:list[Tensor], realize_steps:bool=False) -> list[Tensor]:
     vals = list(inputs)
     for s in self.steps:
       out = apply_step(vals, s, inputs)
-      vals.extend(out if isinstance(out, tuple) else (out,))
+      out = out if isinstance(out, tuple) else (out,)
+      vals.extend(o.contiguous().realize() for o in out) if realize_steps else vals.extend(out)
     outs = [vals[o] for o in self.outputs]
     if self.assign:
       # one reduce feeding two assigns (two buffers updated from the same row sum)
@@ -203,10 +204,11 @@ class Program:
     """The tinygrad dtype of each output (numpy shows a bfloat16 one as float32)."""
     return [o.dtype for o in self.build(self.inputs_on(device))]
 
-  def run(self, device:str) -> list[np.ndarray]:
+  def run(self, device:str, realize_steps:bool=False) -> list[np.ndarray]:
+    """The outputs; realize_steps: each step's value realized before the next reads it (no kernel recomputes another's)."""
     def make_inputs(): return self.inputs_on(device)
-    if not self.jit:
-      outs = self.build(make_inputs())
+    if realize_steps or not self.jit:
+      outs = self.build(make_inputs(), realize_steps)
       Tensor.realize(*outs)
       return [o.numpy() for o in outs]
     step = TinyJit(lambda *ins: [o.contiguous().realize() for o in self.build(list(ins))])
