@@ -25,6 +25,7 @@ from tinygrad_ext import Pass, OptHeuristic, register
 from tinygrad_ext.config import text_setting
 from tinygrad_ext.errors import SettingError
 from tinygrad_ext.passes.reduce_local import OptOpsExt, LANE_ID, share_lanes, unroll_whole
+from tinygrad_ext.passes.shared import BYTE_DTYPES
 
 @dataclass(frozen=True)
 class MatvecPolicy:
@@ -175,8 +176,6 @@ def lanes_per_block(pol:MatvecPolicy, blocks:int, block_bytes:int, rows:int, inp
   fits = [n for n in (split, 2 * split) if block_bytes % n == 0 and block_bytes >= 2 * n]
   # the smallest split whose blocks fill every lane, else the smallest legal one
   return next((n for n in fits if _pow2_divisor(blocks, pol.lanes // n) * n == pol.lanes), fits[0] if fits else 1)
-
-BYTE_DTYPES = (dtypes.uint8, dtypes.int8)
 
 def distinct_byte_axes(k, weight:UOp, red:list[int]) -> list[int]:
   """The axes inside a quant block (red[1:-1]) along which every load of the weight that reads the block's bytes (the

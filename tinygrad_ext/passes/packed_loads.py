@@ -28,9 +28,8 @@ from tinygrad.dtype import dtypes, AddrSpace
 from tinygrad.renderer import Renderer
 from tinygrad.renderer.cstyle import CStyleLanguage
 from tinygrad_ext import Pass, CodegenStep, register
-from tinygrad_ext.passes.shared import root_and_offset, clamped_root, reads_inside
+from tinygrad_ext.passes.shared import root_and_offset, clamped_root, reads_inside, BYTE_DTYPES
 
-BYTE_DTYPES = (dtypes.uint8, dtypes.int8)
 WORDS = {4: dtypes.uint32, 2: dtypes.uint16}
 
 def packed_byte_loads(sink:UOp, ren:Renderer) -> UOp:

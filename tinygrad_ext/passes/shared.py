@@ -9,6 +9,9 @@ from tinygrad.helpers import EMULATED_DTYPES
 from tinygrad.uop.symbolic import parse_valid
 from tinygrad.renderer import Renderer
 
+# GGUF weights and their quant fields are read through byte buffers (packed_loads, matvec)
+BYTE_DTYPES = (dtypes.uint8, dtypes.int8)
+
 # *** integer expressions: an unsigned value plus a constant, and bit fields of packed words ***
 
 def fits(u:UOp) -> bool: return isinstance(u.vmin, int) and isinstance(u.vmax, int) and 0 <= u.vmin and u.vmax < (1 << 23)
