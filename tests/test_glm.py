@@ -42,6 +42,28 @@ def test_matches_reference(model, tiny):
     tok, pos = nxt, pos + 1
   assert jit.captured is not None
 
+def test_prefill_chunks_cover_the_prompt():
+  for n in range(1, 1200, 7):
+    cs = glm.chunks(n)
+    assert all(c in glm.CHUNKS for c in cs) and sum(cs) - max(glm.CHUNKS) < n <= sum(cs)
+    assert sum(cs) - n < min(glm.CHUNKS)  # only the last chunk is padded
+
+def test_prefill_in_padded_chunks_at_any_start_matches_reference(tiny):
+  # 40 tokens: a chunk of 32 and one of 8 padded to 32; then the same 40 fed as two turns of 20 (a chat: the second
+  # starts at position 20, its JIT replayed with another start and last index). Each compares with float64.
+  model = glm.load(tiny, max_context=64)[0]
+  prompt = [(7 * i + 3) % model.cfg.vocab for i in range(40)]
+  want = Reference(str(tiny)).forward(prompt, 0)
+  pf = model.prefiller()
+  for _ in range(3):  # the chunk JITs run, capture, then replay
+    tok, logits = pf(prompt)
+    assert rel_err(logits.numpy()[0], want) <= 1e-2 and tok == int(want.argmax())
+  assert pf.jits[32].captured is not None
+  pf(prompt[:20])
+  tok, logits = pf(prompt[20:], 20)
+  assert rel_err(logits.numpy()[0], want) <= 1e-2 and tok == int(want.argmax())
+  with pytest.raises(ValueError): pf(prompt, 30)  # past max_context
+
 def test_stacked_projections(model, tiny):
   # load_weights stacks the projections that share an input (STACKED): same logits as the GGUF's separate weights, and
   # one kernel less per stacked pair in a decode step (q_a+kv_a and gate+up in every block, the experts' in MoE blocks)
@@ -199,14 +221,14 @@ def test_full_writer_header(tmp_path):
 
 
 def test_run_smoke(tiny, tmp_path):
-  out = subprocess.run(RUN + ["--model", str(tiny), "--count", "3", "--profile", "--passes", "compare", "--json", str(tmp_path / "r.json"),
+  out = subprocess.run(RUN + ["--model", str(tiny), "--count", "4", "--profile", "--passes", "compare", "--json", str(tmp_path / "r.json"),
                               "--max-context", "64", "--plot", str(tmp_path / "roofline.png")], capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr
   assert "tok/s" in out.stderr and "kernels/token" in out.stderr and "kernels per decode token by kind" in out.stderr
   r = json.loads((tmp_path / "r.json").read_text())
   assert r["tokens_identical"] and set(r["results"]) == {"on", "off"}
   for res in r["results"].values():
-    assert res["kernels_per_token"] == res["profile"]["n_kernels"] > 0 and len(res["tokens"]) == 3
+    assert res["kernels_per_token"] == res["profile"]["n_kernels"] > 0 and len(res["tokens"]) == 4
     assert res["profile"]["kernels_by_kind"]["matmul"] > 0
     launches = res["profile"]["launches"]
     assert len(launches) == res["kernels_per_token"] and sum(k["us"] for k in launches) == pytest.approx(res["profile"]["total_us"])

@@ -223,6 +223,10 @@ def rope(x:Tensor, cos:Tensor, sin:Tensor) -> Tensor:
   a, b = (xp := x.float().reshape(*x.shape[:-1], -1, 2))[..., 0], xp[..., 1]
   return Tensor.stack(a * cos - b * sin, a * sin + b * cos, dim=-1).flatten(-2).cast(x.dtype)
 
+def causal_mask(T:int, start_pos:int|UOp) -> Tensor:
+  """(T, start_pos+T): -inf where query t (at position start_pos+t) would see a later position; start_pos may be symbolic."""
+  return (Tensor.arange(T).unsqueeze(-1) + start_pos < Tensor.arange(start_pos + T)).where(float("-inf"), 0.0)
+
 def topk_ids(x:Tensor, k:int) -> Tensor:
   # ids of the k largest along the last axis, largest first, ties to the lower id. Ranks by pairwise comparison (as
   # tinygrad.llm's pairwise_topk): a couple of small fused kernels, where Tensor.topk's sort is a dozen
@@ -270,7 +274,8 @@ class Block:
       if cfg.n_shared and not self.shared_in_experts:
         self.gate_up_sh, self.down_sh = pair("ffn_gate_up_shexp.weight", "ffn_gate_shexp.weight", "ffn_up_shexp.weight"), g("ffn_down_shexp.weight")
     # the compressed KV cache: per position [kv_c (kv_lora, normed) ; k_pe (qk_rope, roped)]
-    self.cache = Tensor.zeros(1, max_context, cfg.kv_lora + cfg.qk_rope, dtype=n.cache).contiguous().realize()
+    # (max(CHUNKS) rows past max_context: a padded prefill chunk's extra positions)
+    self.cache = Tensor.zeros(1, max_context + max(CHUNKS), cfg.kv_lora + cfg.qk_rope, dtype=n.cache).contiguous().realize()
 
   def attention(self, x:Tensor, start_pos:int|UOp, cos:Tensor, sin:Tensor) -> Tensor:
     c, n, (B, T, _) = self.cfg, self.n, x.shape
@@ -284,7 +289,7 @@ class Block:
     keys = self.cache[:, :start_pos+T].unsqueeze(1)                                                # (B, 1, S, kv_lora+rope)
     # scores come out in float32 (float accumulation): q.k over 576 latent dims can pass fp16's range
     scores = linear(q, keys, n, dtypes.float32) * (1.0 / math.sqrt(c.qk_nope + c.qk_rope))         # (B, H, T, S)
-    if T > 1: scores = scores + Tensor.full((T, start_pos+T), float("-inf")).triu(start_pos+1)     # causal, T > 1 only at prefill
+    if T > 1: scores = scores + causal_mask(T, start_pos)                                           # T > 1 only at prefill
     latent = linear(scores.softmax(-1), keys[..., :c.kv_lora].transpose(-1, -2), n)               # (B, H, T, kv_lora)
     out = linear(latent, self.v_b, n)                                                              # (B, H, T, v_head)
     return linear(out.transpose(1, 2).reshape(B, T, c.n_heads * c.v_head), self.attn_out, n)
@@ -362,26 +367,28 @@ class GLM:
     self.blk = [Block(cfg, w, i, self.max_context, self.n) for i in range(cfg.n_blocks)]
     # rope tables cos/sin(pos * theta_i), theta_i = base^(-2i/n_rot), computed once on the host in float64 (an arange
     # expression stays lazy in tinygrad: it would be recomputed, with float32 sin, in every kernel that reads it)
-    ang = np.arange(self.max_context, dtype=np.float64)[:, None] * cfg.rope_theta ** (-np.arange(0, cfg.qk_rope, 2) / cfg.qk_rope)
+    ang = np.arange(self.max_context + max(CHUNKS), dtype=np.float64)[:, None] * cfg.rope_theta ** (-np.arange(0, cfg.qk_rope, 2) / cfg.qk_rope)
     self.cos, self.sin = Tensor(np.cos(ang).astype(np.float32)).realize(), Tensor(np.sin(ang).astype(np.float32)).realize()
     self.start_pos, self.token = UOp.variable("start_pos", 0, self.max_context - 1), UOp.variable("token", 0, cfg.vocab - 1)
 
-  def forward(self, tokens:list[int]|UOp, start_pos:int|UOp, trace:dict|None=None) -> Tensor:
-    """tokens at positions start_pos.. -> float32 logits of the last position (1, vocab). tokens are python ints
-    (prefill) or one bound Variable (decode: one JIT serves every token); either way each lookup is a shrink that reads
-    one row, where a Tensor of ids would make a one-hot reduce over the whole vocab. With a trace ({"hidden": [],
-    "experts": []}), each block appends the last position's hidden state after it, each MoE block its chosen experts
-    (the numerics check; realizing them changes the schedule, so a traced step is not the decode step's program)."""
-    ids = tokens if isinstance(tokens, list) else [tokens]
-    x, T = Tensor.stack(*[self.token_embd[t] for t in ids]).unsqueeze(0).cast(self.n.out), len(ids)   # (1, T, dim)
+  def forward(self, tokens:list[int]|UOp|Tensor, start_pos:int|UOp, trace:dict|None=None, last:int|UOp=-1) -> Tensor:
+    """tokens at positions start_pos.. -> float32 logits of position `last` of them (1, vocab). tokens are python ints,
+    one bound Variable (decode: one JIT serves every token; a lookup is a shrink that reads one row), or a (1, T) int32
+    Tensor (a prefill chunk: a gather of T rows). With a trace ({"hidden": [], "experts": []}), each block appends the
+    last position's hidden state after it, each MoE block its chosen experts (the numerics check; realizing them
+    changes the schedule, so a traced step is not the decode step's program)."""
+    if isinstance(tokens, Tensor): x = self.token_embd[tokens[0]].unsqueeze(0).cast(self.n.out)                # (1, T, dim)
+    else: x = Tensor.stack(*[self.token_embd[t] for t in (tokens if isinstance(tokens, list) else [tokens])]).unsqueeze(0).cast(self.n.out)
+    T = x.shape[1]
     cos, sin = self.cos[start_pos:start_pos+T].unsqueeze(0), self.sin[start_pos:start_pos+T].unsqueeze(0)
     for blk in self.blk: x = blk(x, start_pos, cos, sin, trace)
-    x = rms_norm(x[:, -1], self.output_norm, self.cfg.eps)
+    x = x[:, -1] if isinstance(last, int) and last in (-1, T - 1) else x.shrink((None, (last, last + 1), None))[:, 0]
+    x = rms_norm(x, self.output_norm, self.cfg.eps)
     return linear(x, self.output, self.n, dtypes.float32)  # float32 logits: fp16 rounding would decide near-ties
 
-  def step(self, tokens:list[int]|UOp, start_pos:int|UOp, sampling:Sampling=Sampling()) -> tuple[Tensor, Tensor]:
+  def step(self, tokens:list[int]|UOp|Tensor, start_pos:int|UOp, sampling:Sampling=Sampling(), last:int|UOp=-1) -> tuple[Tensor, Tensor]:
     """One forward: (next token (1, 1) int32, greedy unless sampling says otherwise; logits (1, vocab) float32)."""
-    logits = self.forward(tokens, start_pos)
+    logits = self.forward(tokens, start_pos, last=last)
     return sample(logits, sampling), logits
 
   def decoder(self, sampling:Sampling=Sampling()) -> TinyJit:
@@ -389,14 +396,46 @@ class GLM:
     self.start_pos.bind(pos)). A sampling one draws from tinygrad's device RNG (Tensor.manual_seed fixes it)."""
     return TinyJit(lambda tokens, start_pos: self.step(tokens, start_pos, sampling))
 
-  def prefill(self, tokens:list[int]) -> tuple[int, Tensor]:
-    """Runs the prompt at positions 0.. (not jitted: its length varies); returns (next token, logits)."""
-    tok, logits = self.step(tokens, 0)
-    Tensor.realize(tok, logits)
-    return int(tok.item()), logits
+  def prefiller(self, sampling:Sampling=Sampling()) -> Prefill:
+    """Fresh prefill JITs (one per chunk length, compiled on first use), choosing the next token as sampling says."""
+    return Prefill(self, sampling)
+
+  def prefill(self, tokens:list[int], start_pos:int=0) -> tuple[int, Tensor]:
+    """Runs tokens at positions start_pos.. through a fresh prefiller; returns (next token, its logits)."""
+    return self.prefiller()(tokens, start_pos)
 
   def decode(self, jit:TinyJit, token:int, pos:int) -> tuple[int, Tensor]:
     tok, logits = jit(self.token.bind(token), self.start_pos.bind(pos))
+    return int(tok.item()), logits
+
+# a prompt goes through the model in chunks of these lengths, each a TinyJit compiled once: the largest that the
+# remaining tokens fill, else the smallest, padded (its extra positions write KV rows past the prompt, which a later
+# step overwrites before any query reads them; the cache has room for them past max_context)
+CHUNKS = (32, 512)
+
+def chunks(n:int) -> list[int]:
+  """The chunk lengths that cover n tokens."""
+  out = []
+  while n > 0:
+    out.append(size := max([c for c in CHUNKS if c <= n], default=min(CHUNKS)))
+    n -= size
+  return out
+
+class Prefill:
+  """A prompt's tokens through the model in chunks (CHUNKS): the same JIT for every chunk of a length, its start
+  position and the index of its last real token symbolic."""
+  def __init__(self, model:GLM, sampling:Sampling):
+    self.model, self.jits = model, {T: TinyJit(lambda tokens, start_pos, last: model.step(tokens, start_pos, sampling, last)) for T in CHUNKS}
+    self.last = {T: UOp.variable(f"last{T}", 0, T - 1) for T in CHUNKS}
+
+  def __call__(self, tokens:list[int], start_pos:int=0) -> tuple[int, Tensor]:
+    """Feeds tokens at positions start_pos..; returns (the token after them, its logits (1, vocab) float32)."""
+    if not tokens or start_pos + len(tokens) > self.model.max_context: raise ValueError(f"{len(tokens)} tokens at {start_pos} do not fit the context")
+    for T in chunks(len(tokens)):
+      part, tokens = tokens[:T], tokens[T:]
+      ids = Tensor([part + [0] * (T - len(part))], dtype=dtypes.int32)
+      tok, logits = self.jits[T](ids, self.model.start_pos.bind(start_pos), self.last[T].bind(len(part) - 1))
+      start_pos += len(part)
     return int(tok.item()), logits
 
 def load(path:str|os.PathLike, max_context:int|None=None, numerics:str="mixed", device:str|None=None, progress:bool=False,

@@ -179,22 +179,23 @@ def chat(m:glm.GLM, tok:Tokenizer, a) -> None:
   thinking, so from that reply on), at its positions; the rest of the cache stays."""
   if not tok.chat_template: raise UsageError("--chat needs a GGUF with tokenizer.chat_template")
   Tensor.manual_seed(a.seed)
-  jit, cached, messages = m.decoder(glm.Sampling(a.temperature, a.top_k, a.top_p)), [], []
+  sampling = glm.Sampling(a.temperature, a.top_k, a.top_p)
+  jit, pf, cached, messages = m.decoder(sampling), m.prefiller(sampling), [], []
   for line in sys.stdin:
     messages.append({"role": "user", "content": line.rstrip("\n")})
     ids = tok.encode(tok.render_chat(messages), parse_special=True)
     keep = min(common_prefix(cached, ids), len(ids) - 1)  # at least the last token is fed: its step gives the reply's first
     if len(ids) + a.count > m.max_context: raise UsageError(f"the conversation ({len(ids)} tokens) + --count exceed --max-context {m.max_context}")
     if a.verbose: log(f"turn {len(messages) // 2 + 1}: {len(ids)} tokens, {keep} cached, fed {ids[keep:]}\nfed text: {tok.decode(ids[keep:])!r}")
-    for pos in range(keep, len(ids) - 1): m.decode(jit, ids[pos], pos)
-    t, pos, reply, stream = ids[-1], len(ids) - 1, [], StreamDecoder(tok)
-    for _ in range(a.count):
+    t, _ = pf(ids[keep:], keep)  # the new tokens in prefill chunks; the reply's first token
+    pos, reply, stream = len(ids), [t], StreamDecoder(tok)
+    while t not in tok.eog:
+      print(stream.push(t), end="", flush=True)
+      if len(reply) == a.count: break
       t, _ = m.decode(jit, t, pos); pos += 1
       reply.append(t)
-      if t in tok.eog: break
-      print(stream.push(t), end="", flush=True)
     print(stream.flush(), flush=True)
-    cached = ids + reply
+    cached = ids + reply[:-1]  # the KV cache holds every token fed; the reply's last was not
     messages.append({"role": "assistant", "content": tok.decode([r for r in reply if r not in tok.eog], skip_special=True)})
 
 def run_mode(m:glm.GLM, tok:Tokenizer, prompt:list[int], a, mode:str) -> dict:
@@ -203,21 +204,24 @@ def run_mode(m:glm.GLM, tok:Tokenizer, prompt:list[int], a, mode:str) -> dict:
   with mode_passes(mode):
     res["active_passes"] = list(tinygrad_ext.active_passes())
     Tensor.manual_seed(a.seed)  # each run draws the same random numbers
-    jit, steps = m.decoder(glm.Sampling(a.temperature, a.top_k, a.top_p)), []
+    sampling = glm.Sampling(a.temperature, a.top_k, a.top_p)
+    jit, pf, steps = m.decoder(sampling), m.prefiller(sampling), []
     def step(t:int, pos:int) -> tuple[int, Tensor]:
       s0 = time.perf_counter()
       t, logits = m.decode(jit, t, pos)
       steps.append(time.perf_counter() - s0)
       return t, logits
-    for pos, t in enumerate(prompt[:-1]): step(t, pos)  # the prompt, one token per step
-    t, pos, out, stream = prompt[-1], len(prompt) - 1, [], StreamDecoder(tok)
-    for i in range(a.count):
+    s0 = time.perf_counter()
+    t, logits = pf(prompt)  # the prompt in prefill chunks: the first generated token
+    res["prompt_s"] = time.perf_counter() - s0
+    # the logits that chose the first generated token: a compare checks the two modes' numerics on them
+    res["first_logits"] = logits.numpy()[0].astype(np.float64)
+    pos, out, stream = len(prompt), [t], StreamDecoder(tok)
+    while t not in tok.eog:
+      print(stream.push(t), end="", flush=True)
+      if len(out) == a.count: break
       t, logits = step(t, pos); pos += 1
       out.append(t)
-      # the logits that chose the first generated token: a compare checks the two modes' numerics on them
-      if i == 0: res["first_logits"] = logits.numpy()[0].astype(np.float64)
-      if t in tok.eog: break
-      print(stream.push(t), end="", flush=True)
     print(stream.flush(), flush=True)
     # the first two calls of a TinyJit run the step (compiling its kernels) and capture it; the rest replay
     res["tokens"], res["text"], res["warmup_s"] = out, tok.decode(out), sum(steps[:2])
@@ -237,12 +241,11 @@ def run_mode(m:glm.GLM, tok:Tokenizer, prompt:list[int], a, mode:str) -> dict:
       res["profile"] = stats.summarize(stats.time_kernels(jit, args, classify(kernel_roles(m))))
       res["profile"]["step_device_ms"] = stats.step_device_seconds(jit, args) * 1e3
     if a.prefill:
-      # one forward over the whole prompt, not jitted: the first call schedules and compiles, the second schedules again
-      # (the KV cache it wrote is a new buffer state), the third finds its schedule cached: the steady state
-      ids, calls = [(7 * i + 3) % m.cfg.vocab for i in range(a.prefill)], []
+      # the prompt's prefill JITs: the first call compiles, the second captures, the third replays (the steady state)
+      ids, calls, pf = [(7 * i + 3) % m.cfg.vocab for i in range(a.prefill)], [], m.prefiller(sampling)
       for _ in range(3):
         sync(); s0 = time.perf_counter()
-        m.prefill(ids)
+        pf(ids)
         sync(); calls.append(time.perf_counter() - s0)
       res["prefill"] = {"tokens": a.prefill, "first_s": calls[0], "second_s": calls[1], "s": calls[2], "tok_per_s": a.prefill / calls[2]}
   return res
@@ -261,7 +264,7 @@ def report(res:dict):
   log(f"[{tag}] tokens: {res['tokens']}\n[{tag}] text: {res['text']!r}" + (" (ended at an end-of-generation token)" if res["stopped_at_eog"] else ""))
   what = f"benchmark {res['benchmark']['steps']} steps" if "benchmark" in res else "generation"
   if ms is not None: log(f"[{tag}] {1e3/ms:.2f} tok/s, {ms:.2f} ms/token, {res['kernels_per_token']} kernels/token ({what}, after JIT warmup)")
-  else: log(f"[{tag}] {res['kernels_per_token']} kernels/token (too few steps to time after JIT warmup: use --count >= 3)")
+  else: log(f"[{tag}] {res['kernels_per_token']} kernels/token (too few steps to time after JIT warmup: use --count >= 4: the first token comes from the prefill, two decode steps warm the JIT)")
   if "prefill" in res:
     pf = res["prefill"]
     log(f"[{tag}] prefill {pf['tokens']} tokens: {pf['tok_per_s']:.1f} tok/s ({pf['s']*1e3:.1f} ms, schedule cached; "
