@@ -285,6 +285,28 @@ def test_an_argmax_over_a_uint_padded_with_minus_one_computes_as_stock(device):
     with without("fusion"): ref = make().numpy()
     np.testing.assert_array_equal(make().numpy(), ref)
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_weights_gathered_by_an_index_tensor_are_read_in_the_matmul_of_many_rows(device):
+  # a prefill's MoE tile: 16 token rows times the Q4_0 weights of the tile's expert, w[tile_expert]. tinygrad realizes
+  # the gather (a one-hot sum over the experts) when a matmul broadcasts it over rows: every dequantized weight written
+  # and read back. Recomputed in the matmul it is one load at the expert's index
+  from tinygrad.llm.gguf import ggml_data_to_tensor
+  rng = np.random.default_rng(5)
+  E, O, I, NT, M = 5, 64, 64, 3, 16
+  blocks = rng.integers(0, 256, (E * O * I // 32, 18), dtype=np.uint8)
+  blocks[:, :2] = np.frombuffer(np.full(len(blocks), 0.01, np.float16).tobytes(), np.uint8).reshape(-1, 2)
+  with Context(DEV=device):
+    raw = Tensor(blocks.reshape(-1)).realize()
+    tile_expert = Tensor(np.array([4, 0, 2], np.int32)).realize()
+    x = Tensor(rng.standard_normal((NT, M, I)).astype(np.float16)).realize()
+    make = lambda: x.float() @ ggml_data_to_tensor(raw, E * O * I, 2).reshape(E, O, I)[tile_expert].transpose(-1, -2)
+    with without("fusion"):
+      ref = make().numpy()
+      assert len(kernel_asts(make)) == 2
+    (ast,) = kernel_asts(make)
+    np.testing.assert_allclose(make().numpy(), ref, rtol=1e-5, atol=1e-5)
+  assert re.search(r"\*\(data2_3\+", render(ast, cuda_renderer()))  # the expert id, loaded
+
 def test_padding_never_reads_a_gathers_ids_past_their_buffer():
   # a row scaled by the sum of 3 gathered scores: spreading the 3 ids over padded lanes (2 lanes, the sum padded to 4)
   # would gate the ids' load only where it feeds the scores' gate, and tinygrad's simplification under that gate reads

@@ -240,6 +240,41 @@ def experts(w:Tensor, sel:Tensor, x:Tensor, n:Numerics) -> Tensor:
   # expert id feeds the gather inside the matmul, and the result is its own kernel (not fused with the next matmul)
   return linear(x.unsqueeze(-2), w[sel], n).contiguous().squeeze(-2)
 
+def tile_rows(T:int) -> int:
+  """Rows of a grouped expert tile: small for a short chunk (each tile's unused rows are work for nothing)."""
+  return 16 if T <= 32 else 64
+
+def group_by_expert(sel:Tensor, n_experts:int, M:int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+  """The A = T*k (token, choice) assignments of sel (T, k) sorted by expert into tiles of M rows on the device: each
+  tile holds one expert's assignments (padded), so a tile's matmul reads that expert's weight once for up to M tokens.
+  Returns (tile_expert (NT,), slot_token (NT*M,), slot_used (NT*M,) bool, slot (A,): where each assignment went)."""
+  A = sel.numel()
+  NT = (A + M - 1) // M + n_experts  # the most tiles: every expert's last tile part-filled
+  flat = sel.reshape(A)
+  hot = flat.unsqueeze(-1) == Tensor.arange(n_experts)                                          # (A, E)
+  counts = hot.sum(0)
+  tiles = (counts + M - 1) // M                                                                  # (E,)
+  first = (tiles.cumsum() - tiles).contiguous()                                                  # each expert's first tile
+  rank = (hot * (hot.cast(dtypes.int32).cumsum(0) - 1)).sum(-1)                                  # among its expert's assignments
+  slot = (first[flat] * M + rank).cast(dtypes.int32).contiguous()                                # (A,)
+  t = Tensor.arange(NT).unsqueeze(-1)
+  tile_expert = ((first <= t) & (t < first + tiles)).where(Tensor.arange(n_experts), 0).sum(-1).cast(dtypes.int32)
+  at = slot == Tensor.arange(NT * M).unsqueeze(-1)                                               # (NT*M, A)
+  slot_used = at.any(-1)
+  slot_token = (at.where(Tensor.arange(A) // sel.shape[-1], 0).sum(-1)).cast(dtypes.int32)
+  return tile_expert.contiguous(), slot_token.contiguous(), slot_used.contiguous(), slot
+
+def grouped_experts(x:Tensor, sel:Tensor, weights:Tensor, gate_up:tuple[Tensor, ...], down:Tensor, ffn:int, n:Numerics) -> Tensor:
+  """The MoE of T > 1 tokens, x (T, dim), sel and weights (T, k): grouped by expert (group_by_expert), each tile one
+  matmul against its expert's weights, the results gathered back per assignment and weighed."""
+  T, k = sel.shape
+  M = tile_rows(T)
+  tile_expert, slot_token, slot_used, slot = group_by_expert(sel, down.shape[0], M)
+  xs = slot_used.unsqueeze(-1).where(x[slot_token], 0).reshape(-1, M, x.shape[-1])               # (NT, M, dim)
+  gate, up = projections(xs, gate_up, (ffn,) * 2, lambda x, w: linear(x, w[tile_expert], n).contiguous())
+  ys = linear(gate.silu() * up, down[tile_expert], n).reshape(-1, down.shape[1])                # (NT*M, dim)
+  return (ys[slot].reshape(T, k, -1) * weights.unsqueeze(-1)).sum(-2)
+
 def projections(x:Tensor, ws:tuple[Tensor, ...], sizes:tuple[int, ...], f) -> list[Tensor]:
   """f(x, w) for each projection, `sizes` wide: one product with the stacked weight (one kernel), split, or one each."""
   return [f(x, w) for w in ws] if len(ws) == len(sizes) else list(f(x, ws[0]).split(list(sizes), dim=-1))
@@ -307,6 +342,9 @@ class Block:
       # (a pad, not a cat with a constant tensor: tinygrad would realize that constant, a kernel each)
       sel = sel.pad(((0, 0),) * (sel.ndim - 1) + ((0, 1),), value=c.n_experts)
       weights = weights.pad(((0, 0),) * (weights.ndim - 1) + ((0, 1),), value=1.0)
+    if x.shape[1] > 1:  # a prefill chunk: its tokens grouped by expert, each expert's weights read once a tile
+      out = grouped_experts(x[0], sel[0], weights[0], self.gate_up_exps, self.down_exps, c.expert_ffn, n).unsqueeze(0)
+      return out + ffn(x, self.gate_up_sh, self.down_sh, n) if c.n_shared and not self.shared_in_experts else out
     h = x.unsqueeze(-2)                                                                            # (B, T, 1, dim)
     gate, up = projections(h, self.gate_up_exps, (c.expert_ffn,) * 2, lambda x, w: experts(w, sel, x, n))
     act = gate.silu() * up                                                                         # (B, T, k, expert_ffn)

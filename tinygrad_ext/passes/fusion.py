@@ -146,6 +146,13 @@ def small_stage(s:UOp) -> int|None:
 # by their normalized scores, plus the residual) is recomputed in a consumer that reads each of its elements once (the
 # next block's RMSNorm row, the residual in attn_output's epilogue), as an elementwise intermediate is: each element is
 # computed where it is read instead of in a kernel of its own and a round trip through memory
+def gather_stage(s:UOp) -> bool:
+  """An intermediate whose every reduce is a one-hot sum (a gather by an index tensor: a MoE tile's expert weights,
+  w[tile_expert], dequantized): codegen turns each into one load at the index, so recomputed where it is read it costs
+  a load, where tinygrad realizes it whenever a consumer broadcasts it (a matmul of several rows: every gathered
+  weight written to memory and read back)."""
+  return bool(reduces:=removable_reduces(s)) and all(one_hot_sum(r) for r in reduces) and not nested(reduces)
+
 def per_element_stage(s:UOp) -> bool:
   return (reduces:=removable_reduces(s)) is not None and bool(reduces) and all(short_reduce(red) for red in reduces)
 
@@ -293,6 +300,7 @@ def inlinable(idx:UOp, value:UOp, out_rngs:dict[UOp, None], elementwise:bool, lo
   if idx.src[0].op is not Ops.STAGE or len(idx.src) != len(idx.src[0].src) or reads_before_a_store(idx.src[0], ctx.stored) or \
      not recomputed_alike(idx.src[0], ctx, reader) or narrow_int_arithmetic(idx.src[0]) or out_of_range_consts(idx.src[0]): return None
   if (cost:=small_stage(idx.src[0])) is not None and iterations * cost <= SMALL_WORK: return inline_stage(idx)
+  if gather_stage(idx.src[0]): return inline_stage(idx)
   # a tiny one is inlined where it is read outside the consumer's long loops (inside them it would be recomputed every
   # iteration, and a MoE matmul's expert ids must stay a load for its weight address)
   if tiny_stage(idx.src[0]) and idx not in looped: return inline_stage(idx)
