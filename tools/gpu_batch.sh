@@ -7,7 +7,7 @@
 #
 # A command's stdout and stderr go to $RESULTS/<name>.log; it may write more files under $RESULTS (exported).
 set -u
-export RESULTS=$HOME/gpu-batch
+export RESULTS=${RESULTS:-$HOME/gpu-batch}  # another folder starts another batch on a machine still held
 mkdir -p "$RESULTS"
 if [ ! -f "$RESULTS/started" ]; then
   touch "$RESULTS/started"

@@ -462,9 +462,11 @@ def row_ranges(k) -> list[UOp]:
   if not (reduces := k.reduceops): return []
   per_element = element_reduces(k)
   row_reds = [red for red in reduces if red not in per_element]
-  # (an element's short reduce inside a row reduce that it varies with too: a GQA attention's value gradient, whose
-  # softmax statistics over the keys vary with the query the row reduce sums over)
-  if any(a in b.src[0].backward_slice_with_self and set(b.src[1:]) & set(a.ranges) for a in reduces for b in row_reds if a is not b): return []
+  # (a reduce inside a row reduce that it varies with, other than an element's own short reduce that each lane unrolls
+  # for its elements: a GQA attention's value gradient, whose softmax statistics over the keys vary with the query the
+  # row reduce sums over, or a convolution's backward. The MoE output recomputed in the final norm is such an element's
+  # reduce: refused, each of 2048 workgroups summed the whole row, 102 us a token on the H100)
+  if any(a in b.src[0].backward_slice_with_self and set(b.src[1:]) & set(a.ranges) for a in reduces if a not in per_element for b in row_reds if a is not b): return []
   depends = {r for red in reduces if red not in per_element for r in red.ranges}
   return [r for r in output_ranges(k) if r not in depends and r.vmax > 0]
 
