@@ -6,6 +6,7 @@ import pytest
 import gguf
 import tinygrad_ext
 from tinygrad import Tensor, TinyJit, dtypes
+from tinygrad.helpers import Context
 from tinygrad.uop.ops import Ops
 from tinygrad_ext.internals import captured_calls
 
@@ -316,6 +317,25 @@ def test_sampling_work_grows_linearly_with_the_vocab():
     return max(loop_space(call.src[0]) for call in captured_calls(draw))
   small, large = space(256), space(2048)
   assert large < 12 * small, (small, large)  # linear: 8x
+
+def serial_iterations(program) -> int:
+  """What one thread of a compiled kernel walks in turn: the sizes of the loops open at once."""
+  lin, open_loops, most = program.src[1].src, [], 1
+  for u in lin:
+    if u.op is Ops.RANGE: open_loops.append(u.src[0].vmax + 1); most = max(most, math.prod(open_loops))
+    elif u.op is Ops.END: open_loops.pop()
+  return most
+
+def test_no_thread_of_the_top_p_search_walks_the_probes_partial_sums_in_turn():
+  # each round's verdicts over the probes are realized: the reduce over the vocab's partial sums is then spread over
+  # lanes. Counted inside the sum over probes, one thread of the combining kernel summed all 32 x 256 partials (and
+  # recomputed the logits' max) in every round: 8481 iterations, 5 kernels of a sampled GLM token
+  with Context(DEV="CL"):
+    x = Tensor(np.random.default_rng(0).standard_normal((1, 154880)).astype(np.float32)).realize()
+    draw = TinyJit(lambda: glm.sample(x, glm.Sampling(0.8, 0, 0.95)).realize())
+    draw(); draw()
+    walks = [serial_iterations(call.src[0]) for call in captured_calls(draw)]
+  assert max(walks) <= 1024, sorted(walks)  # the longest: an argmax's partial over 154880 / 256 logits
 
 def test_sampling_in_the_decode_step_repeats_with_its_seed(tiny):
   def run(seed):

@@ -374,11 +374,14 @@ PROBES, ROUNDS = 32, 5  # a threshold search: 32 candidates a round, each round 
 def largest_threshold(x:Tensor, reaches) -> Tensor:
   """The largest t (within (max - min) * PROBES^-ROUNDS) with reaches(x >= t) true, where reaches is monotone (true
   at t = min(x)): a few reduces over the vocab instead of a sort (a bitonic sort of 154,880 logits is ~170 kernels)."""
-  lo, width = x.min(), x.max() - x.min()
+  lo = x.min().contiguous()
+  width = (x.max() - lo).contiguous()
   steps = Tensor.arange(1, PROBES + 1, dtype=dtypes.float32) / PROBES
   for _ in range(ROUNDS):
     taus = lo + width * steps                                                # (PROBES,)
-    n_ok = reaches(x.unsqueeze(-2) >= taus.unsqueeze(-1)).sum()              # taus are increasing: the first n_ok reach
+    # each probe's verdict realized: its reduce over the vocab is then a kernel of its own, spread over lanes, where
+    # inside the count over probes one thread of the combining kernel summed every probe's partial sums in turn
+    n_ok = reaches(x.unsqueeze(-2) >= taus.unsqueeze(-1)).contiguous().sum()  # taus are increasing: the first n_ok reach
     # contiguous: else each round's kernel recomputes every earlier round's count (vocab^rounds work)
     lo, width = (lo + width * n_ok.cast(dtypes.float32) / PROBES).contiguous(), width / PROBES
   return lo
