@@ -25,6 +25,8 @@ def test_passes_on_compute_what_passes_off_compute(device, data):
   prog = data.draw(programs(device), label="program")
   # every pass together half the time (where most bugs showed), else one pass alone
   config = data.draw(st.one_of(st.just("every pass"), st.sampled_from(list(tinygrad_ext.PASSES))), label="passes on")
+  if LOG:  # first, so that a program that kills the process (a stock kernel's SIGILL on CPU) is on record
+    with open(LOG, "a") as f: f.write(f"{device}\t{config}\tstart\t{prog!r}\n")
   try:
     with tinygrad_ext.passes_off(): ref = prog.run(device)
   except Exception: reject()  # not a program tinygrad runs (e.g. a dtype a device lacks for one op): not ours to judge

@@ -163,6 +163,20 @@ def test_row_heuristic_declines_kernels_it_does_not_know(device):
   np.testing.assert_allclose(off, (np.tile(np.arange(513, dtype=np.float32).cumsum(), 10).reshape(10, 513) * np.array([1, 0, 0, 1, 0, 0, 0, 0, 1, 0])[:, None]).flatten(), rtol=1e-4)
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_a_bool_padded_with_minus_one_and_summed_computes_as_stock(device):
+  # the pad is where(valid, int(x), -1): tinygrad's kernel unrolls the 2-element sum and adds -1; under the row
+  # heuristic's loop, a rewrite moved the cast out of the where and the -1 became the bool True (fuzzer, CL). A kernel
+  # with a constant its dtype cannot hold gets tinygrad's own opts (hooks._heuristic_may_choose)
+  def make():
+    with Context(DEV=device):
+      x = Tensor(np.array([True])).realize()
+      b = Tensor.zeros(3, dtype=dtypes.int32).contiguous().realize()
+      b.assign(b + x.pad(((0, 1),), value=-1).cast(dtypes.int32).sum())
+      return b.numpy()
+  off, on = both(make)
+  np.testing.assert_array_equal(on, off)
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_row_heuristic_declines_a_reduce_that_varies_with_the_one_it_sits_in(device):
   # a GQA attention's value gradient sums the softmax over the queries, and the softmax's statistics over the keys vary
   # with the query: a stock kernel with a reduce inside another that it varies with, which the row heuristic spread over

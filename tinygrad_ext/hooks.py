@@ -39,6 +39,7 @@ from tinygrad_ext.registry import shared_values, PASSES, CodegenStep, ScheduleSt
 from tinygrad_ext.config import SWITCHES, is_active, cache_id
 from tinygrad_ext import pipeline
 from tinygrad_ext.internals import live_tensor_uops
+from tinygrad_ext.passes.shared import out_of_range_consts
 
 # captured at import, before install() replaces them: a spawned compile worker imports this module fresh, and
 # tinygrad's compiled PatternMatchers keep the graph_rewrite they first saw (so the replacement outlives uninstall())
@@ -153,9 +154,10 @@ def _apply_opt(self:Scheduler, opt, append_opt:bool=True):
   return ret
 
 def _heuristic_may_choose(ast:UOp, beam:int) -> bool:
-  # exactly where tinygrad's own apply_opts would run hand_coded_optimizations
+  # exactly where tinygrad's own apply_opts would run hand_coded_optimizations, but for a kernel whose result depends on
+  # how its opts make it fold a constant its dtype cannot hold (shared.out_of_range_consts): tinygrad's own opts then
   return ast.tag is None and beam < 1 and not NOOPT and (ast.arg is None or (ast.arg.opts_to_apply is None and ast.arg.applied_opts == ())) \
-    and not any(u.op is Ops.STAGE for u in ast.backward_slice)
+    and not any(u.op is Ops.STAGE for u in ast.backward_slice) and not out_of_range_consts(ast)
 
 def _apply_opts(ast:UOp, ren:Renderer, beam:int=0) -> UOp:
   if _heuristic_may_choose(ast, beam):

@@ -49,7 +49,7 @@ from tinygrad_ext import Pass, ScheduleStep, OptHeuristic, CodegenStep, register
 from tinygrad_ext.config import flag
 from tinygrad_ext.registry import shared_values
 from tinygrad_ext.passes.reduce_local import LANE_ID, WARP_ID, SHUFFLE_WIDTH, COMBINES, ACC_DTYPES, LANE_DTYPES, OptOpsExt, share_lanes, unroll_whole
-from tinygrad_ext.passes.shared import native, stored_buffers, pow2_at_most
+from tinygrad_ext.passes.shared import native, stored_buffers, pow2_at_most, out_of_range_consts
 from tinygrad_ext.internals import output_ranges
 
 NAME = "fusion"
@@ -226,14 +226,6 @@ def narrow_int_arithmetic(s:UOp) -> bool:
   """The intermediate computes arithmetic that may wrap in an integer narrower than 32 bits."""
   return any(u.op in WRAPPING and dtypes.is_int(u.dtype) and u.dtype.itemsize < 4 and may_wrap(u) for u in s.src[0].toposort(gate=in_kernel))
 
-def out_of_range_consts(s:UOp) -> bool:
-  """The intermediate computes in an integer dtype with a constant that dtype cannot hold (a uint pad of -1 is the
-  weak int -1): range analysis takes it for a value below 0 and folds it away in some places but not others, so a
-  recomputed copy folds unlike the stored one (an argmax over such a pad against a max that kept it)."""
-  def outside(u:UOp, c:UOp) -> bool: return c.op is Ops.CONST and isinstance(c.arg, int) and not u.dtype.min <= c.arg <= u.dtype.max
-  return any(u.op in GroupOp.ALU and dtypes.is_int(u.dtype) and u.dtype != dtypes.weakint and any(outside(u, c) for c in u.src)
-             for u in s.src[0].toposort(gate=in_kernel))
-
 def value_key(s:UOp) -> tuple:
   """What an intermediate computes, coarsely: the buffers it reads and the operations it applies. tinygrad makes an
   intermediate of one value for each way it is read (a sort's input, read as rows and as columns), alike but for its
@@ -298,7 +290,7 @@ def inlinable(idx:UOp, value:UOp, out_rngs:dict[UOp, None], elementwise:bool, lo
               ctx:FusionContext, reader:tuple) -> UOp|None:
   if idx.op is not Ops.INDEX or any(v.op is Ops.CONST and v.arg is Invalid for v in idx.src[1:]): return None
   if idx.src[0].op is not Ops.STAGE or len(idx.src) != len(idx.src[0].src) or reads_before_a_store(idx.src[0], ctx.stored) or \
-     not recomputed_alike(idx.src[0], ctx, reader) or narrow_int_arithmetic(idx.src[0]) or out_of_range_consts(idx.src[0]): return None
+     not recomputed_alike(idx.src[0], ctx, reader) or narrow_int_arithmetic(idx.src[0]) or out_of_range_consts(idx.src[0].src[0], in_kernel): return None
   if (cost:=small_stage(idx.src[0])) is not None and iterations * cost <= SMALL_WORK: return inline_stage(idx)
   if gather_stage(idx.src[0]): return inline_stage(idx)
   # a tiny one is inlined where it is read outside the consumer's long loops (inside them it would be recomputed every

@@ -1,9 +1,10 @@
 """What several passes ask of a kernel, in one place: bit fields of packed words (int_to_float, subnormal_dequant), an
 index as root plus offset and a root clamped to what its gate bounds (packed_loads, wide_loads, hoist), the buffers a
 schedule or kernel stores to (fusion, hoist, reduce_local, long_reduce), lane counts (fusion, long_reduce), and whether a
-device computes a dtype natively (fusion, reduce_local). No pass of its own."""
+device computes a dtype natively (fusion, reduce_local), and constants a dtype cannot hold (fusion, the opt heuristics). No
+pass of its own."""
 from __future__ import annotations
-from tinygrad.uop.ops import UOp, Ops
+from tinygrad.uop.ops import UOp, Ops, GroupOp
 from tinygrad.dtype import dtypes
 from tinygrad.helpers import EMULATED_DTYPES
 from tinygrad.uop.symbolic import parse_valid
@@ -11,6 +12,25 @@ from tinygrad.renderer import Renderer
 
 # GGUF weights and their quant fields are read through byte buffers (packed_loads, matvec)
 BYTE_DTYPES = (dtypes.uint8, dtypes.int8)
+
+# *** constants a dtype cannot hold ***
+
+def out_of_range_consts(root:UOp, gate=lambda u: True) -> bool:
+  """root computes in an integer or bool dtype with a constant that dtype cannot hold (a uint or bool pad of -1 is the
+  weak int -1; a bool pad summed as an int is where(valid, int(x), -1)). Range analysis and tinygrad's rewrites (which
+  move a cast out of a where, turning the -1 into the bool True) treat it differently in different places, so what
+  such a value computes depends on the rewrites a kernel goes through: recomputed elsewhere (fusion) or given other opts
+  (an unrolled reduce folds its where per element, a loop keeps it), it computes something else than stock tinygrad's."""
+  def values(u:UOp) -> list[UOp]: return values(u.src[1]) + values(u.src[2]) if u.op is Ops.WHERE else [u]
+  def narrow(x:UOp) -> bool: return x.op is Ops.CAST and x.src[0].dtype != dtypes.weakint and (dtypes.is_int(x.src[0].dtype) or x.src[0].dtype == dtypes.bool)
+  def ambiguous(u:UOp) -> bool:
+    vals = values(u) if u.op is Ops.WHERE else list(u.src)
+    # the dtypes u's value must fit: its own, and for a where each one a value it selects was widened from (codegen
+    # moves that cast out of the where, narrowing the constant); arithmetic on a widened value (a nibble minus 8) is not
+    holds = [d for d in [u.dtype, *(x.src[0].dtype for x in vals if u.op is Ops.WHERE and narrow(x))] if d != dtypes.weakint]
+    return any(c.op is Ops.CONST and isinstance(c.arg, int) and not d.min <= c.arg <= d.max for d in holds for c in vals)
+  return any(u.op in GroupOp.ALU and u.op not in GroupOp.Comparison and (dtypes.is_int(u.dtype) or u.dtype == dtypes.bool) and ambiguous(u)
+             for u in root.toposort(gate=gate))
 
 # *** integer expressions: an unsigned value plus a constant, and bit fields of packed words ***
 
