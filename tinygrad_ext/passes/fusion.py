@@ -142,10 +142,6 @@ def small_stage(s:UOp) -> int|None:
   if ranges_size(s.src[1:]) > SMALL or not all(short_reduce(red) for red in reduces) or nested(reduces): return None
   return max([ranges_size(red.src[1:]) for red in reduces], default=1)
 
-# an intermediate whose reduces are all short (at most TINY_REDUCE: GLM's MoE output, each row the experts' rows weighted
-# by their normalized scores, plus the residual) is recomputed in a consumer that reads each of its elements once (the
-# next block's RMSNorm row, the residual in attn_output's epilogue), as an elementwise intermediate is: each element is
-# computed where it is read instead of in a kernel of its own and a round trip through memory
 def gather_stage(s:UOp) -> bool:
   """An intermediate whose every reduce is a one-hot sum (a gather by an index tensor: a MoE tile's expert weights,
   w[tile_expert], dequantized): codegen turns each into one load at the index, so recomputed where it is read it costs
@@ -153,6 +149,10 @@ def gather_stage(s:UOp) -> bool:
   weight written to memory and read back)."""
   return bool(reduces:=removable_reduces(s)) and all(one_hot_sum(r) for r in reduces) and not nested(reduces)
 
+# an intermediate whose reduces are all short (at most TINY_REDUCE: GLM's MoE output, each row the experts' rows weighted
+# by their normalized scores, plus the residual) is recomputed in a consumer that reads each of its elements once (the
+# next block's RMSNorm row, the residual in attn_output's epilogue), as an elementwise intermediate is: each element is
+# computed where it is read instead of in a kernel of its own and a round trip through memory
 def per_element_stage(s:UOp) -> bool:
   return (reduces:=removable_reduces(s)) is not None and bool(reduces) and all(short_reduce(red) for red in reduces)
 
