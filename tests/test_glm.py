@@ -298,14 +298,17 @@ def test_sampling_draws_from_the_softmax_within_top_k_and_top_p():
   freq = np.array([(draws == i).mean() for i in sorted(allowed)])
   assert np.abs(freq - q).max() < 0.08, (freq, q)
 
-def loop_space(program) -> int:
-  """A compiled kernel's largest iteration space: its threads times the sizes of the loops open at once."""
+def serial_iterations(program) -> int:
+  """What one thread of a compiled kernel walks in turn: the sizes of the loops open at once."""
   lin, open_loops, most = program.src[1].src, [], 1
-  threads = math.prod(u.src[0].vmax + 1 for u in lin if u.op is Ops.SPECIAL)
   for u in lin:
     if u.op is Ops.RANGE: open_loops.append(u.src[0].vmax); most = max(most, math.prod(open_loops))
     elif u.op is Ops.END: open_loops.pop()
-  return most * threads
+  return most
+
+def loop_space(program) -> int:
+  """A compiled kernel's largest iteration space: its threads times the sizes of the loops open at once."""
+  return math.prod(u.src[0].vmax + 1 for u in program.src[1].src if u.op is Ops.SPECIAL) * serial_iterations(program)
 
 def test_sampling_work_grows_linearly_with_the_vocab():
   # the threshold search is a few rounds of counts over the vocab; a schedule that recomputes earlier rounds inside
@@ -318,18 +321,10 @@ def test_sampling_work_grows_linearly_with_the_vocab():
   small, large = space(256), space(2048)
   assert large < 12 * small, (small, large)  # linear: 8x
 
-def serial_iterations(program) -> int:
-  """What one thread of a compiled kernel walks in turn: the sizes of the loops open at once."""
-  lin, open_loops, most = program.src[1].src, [], 1
-  for u in lin:
-    if u.op is Ops.RANGE: open_loops.append(u.src[0].vmax + 1); most = max(most, math.prod(open_loops))
-    elif u.op is Ops.END: open_loops.pop()
-  return most
-
 def test_no_thread_of_the_top_p_search_walks_the_probes_partial_sums_in_turn():
   # each round's verdicts over the probes are realized: the reduce over the vocab's partial sums is then spread over
   # lanes. Counted inside the sum over probes, one thread of the combining kernel summed all 32 x 256 partials (and
-  # recomputed the logits' max) in every round: 8481 iterations, 5 kernels of a sampled GLM token
+  # recomputed the logits' max) in every round (5 kernels of a sampled GLM token)
   with Context(DEV="CL"):
     x = Tensor(np.random.default_rng(0).standard_normal((1, 154880)).astype(np.float32)).realize()
     draw = TinyJit(lambda: glm.sample(x, glm.Sampling(0.8, 0, 0.95)).realize())
