@@ -177,6 +177,16 @@ def test_a_bool_padded_with_minus_one_and_summed_computes_as_stock(device):
   np.testing.assert_array_equal(on, off)
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_an_fp16_argmax_compiles_and_computes_as_stock(device):
+  # an argmax is one kernel, its max reduce inside the index's: the nested heuristic put the lanes on the outer reduce,
+  # so the inner fp16 max became a loop accumulating in half, which PoCL emulates and whose accumulator tinygrad's
+  # emulation cannot rewrite (the program failed verification; fuzzer, CL)
+  def make():
+    with Context(DEV=device): return Tensor(np.array([1.0, 2.0], dtype=np.float16)).argmax(0).numpy()
+  off, on = both(make)
+  assert on == off == 1
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_row_heuristic_declines_a_reduce_that_varies_with_the_one_it_sits_in(device):
   # a GQA attention's value gradient sums the softmax over the queries, and the softmax's statistics over the keys vary
   # with the query: a stock kernel with a reduce inside another that it varies with, which the row heuristic spread over

@@ -514,6 +514,9 @@ def choose_nested_opts(k):
   if len(reds:=k.reduceops) != 2 or not k.ren.has_local or k.dont_use_locals: return None
   outer, inner = (reds[0], reds[1]) if reds[1] in reds[0].src[0].backward_slice else (reds[1], reds[0])
   if inner not in outer.src[0].backward_slice or outer.arg[0] not in COMBINES or outer.dtype not in LANE_DTYPES: return None
+  # the inner reduce becomes each lane's loop, whose accumulator tinygrad's emulation of a dtype (half on PoCL) cannot
+  # rewrite: an fp16 argmax (its max inside the index's max) failed verification on CL
+  if not native(k.ren, inner.dtype): return None
   outs = k.axes_of(AxisType.GLOBAL)
   if any(not isinstance(k.full_shape[i], int) for i in outs) or prod(k.full_shape[i] for i in outs) > TINY: return None
   if len(outer_rngs:=[r for r in outer.src[1:] if r.op is Ops.RANGE]) != 1: return None
