@@ -17,6 +17,7 @@ Conventions, as llama.cpp's deepseek2 graph (src/models/deepseek2.cpp) uses them
 from __future__ import annotations
 import math, os, pathlib
 from dataclasses import dataclass
+from typing import Callable
 import numpy as np
 from tqdm import tqdm
 from tinygrad import Tensor, TinyJit, UOp, Device, dtypes
@@ -411,6 +412,17 @@ class GLM:
     ang = np.arange(self.max_context + max(CHUNKS), dtype=np.float64)[:, None] * cfg.rope_theta ** (-np.arange(0, cfg.qk_rope, 2) / cfg.qk_rope)
     self.cos, self.sin = Tensor(np.cos(ang).astype(np.float32)).realize(), Tensor(np.sin(ang).astype(np.float32)).realize()
     self.start_pos, self.token = UOp.variable("start_pos", 0, self.max_context - 1), UOp.variable("token", 0, cfg.vocab - 1)
+    # how each JIT is made, from what names it ({"jit": its kind, its sampling}) and its step: run.py's JitStore keeps
+    # their captures on disk across runs
+    self.make_jit: Callable[[dict, Callable], TinyJit] = lambda what, fxn: TinyJit(fxn)
+
+  def state(self) -> dict[str, Tensor]:
+    """Every tensor the model holds (weights, KV caches, rope tables) by a name that loading the same file gives it."""
+    named = {"token_embd": self.token_embd, "output_norm": self.output_norm, "output": self.output, "rope.cos": self.cos, "rope.sin": self.sin}
+    for i, b in enumerate(self.blk):
+      for k, v in vars(b).items():  # a tensor, or a pair of projections (or their stacked one)
+        named.update({f"blk.{i}.{k}#{j}": t for j, t in enumerate(v if isinstance(v, tuple) else (v,)) if isinstance(t, Tensor)})
+    return named
 
   def forward(self, tokens:list[int]|UOp|Tensor, start_pos:int|UOp, trace:dict|None=None, last:int|UOp=-1) -> Tensor:
     """tokens at positions start_pos.. -> float32 logits of position `last` of them (1, vocab). tokens are python ints,
@@ -435,7 +447,7 @@ class GLM:
   def decoder(self, sampling:Sampling=Sampling()) -> TinyJit:
     """A fresh TinyJit of the one-token decode step (its sampling inside): call it with (self.token.bind(id),
     self.start_pos.bind(pos)). A sampling one draws from tinygrad's device RNG (Tensor.manual_seed fixes it)."""
-    return TinyJit(lambda tokens, start_pos: self.step(tokens, start_pos, sampling))
+    return self.make_jit(jit_name("decode", sampling), lambda tokens, start_pos: self.step(tokens, start_pos, sampling))
 
   def prefiller(self, sampling:Sampling=Sampling()) -> Prefill:
     """Fresh prefill JITs (one per chunk length, compiled on first use), choosing the next token as sampling says."""
@@ -448,6 +460,10 @@ class GLM:
   def decode(self, jit:TinyJit, token:int, pos:int) -> tuple[int, Tensor]:
     tok, logits = jit(self.token.bind(token), self.start_pos.bind(pos))
     return int(tok.item()), logits
+
+def jit_name(kind:str, sampling:Sampling) -> dict:
+  """What names a JIT of the model: its kind and its sampling (baked into its kernels); sampled: it draws from the RNG."""
+  return {"jit": kind, "temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p, "sampled": sampling.temperature > 0}
 
 # a prompt goes through the model in chunks of these lengths, each a TinyJit compiled once: the largest that the
 # remaining tokens fill, else the smallest, padded (its extra positions write KV rows past the prompt, which a later
@@ -466,8 +482,14 @@ class Prefill:
   """A prompt's tokens through the model in chunks (CHUNKS): the same JIT for every chunk of a length, its start
   position and the index of its last real token symbolic."""
   def __init__(self, model:GLM, sampling:Sampling):
-    self.model, self.jits = model, {T: TinyJit(lambda tokens, start_pos, last: model.step(tokens, start_pos, sampling, last)) for T in CHUNKS}
+    self.model, self.sampling, self.jits = model, sampling, {}
     self.last = {T: UOp.variable(f"last{T}", 0, T - 1) for T in CHUNKS}
+
+  def jit(self, T:int) -> TinyJit:
+    """The JIT of T-token chunks, made on first use (a stored one is read only when a prompt needs it)."""
+    if T not in self.jits:
+      self.jits[T] = self.model.make_jit(jit_name(f"prefill{T}", self.sampling), lambda tokens, start_pos, last: self.model.step(tokens, start_pos, self.sampling, last))
+    return self.jits[T]
 
   def __call__(self, tokens:list[int], start_pos:int=0) -> tuple[int, Tensor]:
     """Feeds tokens at positions start_pos..; returns (the token after them, its logits (1, vocab) float32)."""
@@ -475,7 +497,7 @@ class Prefill:
     for T in chunks(len(tokens)):
       part, tokens = tokens[:T], tokens[T:]
       ids = Tensor([part + [0] * (T - len(part))], dtype=dtypes.int32)
-      tok, logits = self.jits[T](ids, self.model.start_pos.bind(start_pos), self.last[T].bind(len(part) - 1))
+      tok, logits = self.jit(T)(ids, self.model.start_pos.bind(start_pos), self.last[T].bind(len(part) - 1))
       start_pos += len(part)
     return int(tok.item()), logits
 

@@ -13,14 +13,16 @@ token (eos, and the template's end of turn: <|user|>, <|observation|>) or after 
 model, timings, tables) goes to stderr. Speed is measured after the JIT has captured: each step is one TinyJit replay
 plus reading back the chosen token.
 """
+import time
+STARTED = time.perf_counter()  # the time to the first token counts from here (the imports are part of it)
 import tinygrad_ext  # registers the passes (first, before anything compiles)
-import argparse, contextlib, json, os, pathlib, sys, time
+import argparse, contextlib, json, os, pathlib, sys
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # the repo root: examples.glm is a package
 from tinygrad import Device, Tensor, dtypes  # noqa: E402
 from tinygrad.uop.ops import Ops  # noqa: E402
-from examples.glm import model as glm, synth, stats, roofline  # noqa: E402
+from examples.glm import model as glm, synth, stats, roofline, jit_store  # noqa: E402
 from examples.glm.tokenizer import Tokenizer, TokenizerError, StreamDecoder  # noqa: E402
 
 SYNTH_VERSION = 4  # bump when synth.py's output changes, so cached files are rewritten
@@ -64,7 +66,9 @@ def parse_args(argv):
   p.add_argument("--dtype", choices=tuple(glm.NUMERICS), default="mixed",
                  help="numerics policy (model.NUMERICS; default mixed: float32 residual stream and matmul outputs, fp16 matmul inputs and KV cache)")
   p.add_argument("--cache-dir", default=os.environ.get("GLM_CACHE_DIR", str(pathlib.Path.home() / ".cache" / "tinygrad_ext")),
-                 help="where synthetic models are written (env GLM_CACHE_DIR)")
+                 help="where synthetic models and captured JITs (jit/) are written (env GLM_CACHE_DIR)")
+  p.add_argument("--no-jit-store", action="store_true",
+                 help="build every JIT (default: a JIT captured by an earlier run of the same model and settings is read from --cache-dir)")
   a = p.parse_args(argv)
   if a.count < 1: p.error("--count must be >= 1")
   if a.benchmark is not None and a.benchmark < 1: p.error("--benchmark must be >= 1")
@@ -124,10 +128,7 @@ def write_file(path:str|os.PathLike, text:str) -> None:
 
 def kernel_roles(m:glm.GLM) -> dict:
   """Device buffer -> role, to sort kernels into kinds by what they read."""
-  named = {"token_embd": m.token_embd, "output": m.output, "output_norm": m.output_norm, "rope_cos": m.cos, "rope_sin": m.sin}
-  for i, b in enumerate(m.blk):
-    for k, v in vars(b).items():  # a tensor, or a pair of projections (or their stacked one)
-      named.update({f"blk.{i}.{k}#{j}": t for j, t in enumerate(v if isinstance(v, tuple) else (v,)) if isinstance(t, Tensor)})
+  named = m.state()
   roles = {}
   for buf, name in stats.buffers_of(named).items():
     short = name.split(".")[-1].split("#")[0]
@@ -213,7 +214,7 @@ def run_mode(m:glm.GLM, tok:Tokenizer, prompt:list[int], a, mode:str) -> dict:
       return t, logits
     s0 = time.perf_counter()
     t, logits = pf(prompt)  # the prompt in prefill chunks: the first generated token
-    res["prompt_s"] = time.perf_counter() - s0
+    res["prompt_s"], res["first_token_after_s"] = time.perf_counter() - s0, time.perf_counter() - STARTED
     # the logits that chose the first generated token: a compare checks the two modes' numerics on them
     res["first_logits"] = logits.numpy()[0].astype(np.float64)
     pos, out, stream = len(prompt), [t], StreamDecoder(tok)
@@ -225,6 +226,7 @@ def run_mode(m:glm.GLM, tok:Tokenizer, prompt:list[int], a, mode:str) -> dict:
     print(stream.flush(), flush=True)
     # the first two calls of a TinyJit run the step (compiling its kernels) and capture it; the rest replay
     res["tokens"], res["text"], res["warmup_s"] = out, tok.decode(out), sum(steps[:2])
+    if steps: res["first_decode_s"] = steps[0]
     res["stopped_at_eog"] = out[-1] in tok.eog
     res["kernels_per_token"] = len(stats.kernel_calls(jit)) if jit.captured is not None else None
     if len(steps) > 2: res["generate_ms_per_token"] = 1e3 * sum(steps[2:]) / len(steps[2:])
@@ -275,6 +277,14 @@ def report(res:dict):
       log(f"[{tag}] kernels of one token {res['profile']['total_us']/1e3:.2f} ms of {ms:.2f} ms/token; the device's own time "
             f"for one decode step {res['profile']['step_device_ms']:.2f} ms (the rest is the host's)")
 
+def start_line(imports_s:float, load_s:float, res:dict) -> str:
+  """The time from the process start to the first generated token (it comes from the prompt's prefill), itemized, and
+  the first decode step; each JIT read from the store (hit) or compiled and captured (built)."""
+  jits = f" (JITs: {', '.join(res['jits'])})" if res.get("jits") else ""
+  first = f"; first decode step {res['first_decode_s']:.2f} s" if "first_decode_s" in res else ""
+  return (f"first token {res['first_token_after_s']:.1f} s after start: imports {imports_s:.1f} s, load {load_s:.1f} s, "
+          f"prefill {res['prompt_s']:.2f} s{first}{jits}")
+
 def main(argv=None) -> int:
   try:
     a = parse_args(argv)
@@ -286,6 +296,10 @@ def main(argv=None) -> int:
     m, kv = glm.load(path, a.max_context, a.dtype, progress=big,
                      stack=not a.separate_projections, shared_in_experts=not a.separate_shared_expert)
     load_s = time.perf_counter() - st
+    store = None if a.no_jit_store else jit_store.JitStore(pathlib.Path(a.cache_dir) / "jit", {
+      "model": str(path.resolve()), "size": path.stat().st_size, "mtime_ns": path.stat().st_mtime_ns, "max_context": m.max_context,
+      "dtype": a.dtype, "stacked": not a.separate_projections, "shared_in_experts": not a.separate_shared_expert}, m.state)
+    if store is not None: m.make_jit = store.jit
     try: tok = Tokenizer.from_kv(kv, str(path))
     except TokenizerError as e: raise UsageError(str(e)) from None
     prompt = prompt_ids(tok, a)
@@ -309,7 +323,9 @@ def main(argv=None) -> int:
     for mode in modes:
       if len(modes) > 1: log(f"[passes {mode}] generating:")
       results[mode] = run_mode(m, tok, prompt, a, mode)
+      if store is not None: results[mode]["jits"], store.events = store.events, []
       report(results[mode])
+      if mode == modes[0]: log(start_line(st - STARTED, load_s, results[mode]))
     out = {"model": str(path), "device": Device.DEFAULT, "dtype": a.dtype, "stacked_projections": not a.separate_projections, "shared_in_experts": not a.separate_shared_expert, "prompt_tokens": len(prompt), "count": a.count,
            "max_context": m.max_context, "load_s": load_s, "results": results}
     if a.passes == "compare":
