@@ -298,6 +298,31 @@ def test_sampling_draws_from_the_softmax_within_top_k_and_top_p():
   freq = np.array([(draws == i).mean() for i in sorted(allowed)])
   assert np.abs(freq - q).max() < 0.08, (freq, q)
 
+@pytest.mark.parametrize("top_p", [0.95, 0.6])  # a rejection from 7 candidates; the threshold search (too many needed)
+def test_top_p_alone_draws_from_the_renormalized_nucleus(top_p):
+  rng = np.random.default_rng(1)
+  x = Tensor(rng.standard_normal((1, 1000)).astype(np.float32) * 2.5)
+  xn = x.numpy()[0].astype(np.float64)
+  p = np.exp(xn - xn.max()); p /= p.sum()
+  order = np.argsort(-p)
+  nucleus = order[:int(np.searchsorted(np.cumsum(p[order]), top_p)) + 1]  # the fewest most likely reaching top_p
+  Tensor.manual_seed(2)
+  draw = TinyJit(lambda: glm.sample(x, glm.Sampling(1.0, 0, top_p)).realize())
+  draws = np.array([draw().item() for _ in range(600)])
+  assert set(draws.tolist()) <= set(nucleus.tolist())
+  q = p[nucleus] / p[nucleus].sum()
+  freq = np.array([(draws == i).mean() for i in nucleus])
+  assert np.abs(freq - q).max() < 0.07, (freq, q)
+  assert len(set(draws.tolist())) > 3  # a draw, not the argmax
+
+def test_a_nucleus_draw_whose_candidates_all_miss_is_the_most_likely_token():
+  # one candidate, a nucleus of the top token alone: a candidate drawn elsewhere is rejected, and the fallback is the
+  # argmax, which every nucleus holds
+  x = Tensor(np.array([0.0, 0.1, 0.2, 0.3, 0.25], dtype=np.float32))
+  Tensor.manual_seed(0)
+  draw = TinyJit(lambda: glm.nucleus_draw(x, 0.05, 1).realize())
+  assert {draw().item() for _ in range(40)} == {3}
+
 def serial_iterations(program) -> int:
   """What one thread of a compiled kernel walks in turn: the sizes of the loops open at once."""
   lin, open_loops, most = program.src[1].src, [], 1
@@ -321,13 +346,14 @@ def test_sampling_work_grows_linearly_with_the_vocab():
   small, large = space(256), space(2048)
   assert large < 12 * small, (small, large)  # linear: 8x
 
-def test_no_thread_of_the_top_p_search_walks_the_probes_partial_sums_in_turn():
+@pytest.mark.parametrize("top_p", [0.95, 0.5])  # a nucleus draw; the threshold search
+def test_no_thread_of_the_top_p_search_walks_the_probes_partial_sums_in_turn(top_p):
   # each round's verdicts over the probes are realized: the reduce over the vocab's partial sums is then spread over
   # lanes. Counted inside the sum over probes, one thread of the combining kernel summed all 32 x 256 partials (and
   # recomputed the logits' max) in every round (5 kernels of a sampled GLM token)
   with Context(DEV="CL"):
     x = Tensor(np.random.default_rng(0).standard_normal((1, 154880)).astype(np.float32)).realize()
-    draw = TinyJit(lambda: glm.sample(x, glm.Sampling(0.8, 0, 0.95)).realize())
+    draw = TinyJit(lambda: glm.sample(x, glm.Sampling(0.8, 0, top_p)).realize())
     draw(); draw()
     walks = [serial_iterations(call.src[0]) for call in captured_calls(draw)]
   assert max(walks) <= 1024, sorted(walks)  # the longest: an argmax's partial over 154880 / 256 logits

@@ -387,18 +387,38 @@ def largest_threshold(x:Tensor, reaches) -> Tensor:
     lo, width = (lo + width * n_ok.cast(dtypes.float32) / PROBES).contiguous(), width / PROBES
   return lo
 
+# a top-p draw (without top-k) is a rejection: CANDIDATES(top_p) draws from the whole softmax, the first inside the nucleus
+# taken. Each lands inside with probability >= top_p, so all miss with probability <= P_MISS (then: the most likely
+# token, always inside). Where that needs more than MAX_CANDIDATES draws (top_p <= 0.72), the threshold search instead
+P_MISS, MAX_CANDIDATES = 1e-9, 16
+def candidates(top_p:float) -> int: return max(1, math.ceil(math.log(P_MISS) / math.log1p(-top_p)))
+
+def gumbel(*shape) -> Tensor: return -(-Tensor.rand(*shape).clip(1e-20, 1.0).log()).log()
+
+def nucleus_draw(x:Tensor, top_p:float, k:int) -> Tensor:
+  """A draw from softmax(x) within its nucleus (the fewest most likely tokens whose probability reaches top_p), by
+  rejection: k draws from the whole softmax at once (Gumbel-max), each kept if the tokens more likely than it hold less
+  than top_p. A few reduces over the vocab, where the threshold search takes 5 rounds of 3 kernels."""
+  p = x.softmax(-1).contiguous()
+  draws = (x + gumbel(k, x.shape[0])).argmax(-1)                                        # (k,) independent draws
+  p_draw = (draws.unsqueeze(-1) == Tensor.arange(x.shape[0])).where(p, 0).sum(-1)        # (k,) each draw's probability
+  inside = (p > p_draw.unsqueeze(-1)).where(p, 0).sum(-1) < top_p                       # (k,) the mass above it < top_p
+  first = (inside.any()).where(inside.argmax(), -1)
+  return (first >= 0).where((first.unsqueeze(-1) == Tensor.arange(k)).where(draws, 0).sum(), x.argmax()).reshape(1, 1).cast(dtypes.int32)
+
 def sample(logits:Tensor, s:Sampling) -> Tensor:
   """logits (1, vocab) float32 -> the chosen token (1, 1) int32, on the device: top-k and top-p as thresholds on the
-  scaled logits, then the Gumbel-max trick (argmax of logits / temperature plus Gumbel noise is a draw from the softmax)."""
+  scaled logits, then the Gumbel-max trick (argmax of logits / temperature plus Gumbel noise is a draw from the softmax);
+  top-p alone by rejection (nucleus_draw)."""
   if s.temperature <= 0: return logits.argmax(-1, keepdim=True).cast(dtypes.int32)
   x = (logits / s.temperature)[0]
+  if s.top_k == 0 and s.top_p < 1.0 and (k := candidates(s.top_p)) <= MAX_CANDIDATES: return nucleus_draw(x, s.top_p, k)
   keep = x >= x.min()
   if s.top_k > 0: keep = keep & (x >= largest_threshold(x, lambda m: m.sum(-1) >= s.top_k))
   if s.top_p < 1.0:
     p = x.softmax(-1).contiguous()  # once, not inside every probe's count
     keep = keep & (x >= largest_threshold(x, lambda m: (m.where(p, 0)).sum(-1) >= s.top_p))
-  gumbel = -(-Tensor.rand(*x.shape).clip(1e-20, 1.0).log()).log()
-  return keep.where(x + gumbel, float("-inf")).argmax(-1).reshape(1, 1).cast(dtypes.int32)
+  return keep.where(x + gumbel(*x.shape), float("-inf")).argmax(-1).reshape(1, 1).cast(dtypes.int32)
 
 class GLM:
   def __init__(self, cfg:Config, w:dict[str, Tensor], max_context:int|None=None, numerics:str="mixed"):
