@@ -126,61 +126,72 @@ def appendable(exps:TensorInfo, shared:TensorInfo) -> bool:
   return exps.ggml_type == shared.ggml_type and len(exps.shape) == 3 and exps.shape[1:] == shared.shape
 
 def append_expert(exps:tuple[TensorInfo, Tensor], shared:tuple[TensorInfo, Tensor]) -> tuple[TensorInfo, Tensor]:
-  """The shared expert's weight appended to the routed experts' (bytes on the device): one expert more."""
+  """The shared expert's weight appended to the routed experts' (bytes on the device, lazy): one expert more."""
   (e, e_raw), (sh, sh_raw) = exps, shared
-  raw = Tensor.cat(e_raw.reshape(e.shape[0], -1), sh_raw.reshape(1, -1)).reshape(-1).realize()
+  raw = Tensor.cat(e_raw.reshape(e.shape[0], -1), sh_raw.reshape(1, -1)).reshape(-1)
   return TensorInfo(e.name, (e.shape[0] + 1, *e.shape[1:]), e.ggml_type, -1, e.nbytes + sh.nbytes), raw
 
 def stack_rows(parts:list[tuple[TensorInfo, Tensor]], name:str) -> tuple[TensorInfo, Tensor]|None:
-  """The parts' rows stacked into one weight (bytes on the device), or None where they differ in type or columns."""
+  """The parts' rows stacked into one weight (bytes on the device, lazy), or None where they differ in type or columns."""
   (a, _), rest = parts[0], [t for t, _ in parts[1:]]
   if any(t.ggml_type != a.ggml_type or t.shape[:-2] != a.shape[:-2] or t.shape[-1] != a.shape[-1] for t in rest): return None
   lead = math.prod(a.shape[:-2])  # experts: each expert's rows stay together
-  raw = Tensor.cat(*[r.reshape(lead, -1) for _, r in parts], dim=1).reshape(-1).realize()
+  raw = Tensor.cat(*[r.reshape(lead, -1) for _, r in parts], dim=1).reshape(-1)
   shape = (*a.shape[:-2], sum(t.shape[-2] for t, _ in parts), a.shape[-1])
   return TensorInfo(name, shape, a.ggml_type, -1, sum(t.nbytes for t, _ in parts)), raw
+
+def stacked(raws:dict[str, tuple[TensorInfo, Tensor]], prefix:str) -> dict[str, tuple[TensorInfo, Tensor]]:
+  """A block's tensors with the projections of STACKED stacked where all their parts are there and alike."""
+  out = dict(raws)
+  for name, parts in STACKED.items():
+    if all(f"{prefix}{p}" in out for p in parts) and (st := stack_rows([out[f"{prefix}{p}"] for p in parts], f"{prefix}{name}")):
+      for p in parts: del out[f"{prefix}{p}"]
+      out[st[0].name] = st
+  return out
+
+def shared_appended(raws:dict[str, tuple[TensorInfo, Tensor]], prefix:str) -> dict[str, tuple[TensorInfo, Tensor]]:
+  """A block's tensors with its shared expert appended to its routed experts (SHARED_INTO): in every projection or in
+  none (Block reads one layout)."""
+  pairs = [(e, sh) for short, short_sh in SHARED_INTO.items() if (e:=f"{prefix}{short}") in raws and (sh:=f"{prefix}{short_sh}") in raws]
+  shared_names = {f"{prefix}{n}" for n in (*SHARED_INTO, *SHARED_INTO.values())}
+  if not pairs or len(pairs) * 2 != sum(n in shared_names for n in raws) or not all(appendable(raws[e][0], raws[sh][0]) for e, sh in pairs):
+    return raws
+  out = dict(raws)
+  for e, sh in pairs:
+    out[e] = append_expert(out[e], out.pop(sh))
+  return out
+
+def block_prefix(name:str) -> str:
+  """"blk.N." for a block's tensor, "" for the others."""
+  return f"blk.{name.split('.')[1]}." if name.startswith("blk.") else ""
 
 def load_weights(path:str|os.PathLike, infos:dict[str, TensorInfo], device:str|None=None, progress:bool=False,
                  stack:bool=True, shared_in_experts:bool=True) -> dict[str, Tensor]:
   """Copies each tensor's GGUF bytes from the disk to the device once; returns lazy dequant expressions over them.
   Native types (F32, F16, BF16: norms, biases, the router) are their bytes reinterpreted; that reinterpretation is done
   once here, so kernels read typed values instead of reassembling every float from bytes wherever the tensor is used.
-  With stack, the projections of STACKED are stacked as each block's pair arrives (peak memory: one pair more); with
-  shared_in_experts, each block's shared expert is then appended to its routed experts (SHARED_INTO)."""
-  device, disk, out = device or Device.DEFAULT, Tensor(pathlib.Path(path)), {}
+  A block's tensors are copied in one realize, with stack the projections of STACKED stacked and with
+  shared_in_experts its shared expert appended to its routed experts (SHARED_INTO) on the way (peak memory: one block
+  more). The dequant expressions are built once every byte is on the device: each realize walks every live tensor's
+  graph, so built as each tensor arrived they made the load quadratic (13 s of host time at full size, 844 realizes)."""
+  device, disk = device or Device.DEFAULT, Tensor(pathlib.Path(path))
   bar = tqdm(total=sum(t.nbytes for t in infos.values()), desc=f"loading {pathlib.Path(path).name}", unit="B", unit_scale=True,
              leave=False, mininterval=1, disable=not progress)
-  part_of = {part: (name, parts) for name, parts in STACKED.items() for part in parts} if stack else {}
-  pending: dict[str, tuple[TensorInfo, Tensor]] = {}
-  raws: dict[str, tuple[TensorInfo, Tensor]] = {}  # the bytes of the tensors SHARED_INTO may join, by name
-  shared_names = {*SHARED_INTO, *SHARED_INTO.values()} if shared_in_experts else set()
-  def add(t:TensorInfo, raw:Tensor):
-    out[t.name] = ggml_data_to_tensor(raw, math.prod(t.shape), t.ggml_type).reshape(t.shape)
-    if t.ggml_type in _GGML_NATIVE: out[t.name] = out[t.name].contiguous().realize()
-    if t.name.partition(".")[2].partition(".")[2] in shared_names: raws[t.name] = (t, raw)
-  for t in infos.values():
-    raw = disk[t.offset:t.offset + t.nbytes].to(device).realize()
-    bar.update(t.nbytes)
-    prefix, _, short = t.name.rpartition("blk.")[2].partition(".")
-    if (group := part_of.get(short)) is None:
-      add(t, raw)
-      continue
-    pending[t.name] = (t, raw)
-    names = [f"blk.{prefix}.{p}" for p in group[1]]
-    if all(n in pending for n in names):
-      parts = [pending.pop(n) for n in names]
-      for info, r in [stacked] if (stacked := stack_rows(parts, f"blk.{prefix}.{group[0]}")) else parts: add(info, r)
-  for info, r in pending.values(): add(info, r)  # a part whose partner is missing stays as it is
-  # a block's shared expert joins its routed experts in every projection or in none (Block reads one layout)
-  for prefix in dict.fromkeys(n.rpartition(".weight")[0].rsplit(".", 1)[0] for n in raws):
-    names = [(e, sh) for short, short_sh in SHARED_INTO.items() if (e:=f"{prefix}.{short}") in raws and (sh:=f"{prefix}.{short_sh}") in raws]
-    if not names or len(names) * 2 != sum(n.startswith(prefix + ".") for n in raws) or \
-       not all(appendable(raws[e][0], raws[sh][0]) for e, sh in names): continue
-    for e, sh in names:
-      add(*append_expert(raws.pop(e), raws.pop(sh)))  # the separate bytes are freed as each expert tensor is replaced
-      del out[sh]
+  blocks: dict[str, list[TensorInfo]] = {}
+  for t in infos.values(): blocks.setdefault(block_prefix(t.name), []).append(t)
+  raws: dict[str, tuple[TensorInfo, Tensor]] = {}
+  for prefix, group in blocks.items():
+    block = {t.name: (t, disk[t.offset:t.offset + t.nbytes].to(device)) for t in group}
+    if stack: block = stacked(block, prefix)
+    if shared_in_experts: block = shared_appended(block, prefix)
+    Tensor.realize(*[raw for _, raw in block.values()])
+    raws.update(block)
+    bar.update(sum(t.nbytes for t in group))
   bar.close()
-  return out
+  out = {name: ggml_data_to_tensor(raw, math.prod(t.shape), t.ggml_type).reshape(t.shape) for name, (t, raw) in raws.items()}
+  native = {name: out[name].contiguous() for name, (t, _) in raws.items() if t.ggml_type in _GGML_NATIVE}
+  if native: Tensor.realize(*native.values())
+  return {**out, **native}
 
 # ***** numerics *****
 
