@@ -20,6 +20,8 @@ from dataclasses import dataclass, fields, replace
 from tinygrad.uop.ops import UOp, Ops, AxisType, PatternMatcher, UPat
 from tinygrad.dtype import dtypes
 from tinygrad.helpers import prod
+from tinygrad.renderer import Renderer
+from tinygrad.renderer.cstyle import CUDARenderer, MetalRenderer
 from tinygrad.codegen.opt import Opt, OptOps
 from tinygrad_ext import Pass, OptHeuristic, register
 from tinygrad_ext.config import text_setting
@@ -135,8 +137,10 @@ def parse_override(spec:str) -> dict[str, int]:
   return out
 POLICY_OVERRIDE = text_setting("TINYGRAD_EXT_MATVEC_POLICY", parse_override)
 
-def policy_for(device:str) -> MatvecPolicy:
-  return replace(POLICIES.get(device.split(":")[0], POLICIES["generic"]), **parse_override(POLICY_OVERRIDE.value))
+def policy_for(ren:Renderer) -> MatvecPolicy:
+  """The table's row for what the renderer emits (CUDA C on a CUDA or NULL device alike), with the override applied."""
+  kind = "CUDA" if isinstance(ren, CUDARenderer) else "METAL" if isinstance(ren, MetalRenderer) else ren.target.device.split(":")[0]
+  return replace(POLICIES.get(kind, POLICIES["generic"]), **parse_override(POLICY_OVERRIDE.value))
 
 @dataclass(frozen=True)
 class Matvec:
@@ -260,7 +264,7 @@ def choose_matvec_opts(k):
   outs = [i for i in k.axes_of(AxisType.GLOBAL) if k.rngs[i] in w_ranges and k.rngs[i] not in act_ranges]
   if not outs or any(not isinstance(s, int) for s in k.full_shape): return None
   out = max(outs, key=lambda i: k.full_shape[i])
-  pol, red = policy_for(k.ren.target.device), main_red()
+  pol, red = policy_for(k.ren), main_red()
   if not red: return None  # reduce axes of size 1 are no opt axes: nothing to spread over lanes
   costly = costly_per_element(m.activation, {k.rngs[i] for i in red})  # before the opts below split those ranges
   inputs, rows = prod(k.full_shape[i] for i in red), k.full_shape[out]
