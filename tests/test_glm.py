@@ -9,6 +9,7 @@ from tinygrad import Tensor, TinyJit, dtypes
 from tinygrad.helpers import Context
 from tinygrad.uop.ops import Ops
 from tinygrad_ext.internals import captured_calls
+from tinygrad.llm.gguf import ggml_data_to_tensor
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -64,6 +65,29 @@ def test_prefill_in_padded_chunks_at_any_start_matches_reference(tiny):
   tok, logits = pf(prompt[20:], 20)
   assert rel_err(logits.numpy()[0], want) <= 1e-2 and tok == int(want.argmax())
   with pytest.raises(ValueError): pf(prompt, 30)  # past max_context
+
+def test_a_long_chunk_reads_staged_fp16_weights_and_matches_reference(tiny):
+  # a 512-token chunk (STAGE_ROWS or more rows) reads each weight dequantized to fp16 once (one reduce: tensor cores on
+  # CUDA); its logits still within 1e-2 of float64
+  model = glm.load(tiny, max_context=520)[0]
+  prompt = [(5 * i + 1) % model.cfg.vocab for i in range(512)]
+  assert glm.chunks(len(prompt)) == [512] and 512 >= glm.STAGE_ROWS
+  ref = Reference(str(tiny))
+  tok, logits = model.prefill(prompt)
+  want = ref.forward(prompt, 0)
+  assert rel_err(logits.numpy()[0], want) <= 1e-2 and tok == int(want.argmax())
+
+def test_staged_products_have_one_reduce_and_render_tensor_cores():
+  # what staging is for: the product of a 512-row chunk and a Q4_0 weight, read through the weight staged in fp16,
+  # renders CUDA mma; read through the lazy dequant (a reduce split into blocks x elements) it does not
+  from kernels import kernel_asts, render, cuda_renderer
+  raw = Tensor.empty(256 * 512 // 32 * 18, dtype=dtypes.uint8)
+  w = ggml_data_to_tensor(raw, 256 * 512, 2).reshape(256, 512)
+  x = Tensor.empty(1, 512, 512, dtype=dtypes.float32)
+  n = glm.NUMERICS["mixed"]
+  def mma(make): return ["mma" in render(a, cuda_renderer()) for a in kernel_asts(make) if any(u.op is Ops.REDUCE for u in a.toposort())]
+  assert mma(lambda: glm.matmul_for(512, n)(x, w)) == [True]
+  assert mma(lambda: glm.matmul_for(32, n)(x[:, :32], w)) == [False]
 
 def test_stacked_projections(model, tiny):
   # load_weights stacks the projections that share an input (STACKED): same logits as the GGUF's separate weights, and

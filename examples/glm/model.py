@@ -230,6 +230,24 @@ def linear(x:Tensor, w:Tensor, n:Numerics, out:DType|None=None) -> Tensor:
   if out == n.act: return x.cast(n.act) @ w.cast(n.act).transpose(-1, -2)
   return x.cast(n.act).cast(out) @ w.cast(out).transpose(-1, -2)
 
+# A product of at least STAGE_ROWS rows (a long prefill chunk) reads its weight dequantized into n.act once, realized:
+# the product then has one reduce over the inputs (a quant block's split into blocks x elements keeps tinygrad's tensor
+# cores off) and act x act products accumulated in n.out, on the tensor cores. llama.cpp's batched path likewise
+# dequantizes to fp16 for cuBLAS. The weight is rounded to act once (a Q4_0 scale times its nibble can need 14 bits)
+STAGE_ROWS = 128
+
+def stage(w:Tensor, n:Numerics) -> Tensor: return w.cast(n.act).contiguous()
+
+def staged_linear(x:Tensor, ws:Tensor, n:Numerics, out:DType|None=None) -> Tensor:
+  """x @ ws.T for a weight staged in n.act: act x act products summed in out (a half matmul sums in float already)."""
+  out = out or n.out
+  return x.cast(n.act).matmul(ws.transpose(-1, -2), dtype=None if out == n.act else out)
+
+def matmul_for(rows:int, n:Numerics):
+  """linear, or through a staged weight where a product has STAGE_ROWS rows or more: f(x, w, out=None)."""
+  if rows >= STAGE_ROWS: return lambda x, w, out=None: staged_linear(x, stage(w, n), n, out)
+  return lambda x, w, out=None: linear(x, w, n, out)
+
 def rope(x:Tensor, cos:Tensor, sin:Tensor) -> Tensor:
   # NORM (GPT-J style) rotation of consecutive pairs, as llama.cpp's LLAMA_ROPE_TYPE_NORM; cos/sin broadcast over x[..., ::2]
   a, b = (xp := x.float().reshape(*x.shape[:-1], -1, 2))[..., 0], xp[..., 1]
@@ -283,8 +301,10 @@ def grouped_experts(x:Tensor, sel:Tensor, weights:Tensor, gate_up:tuple[Tensor, 
   M = tile_rows(T)
   tile_expert, slot_token, slot_used, slot = group_by_expert(sel, down.shape[0], M)
   xs = slot_used.unsqueeze(-1).where(x[slot_token], 0).reshape(-1, M, x.shape[-1])               # (NT, M, dim)
-  gate, up = projections(xs, gate_up, (ffn,) * 2, lambda x, w: linear(x, w[tile_expert], n).contiguous())
-  ys = linear(gate.silu() * up, down[tile_expert], n).reshape(-1, down.shape[1])                # (NT*M, dim)
+  # each tile's expert weight: gathered from the lazy dequant, or from every expert staged once (matmul_for)
+  def tiled(x, w): return staged_linear(x, stage(w, n)[tile_expert], n) if T >= STAGE_ROWS else linear(x, w[tile_expert], n)
+  gate, up = projections(xs, gate_up, (ffn,) * 2, lambda x, w: tiled(x, w).contiguous())
+  ys = tiled(gate.silu() * up, down).reshape(-1, down.shape[1])                                  # (NT*M, dim)
   return (ys[slot].reshape(T, k, -1) * weights.unsqueeze(-1)).sum(-2)
 
 def projections(x:Tensor, ws:tuple[Tensor, ...], sizes:tuple[int, ...], f) -> list[Tensor]:
@@ -293,11 +313,12 @@ def projections(x:Tensor, ws:tuple[Tensor, ...], sizes:tuple[int, ...], f) -> li
 
 # a projection's output, realized: several consumers read it (each would recompute the matmul), and a stacked product
 # is only split after it (as tinygrad.llm's ffn: this keeps gate's and up's matmuls out of one two-reduce kernel)
-def linear_out(n:Numerics): return lambda x, w: linear(x, w, n).contiguous()
+def linear_out(mm): return lambda x, w: mm(x, w).contiguous()
 
 def ffn(x:Tensor, gate_up:tuple[Tensor, ...], down:Tensor, n:Numerics) -> Tensor:
-  gate, up = projections(x, gate_up, (down.shape[-1],) * 2, linear_out(n))
-  return linear(gate.silu() * up, down, n)
+  mm = matmul_for(x.shape[-2], n)
+  gate, up = projections(x, gate_up, (down.shape[-1],) * 2, linear_out(mm))
+  return mm(gate.silu() * up, down)
 
 class Block:
   def __init__(self, cfg:Config, w:dict[str, Tensor], i:int, max_context:int, n:Numerics):
@@ -326,11 +347,12 @@ class Block:
 
   def attention(self, x:Tensor, start_pos:int|UOp, cos:Tensor, sin:Tensor) -> Tensor:
     c, n, (B, T, _) = self.cfg, self.n, x.shape
-    q_a, kv = projections(x, self.q_a_kv_a, (c.q_lora, c.kv_lora + c.qk_rope), linear_out(n))
-    q = linear(rms_norm(q_a, self.q_a_norm, c.eps), self.q_b, n)
+    mm = matmul_for(T, n)
+    q_a, kv = projections(x, self.q_a_kv_a, (c.q_lora, c.kv_lora + c.qk_rope), linear_out(mm))
+    q = mm(rms_norm(q_a, self.q_a_norm, c.eps), self.q_b)
     q = q.reshape(B, T, c.n_heads, c.qk_nope + c.qk_rope).transpose(1, 2)                        # (B, H, T, nope+rope)
     q_nope, q_pe = q[..., :c.qk_nope], rope(q[..., c.qk_nope:], cos, sin)
-    q = linear(q_nope, self.k_b, n).cat(q_pe, dim=-1)                                              # absorbed: (B, H, T, kv_lora+rope)
+    q = mm(q_nope, self.k_b).cat(q_pe, dim=-1)                                                     # absorbed: (B, H, T, kv_lora+rope)
     kv = rms_norm(kv[..., :c.kv_lora], self.kv_a_norm, c.eps).cat(rope(kv[..., c.kv_lora:], cos, sin), dim=-1)
     self.cache[:, start_pos:start_pos+T].assign(kv.cast(self.cache.dtype))
     keys = self.cache[:, :start_pos+T].unsqueeze(1)                                                # (B, 1, S, kv_lora+rope)
@@ -338,8 +360,8 @@ class Block:
     scores = linear(q, keys, n, dtypes.float32) * (1.0 / math.sqrt(c.qk_nope + c.qk_rope))         # (B, H, T, S)
     if T > 1: scores = scores + causal_mask(T, start_pos)                                           # T > 1 only at prefill
     latent = linear(scores.softmax(-1), keys[..., :c.kv_lora].transpose(-1, -2), n)               # (B, H, T, kv_lora)
-    out = linear(latent, self.v_b, n)                                                              # (B, H, T, v_head)
-    return linear(out.transpose(1, 2).reshape(B, T, c.n_heads * c.v_head), self.attn_out, n)
+    out = mm(latent, self.v_b)                                                                     # (B, H, T, v_head)
+    return mm(out.transpose(1, 2).reshape(B, T, c.n_heads * c.v_head), self.attn_out)
 
   def moe_ffn(self, x:Tensor, trace:dict|None=None) -> Tensor:
     c, n = self.cfg, self.n
