@@ -434,8 +434,7 @@ def nucleus_draw(x:Tensor, top_p:float, k:int) -> Tensor:
   than top_p. A few reduces over the vocab, where the threshold search takes 5 rounds of 3 kernels."""
   p = x.softmax(-1).contiguous()
   draws = (x + gumbel(k, x.shape[0])).argmax(-1)                                        # (k,) independent draws
-  p_draw = (draws.unsqueeze(-1) == Tensor.arange(x.shape[0])).where(p, 0).sum(-1)        # (k,) each draw's probability
-  inside = (p > p_draw.unsqueeze(-1)).where(p, 0).sum(-1) < top_p                       # (k,) the mass above it < top_p
+  inside = (p > p[draws].unsqueeze(-1)).where(p, 0).sum(-1) < top_p                     # (k,) the mass above each < top_p
   first = (inside.any()).where(inside.argmax(), -1)
   return (first >= 0).where((first.unsqueeze(-1) == Tensor.arange(k)).where(draws, 0).sum(), x.argmax()).reshape(1, 1).cast(dtypes.int32)
 
