@@ -66,6 +66,22 @@ def test_prefill_in_padded_chunks_at_any_start_matches_reference(tiny):
   assert rel_err(logits.numpy()[0], want) <= 1e-2 and tok == int(want.argmax())
   with pytest.raises(ValueError): pf(prompt, 30)  # past max_context
 
+def test_tokens_short_of_a_chunk_go_through_the_decode_step(tiny):
+  # with the decode JIT, a prompt is whole chunks and then single decode steps: 40 tokens are one 32-token chunk and 8
+  # steps, 10 tokens no chunk at all (no chunk JIT is built); each matches the float64 reference
+  model = glm.load(tiny, max_context=64)[0]
+  prompt = [(7 * i + 3) % model.cfg.vocab for i in range(40)]
+  ref = Reference(str(tiny))
+  want = ref.forward(prompt, 0)
+  decoder = model.decoder()
+  pf = model.prefiller(decoder=decoder)
+  tok, logits = pf(prompt)
+  assert list(pf.jits) == [32] and rel_err(logits.numpy()[0], want) <= 1e-2 and tok == int(want.argmax())
+  short = model.prefiller(decoder=decoder)
+  tok, logits = short(prompt[:10])
+  want = Reference(str(tiny)).forward(prompt[:10], 0)
+  assert short.jits == {} and rel_err(logits.numpy()[0], want) <= 1e-2 and tok == int(want.argmax())
+
 def test_a_long_chunk_reads_staged_fp16_weights_and_matches_reference(tiny):
   # a 512-token chunk (STAGE_ROWS or more rows) reads each weight dequantized to fp16 once (one reduce: tensor cores on
   # CUDA); its logits still within 1e-2 of float64

@@ -94,8 +94,8 @@ def test_run_second_start_reads_its_jits_and_gives_the_same_tokens(tmp_path):
   first, second = [subprocess.run(cmd, capture_output=True, text=True, timeout=600) for _ in range(2)]
   assert first.returncode == second.returncode == 0, first.stderr + second.stderr
   def line(p, key): return next(ln for ln in p.stderr.splitlines() if key in ln)
-  assert "decode: built" in line(first, "first token") and "prefill32: built" in line(first, "first token")
-  assert "decode: hit" in line(second, "first token") and "prefill32: hit" in line(second, "first token")
+  # (the demo's prompt is shorter than a chunk: it goes through the decode step, whose JIT is then the only one)
+  assert "(JITs: decode: built)" in line(first, "first token") and "(JITs: decode: hit)" in line(second, "first token")
   assert line(first, "tokens:") == line(second, "tokens:")
 
 def test_an_entry_holds_no_bytes_of_the_jits_intermediates(tmp_path):

@@ -181,7 +181,8 @@ def chat(m:glm.GLM, tok:Tokenizer, a) -> None:
   if not tok.chat_template: raise UsageError("--chat needs a GGUF with tokenizer.chat_template")
   Tensor.manual_seed(a.seed)
   sampling = glm.Sampling(a.temperature, a.top_k, a.top_p)
-  jit, pf, cached, messages = m.decoder(sampling), m.prefiller(sampling), [], []
+  jit, cached, messages = m.decoder(sampling), [], []
+  pf = m.prefiller(sampling, jit)
   for line in sys.stdin:
     messages.append({"role": "user", "content": line.rstrip("\n")})
     ids = tok.encode(tok.render_chat(messages), parse_special=True)
@@ -206,7 +207,8 @@ def run_mode(m:glm.GLM, tok:Tokenizer, prompt:list[int], a, mode:str) -> dict:
     res["active_passes"] = list(tinygrad_ext.active_passes())
     Tensor.manual_seed(a.seed)  # each run draws the same random numbers
     sampling = glm.Sampling(a.temperature, a.top_k, a.top_p)
-    jit, pf, steps = m.decoder(sampling), m.prefiller(sampling), []
+    jit, steps = m.decoder(sampling), []
+    pf = m.prefiller(sampling, jit)  # whole chunks of the prompt, the rest through the decode step
     def step(t:int, pos:int) -> tuple[int, Tensor]:
       s0 = time.perf_counter()
       t, logits = m.decode(jit, t, pos)
