@@ -102,17 +102,18 @@ class JitStore:
   the model's named tensors."""
   def __init__(self, folder:str|os.PathLike, identity:dict, state:Callable[[], dict[str, Tensor]]):
     self.folder, self.identity, self.state = pathlib.Path(folder), identity, state
-    self.events: list[str] = []  # what each JIT was: "decode: hit", "prefill 32: built" (run.py reports them)
+    self.events: list[str] = []  # what each JIT was: "decode: hit", "prefill32: built" (run.py reports them)
 
   def key(self, what:dict) -> dict:
+    """Everything that decides the programs of the JIT `what` names, as JSON reads it back (the entry's header)."""
     ren = Device[Device.DEFAULT].renderer
-    return {"format": FORMAT, **self.identity, **what, "device": Device.DEFAULT, "renderer": f"{type(ren).__name__}:{ren.target}",
+    return json.loads(json.dumps({"format": FORMAT, **self.identity, **what, "device": Device.DEFAULT, "renderer": f"{type(ren).__name__}:{ren.target}",
             "tinygrad": importlib.metadata.version("tinygrad"), "tinygrad_ext": tinygrad_ext.__version__, "code": code_digest(),
             "passes": tinygrad_ext.cache_id(), "python": platform.python_version(),
-            "context": {k: repr(v.value) for k, v in sorted(ContextVar._cache.items()) if k not in NOT_IN_KEY}}
+            "context": {k: repr(v.value) for k, v in sorted(ContextVar._cache.items()) if k not in NOT_IN_KEY}}, default=str))
 
   def path(self, key:dict) -> pathlib.Path:
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     return self.folder / f"{key['jit']}-{digest}.jit"
 
   def names(self, what:dict) -> dict[UOp, str]:
@@ -128,7 +129,7 @@ class JitStore:
     if path.exists():
       try:
         with open(path, "rb") as f:
-          if pickle.load(f) != json.loads(json.dumps(key, default=str)): raise ValueError("written for another key")
+          if pickle.load(f) != key: raise ValueError("written for another key")
           captured = _Reader(f, {v: k for k, v in names.items()}).load()
         if not isinstance(captured, CapturedJit): raise ValueError("not a captured JIT")
         self.events.append(f"{what['jit']}: hit")
@@ -143,7 +144,7 @@ class JitStore:
     try:
       path.parent.mkdir(parents=True, exist_ok=True)
       with synth.replacing(path) as tmp, open(tmp, "wb") as f:
-        pickle.dump(json.loads(json.dumps(key, default=str)), f)
+        pickle.dump(key, f)
         _Writer(f, names, captured).dump(captured)
     except OSError as e: print(f"jit store: cannot write {path}: {e.strerror or e} (the next start builds it again)", file=sys.stderr)
     except ValueError as e: print(f"jit store: not storing {path.name}: {e}", file=sys.stderr)

@@ -420,7 +420,7 @@ def largest_threshold(x:Tensor, reaches) -> Tensor:
     lo, width = (lo + width * n_ok.cast(dtypes.float32) / PROBES).contiguous(), width / PROBES
   return lo
 
-# a top-p draw (without top-k) is a rejection: CANDIDATES(top_p) draws from the whole softmax, the first inside the nucleus
+# a top-p draw (without top-k) is a rejection: candidates(top_p) draws from the whole softmax, the first inside the nucleus
 # taken. Each lands inside with probability >= top_p, so all miss with probability <= P_MISS (then: the most likely
 # token, always inside). Where that needs more than MAX_CANDIDATES draws (top_p <= 0.72), the threshold search instead
 P_MISS, MAX_CANDIDATES = 1e-9, 16
