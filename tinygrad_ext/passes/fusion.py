@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from typing import Iterator
 from tinygrad.uop.ops import UOp, Ops, GroupOp, AxisType, PatternMatcher, UPat, graph_rewrite
 from tinygrad.dtype import AddrSpace, Invalid, dtypes
-from tinygrad.helpers import prod, partition
+from tinygrad.helpers import prod, partition, EMULATED_DTYPES
 from tinygrad.device import Device
 from tinygrad.schedule.indexing import BufferizeOpts
 from tinygrad.codegen.opt import KernelOptError, Opt, OptOps
@@ -74,7 +74,10 @@ def removable_reduces(s:UOp) -> list[UOp]|None:
   reduces = [u for u in s.src[0].toposort(gate=in_kernel) if u.op is Ops.REDUCE]
   return reduces if all(native_on(s.arg.device, r.dtype) for r in reduces) else None
 
-def native_on(device, dtype) -> bool:
+def native_on(device, dtype) -> bool: return _native_on(device, dtype, EMULATED_DTYPES.value)
+
+@functools.cache  # per (device, dtype, emulation setting): looked up for every reduce of every intermediate, every round
+def _native_on(device, dtype, emulated:str) -> bool:
   return all(isinstance(d, str) and native(Device[d].renderer, dtype) for d in (device if isinstance(device, tuple) else (device,)))
 
 def row_reduce_stage(s:UOp) -> bool:
@@ -129,7 +132,12 @@ def tiny_stage(s:UOp) -> bool:
 def nested(reduces:list[UOp]) -> bool:
   # a reduce inside another (a top-k whose ranks were recomputed in it, below) is a small kernel's work, not a few loads
   # and adds: recomputed again in its consumers it would cascade (a matmul that recomputed it lost its opts)
-  return any(r in red.src[0].backward_slice for red in reduces for r in reduces)
+  return _nested(tuple(reduces))
+
+# (asked again for every reader of an intermediate, every round; a backward slice walks the whole schedule: 8 of the
+# 24 s fusion took to schedule GLM's full decode step on DEV=NULL)
+@functools.lru_cache(maxsize=1 << 12)
+def _nested(reduces:tuple[UOp, ...]) -> bool: return any(r in red.src[0].backward_slice for red in reduces for r in reduces)
 
 # a small intermediate (at most SMALL elements, reduces at most TINY_REDUCE long) whose consumer is itself small (at most
 # SMALL_WORK loop iterations with the intermediate recomputed in each: MoE routing's expert ranks, 64 pairwise counts,
