@@ -274,7 +274,7 @@ def test_full_writer_header(tmp_path):
 
 def test_run_smoke(tiny, tmp_path):
   out = subprocess.run(RUN + ["--model", str(tiny), "--count", "4", "--profile", "--passes", "compare", "--json", str(tmp_path / "r.json"),
-                              "--max-context", "64", "--plot", str(tmp_path / "roofline.png")], capture_output=True, text=True, timeout=600)
+                              "--max-context", "64", "--plot", str(tmp_path / "roofline.png"), "--prefill", "40"], capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr
   assert "tok/s" in out.stderr and "kernels/token" in out.stderr and "kernels per decode token by kind" in out.stderr
   r = json.loads((tmp_path / "r.json").read_text())
@@ -285,6 +285,11 @@ def test_run_smoke(tiny, tmp_path):
     launches = res["profile"]["launches"]
     assert len(launches) == res["kernels_per_token"] and sum(k["us"] for k in launches) == pytest.approx(res["profile"]["total_us"])
     assert res["profile"]["step_device_ms"] > 0  # one replay of the whole step, timed by the device
+    # --prefill with --profile: the first (largest) chunk's kernels, with tinygrad's estimate of their arithmetic
+    chunk = res["prefill"]["profile"]
+    assert chunk["chunk"] == 32 and chunk["n_kernels"] > res["kernels_per_token"] // 2
+    assert all(k["tflop_s"] >= 0 for k in chunk["kernels"]) and any(k["ops"] > 0 for k in chunk["kernels"] if k["kind"] == "matmul")
+  assert "kernels per 32-token prefill chunk by kind" in out.stderr
   assert r["ceiling"]["gbs"] > 0 and (tmp_path / "roofline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert [p.name for p in tmp_path.iterdir() if p.name.startswith("tmp")] == []  # the plot's temporary file is gone
 

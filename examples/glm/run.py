@@ -55,7 +55,7 @@ def parse_args(argv):
   p.add_argument("--variant", action="append", default=[], metavar="SETTING=VALUE",
                  help="also run with every pass on and this pass setting (e.g. TINYGRAD_EXT_MATVEC_POLICY=upcast_rows=1); repeatable")
   p.add_argument("--prefill", type=int, metavar="N", help="also time a one-forward prefill of an N-token prompt (three calls: compiling, rescheduling, cached)")
-  p.add_argument("--profile", action="store_true", help="per-kernel timing of one decode token")
+  p.add_argument("--profile", action="store_true", help="per-kernel timing of one decode token (and of a prefill chunk, with --prefill)")
   p.add_argument("--plot", metavar="PATH.png", help="with --profile: draw its kernels as achieved GB/s against the read ceiling")
   p.add_argument("--json", metavar="PATH", help="write the results as JSON")
   p.add_argument("--max-context", type=int, default=None, help="KV cache length (default min(4096, the model's context))")
@@ -252,6 +252,10 @@ def run_mode(m:glm.GLM, tok:Tokenizer, prompt:list[int], a, mode:str) -> dict:
         pf(ids)
         sync(); calls.append(time.perf_counter() - s0)
       res["prefill"] = {"tokens": a.prefill, "first_s": calls[0], "second_s": calls[1], "s": calls[2], "tok_per_s": a.prefill / calls[2]}
+      if a.profile:  # the kernels of the prompt's first chunk (its largest), with their arithmetic rate
+        T = glm.chunks(a.prefill)[0]
+        args = (Tensor([ids[:T] + [0] * (T - len(ids[:T]))], dtype=dtypes.int32), m.start_pos.bind(0), pf.last[T].bind(min(T, len(ids)) - 1))
+        res["prefill"]["profile"] = {"chunk": T, **stats.summarize(stats.time_kernels(pf.jit(T), args, classify(kernel_roles(m))))}
   return res
 
 def logit_agreement(off:np.ndarray, on:np.ndarray) -> dict:
@@ -273,6 +277,7 @@ def report(res:dict):
     pf = res["prefill"]
     log(f"[{tag}] prefill {pf['tokens']} tokens: {pf['tok_per_s']:.1f} tok/s ({pf['s']*1e3:.1f} ms, schedule cached; "
           f"first call {pf['first_s']:.1f} s with compiling, second {pf['second_s']:.1f} s)")
+    if "profile" in pf: log(stats.format_table(pf["profile"], what=f"{pf['profile']['chunk']}-token prefill chunk"))
   if "profile" in res:
     log(stats.format_table(res["profile"]))
     if ms is not None:  # what the kernels leave of a token: the host's share (the jit call, the token's readback)

@@ -36,6 +36,7 @@ class KernelTime:
   kind: str
   seconds: float
   nbytes: int
+  ops: int = 0  # tinygrad's estimate of the kernel's arithmetic (a fused dequant's work counted per product)
 
 def time_kernels(jit, args:tuple, classify=None, repeats:int=3, graph_launches:int=20) -> list[KernelTime]:
   """Replays the captured kernels of jit; a kernel's time is its median over `repeats` replays after one untimed replay
@@ -52,8 +53,9 @@ def time_kernels(jit, args:tuple, classify=None, repeats:int=3, graph_launches:i
   out = []
   for call in calls:
     bufs = call_buffers(call, ctx)
+    est = estimate_uop(call)
     out.append(KernelTime(ansistrip(call.src[0].arg.name), classify(call, bufs) if classify else "other", timed(call),
-                          int(sym_infer(estimate_uop(call).mem, ctx.var_vals))))
+                          int(sym_infer(est.mem, ctx.var_vals)), int(sym_infer(est.ops, ctx.var_vals))))
   return out
 
 def step_device_seconds(jit, args:tuple, repeats:int=3) -> float:
@@ -87,21 +89,22 @@ def summarize(times:list[KernelTime]) -> dict:
   total = sum(t.seconds for t in times) or 1e-12
   rows: dict[str, dict] = {}
   for t in times:
-    r = rows.setdefault(t.name, {"name": t.name, "kind": t.kind, "us": 0.0, "bytes": 0, "calls": 0})
-    r["us"] += t.seconds * 1e6; r["bytes"] += t.nbytes; r["calls"] += 1
-  for r in rows.values(): r["gb_s"], r["share"] = r["bytes"] / max(r["us"], 1e-9) / 1e3, r["us"] / (total * 1e6)
+    r = rows.setdefault(t.name, {"name": t.name, "kind": t.kind, "us": 0.0, "bytes": 0, "ops": 0, "calls": 0})
+    r["us"] += t.seconds * 1e6; r["bytes"] += t.nbytes; r["ops"] += t.ops; r["calls"] += 1
+  for r in rows.values():
+    r["gb_s"], r["tflop_s"], r["share"] = r["bytes"] / max(r["us"], 1e-9) / 1e3, r["ops"] / max(r["us"], 1e-9) / 1e6, r["us"] / (total * 1e6)
   by_kind = {k: sum(1 for t in times if t.kind == k) for k in KINDS}
   us_by_kind = {k: sum(t.seconds for t in times if t.kind == k) * 1e6 for k in KINDS}
   return {"kernels": sorted(rows.values(), key=lambda r: -r["us"]), "kernels_by_kind": by_kind, "us_by_kind": us_by_kind,
           "total_us": total * 1e6, "n_kernels": len(times), "timing": timing_method(),
           "launches": [{"name": t.name, "kind": t.kind, "us": t.seconds * 1e6, "bytes": t.nbytes} for t in times]}
 
-def format_table(s:dict, top:int=40) -> str:
-  lines = [f"{'kernel':<44} {'kind':<9} {'us':>10} {'GB/s':>8} {'calls':>6} {'share':>6}"]
+def format_table(s:dict, top:int=40, what:str="decode token") -> str:
+  lines = [f"{'kernel':<44} {'kind':<9} {'us':>10} {'GB/s':>8} {'TFLOP/s':>8} {'calls':>6} {'share':>6}"]
   for r in s["kernels"][:top]:
-    lines.append(f"{r['name'][:44]:<44} {r['kind']:<9} {r['us']:10.1f} {r['gb_s']:8.1f} {r['calls']:6d} {r['share']*100:5.1f}%")
+    lines.append(f"{r['name'][:44]:<44} {r['kind']:<9} {r['us']:10.1f} {r['gb_s']:8.1f} {r.get('tflop_s', 0):8.2f} {r['calls']:6d} {r['share']*100:5.1f}%")
   if len(s["kernels"]) > top: lines.append(f"... {len(s['kernels']) - top} more kernel names")
-  lines.append(f"{'total':<54} {s['total_us']:10.1f} {'':>8} {s['n_kernels']:6d} 100.0%  (timed {s['timing']})")
+  lines.append(f"{'total':<54} {s['total_us']:10.1f} {'':>17} {s['n_kernels']:6d} 100.0%  (timed {s['timing']})")
   kinds = [f"{k} {n} ({s['us_by_kind'][k]:.0f} us)" for k, n in s["kernels_by_kind"].items() if n]
-  lines.append("kernels per decode token by kind: " + ", ".join(kinds))
+  lines.append(f"kernels per {what} by kind: " + ", ".join(kinds))
   return "\n".join(lines)
