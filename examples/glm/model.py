@@ -547,14 +547,17 @@ class Prefill:
       self.jits[T] = self.model.make_jit(jit_name(f"prefill{T}", self.sampling), lambda tokens, start_pos, last: self.model.step(tokens, start_pos, self.sampling, last))
     return self.jits[T]
 
+  def args(self, T:int, part:list[int], start_pos:int) -> tuple:
+    """What the T-token chunk's JIT is called with for part (at most T tokens, padded) at start_pos."""
+    return Tensor([part + [0] * (T - len(part))], dtype=dtypes.int32), self.model.start_pos.bind(start_pos), self.last[T].bind(len(part) - 1)
+
   def __call__(self, tokens:list[int], start_pos:int=0) -> tuple[int, Tensor]:
     """Feeds tokens at positions start_pos..; returns (the token after them, its logits (1, vocab) float32)."""
     if not tokens or start_pos + len(tokens) > self.model.max_context: raise ValueError(f"{len(tokens)} tokens at {start_pos} do not fit the context")
     whole = len(tokens) - len(tokens) % min(CHUNKS) if self.decoder is not None else len(tokens)
     for T in chunks(whole):
       part, tokens = tokens[:T], tokens[T:]
-      ids = Tensor([part + [0] * (T - len(part))], dtype=dtypes.int32)
-      tok, logits = self.jit(T)(ids, self.model.start_pos.bind(start_pos), self.last[T].bind(len(part) - 1))
+      tok, logits = self.jit(T)(*self.args(T, part, start_pos))
       start_pos += len(part)
     for t in tokens:  # the rest, through the decode step (its token is read only after the last)
       tok, logits = self.decoder(self.model.token.bind(t), self.model.start_pos.bind(start_pos))

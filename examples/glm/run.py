@@ -254,8 +254,7 @@ def run_mode(m:glm.GLM, tok:Tokenizer, prompt:list[int], a, mode:str) -> dict:
       res["prefill"] = {"tokens": a.prefill, "first_s": calls[0], "second_s": calls[1], "s": calls[2], "tok_per_s": a.prefill / calls[2]}
       if a.profile:  # the kernels of the prompt's first chunk (its largest), with their arithmetic rate
         T = glm.chunks(a.prefill)[0]
-        args = (Tensor([ids[:T] + [0] * (T - len(ids[:T]))], dtype=dtypes.int32), m.start_pos.bind(0), pf.last[T].bind(min(T, len(ids)) - 1))
-        res["prefill"]["profile"] = {"chunk": T, **stats.summarize(stats.time_kernels(pf.jit(T), args, classify(kernel_roles(m))))}
+        res["prefill"]["profile"] = {"chunk": T, **stats.summarize(stats.time_kernels(pf.jit(T), pf.args(T, ids[:T], 0), classify(kernel_roles(m))))}
   return res
 
 def logit_agreement(off:np.ndarray, on:np.ndarray) -> dict:
@@ -303,8 +302,9 @@ def main(argv=None) -> int:
     m, kv = glm.load(path, a.max_context, a.dtype, progress=big,
                      stack=not a.separate_projections, shared_in_experts=not a.separate_shared_expert)
     load_s = time.perf_counter() - st
+    file = path.stat()
     store = None if a.no_jit_store else jit_store.JitStore(pathlib.Path(a.cache_dir) / "jit", {
-      "model": str(path.resolve()), "size": path.stat().st_size, "mtime_ns": path.stat().st_mtime_ns, "max_context": m.max_context,
+      "model": str(path.resolve()), "size": file.st_size, "mtime_ns": file.st_mtime_ns, "max_context": m.max_context,
       "dtype": a.dtype, "stacked": not a.separate_projections, "shared_in_experts": not a.separate_shared_expert}, m.state)
     if store is not None: m.make_jit = store.jit
     try: tok = Tokenizer.from_kv(kv, str(path))
