@@ -183,6 +183,14 @@ def test_cuda_fused_softmax_over_a_symbolic_row():
   assert src.count("__shfl_xor_sync") == 10 and src.count("__syncthreads") == 2  # max, then sum, each over 256 lanes
   assert "if (" in src and "INFINITY" in src  # padding: stores gated off, loads read as the max's identity
 
+def test_cuda_a_row_longer_than_max_row_is_spread_over_blocks():
+  # a vocab-long row (sampling's exp(x - max) over 154880 logits) would be one block looping 605 times (100 us on the
+  # H100): the row heuristic leaves it to tinygrad's, whose blocks each take a slice and recompute the row's max
+  x = Tensor.empty(154880)
+  srcs = [render(a, cuda_renderer()) for a in kernel_asts(lambda: (x - x.max()).exp())]
+  out = [s for s in srcs if "data0_154880" in s]
+  assert len(out) == 1 and "blockIdx" in out[0] and not re.search(r"for \(int \w+ = 0; \w+ < 605;", out[0])
+
 def test_metal_fused_rms_norm_uses_simd_sum():
   src = render(fused_rms_ast(), metal_renderer())
   assert "simd_sum(" in src and "threadgroup_barrier" in src

@@ -472,6 +472,9 @@ def row_ranges(k) -> list[UOp]:
 
 def choose_row_opts(k):
   if not (rows := row_ranges(k)) or not k.ren.has_local or k.dont_use_locals: return None
+  # a row this long in one workgroup leaves the GPU idle (a softmax over a 154880-token vocab: 100 us on the H100, one
+  # workgroup looping 605 times); tinygrad's heuristic spreads its elements over workgroups, each recomputing the reduce
+  if prod(r.vmax+1 for r in rows) > MAX_ROW: return None
   # a reduce in a dtype the device emulates (half on PoCL) must not become a loop's accumulator: tinygrad's emulation
   # fails verification on it, and its own heuristic unrolls such a short reduce
   if any(not native(k.ren, red.dtype) for red in k.reduceops): return None
