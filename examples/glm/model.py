@@ -432,9 +432,11 @@ def nucleus_draw(x:Tensor, top_p:float, k:int) -> Tensor:
   """A draw from softmax(x) within its nucleus (the fewest most likely tokens whose probability reaches top_p), by
   rejection: k draws from the whole softmax at once (Gumbel-max), each kept if the tokens more likely than it hold less
   than top_p. A few reduces over the vocab, where the threshold search takes 5 rounds of 3 kernels."""
-  p = x.softmax(-1).contiguous()
+  # in unnormalized weights e = exp(x - max): the mass above a draw, below top_p of the whole (no softmax over the
+  # vocab is stored: one workgroup would write it)
+  e = (x - x.max()).exp()
   draws = (x + gumbel(k, x.shape[0])).argmax(-1)                                        # (k,) independent draws
-  inside = (p > p[draws].unsqueeze(-1)).where(p, 0).sum(-1) < top_p                     # (k,) the mass above each < top_p
+  inside = (x > x[draws].unsqueeze(-1)).where(e, 0).sum(-1) < top_p * e.sum()          # (k,) the mass above each < top_p
   first = (inside.any()).where(inside.argmax(), -1)
   return (first >= 0).where((first.unsqueeze(-1) == Tensor.arange(k)).where(draws, 0).sum(), x.argmax()).reshape(1, 1).cast(dtypes.int32)
 
