@@ -198,8 +198,11 @@ def load_weights(path:str|os.PathLike, infos:dict[str, TensorInfo], device:str|N
 @dataclass(frozen=True)
 class Numerics:
   """The dtype of every value in the model, in one place.
-  act:   what a matmul's activation is rounded to, once (where it is produced); the weight is read as it dequantizes
-         (float32) and the products summed in out, unless out is act (then both are act, summed in float32)
+  act:   what a matmul's activation is rounded to, once, where it is stored (act_norm's rows, the absorbed q); the
+         weight is read as it dequantizes (float32) and the products summed in out, unless out is act (then both are
+         act, summed in float32). An input a matmul reads as a float32 row or computes itself (a MoE block's norm, which
+         the router reads too; the q_a norm recomputed in q_b; silu(gate) * up in the down product) is not rounded:
+         tinygrad's codegen folds x.cast(half).cast(float) back to x
   out:   everything else: the residual stream, what each matmul returns, norm outputs, rope, the MoE's expert weights
          and weighted sum. Norm statistics, the router's input, logits and scores, attention's scores and softmax, and
          the output logits are float32 in every policy.
@@ -221,6 +224,11 @@ def rms_norm(x:Tensor, w:Tensor, eps:float, out:DType|None=None) -> Tensor:
   # in float32: the sum of squares of fp16 activations overflows and loses precision
   xf = x.float()
   return (xf * (xf.square().mean(-1, keepdim=True) + eps).rsqrt() * w.float()).cast(out or x.dtype)
+
+def act_norm(x:Tensor, w:Tensor, eps:float, n:Numerics) -> Tensor:
+  """rms_norm for a row only matmuls read: rounded to n.act where it is computed (what they would round it to), so each
+  reads act's bytes (realized: tinygrad would store the float32 row and leave the cast to every reader)."""
+  return rms_norm(x, w, eps, n.act).contiguous()
 
 def linear(x:Tensor, w:Tensor, n:Numerics, out:DType|None=None) -> Tensor:
   """x @ w.T with x rounded to n.act, returned in out (n.out). Where out is wider than act the products are out's: the
@@ -304,7 +312,8 @@ def grouped_experts(x:Tensor, sel:Tensor, weights:Tensor, gate_up:tuple[Tensor, 
   # each tile's expert weight: gathered from the lazy dequant, or from every expert staged once (matmul_for)
   def tiled(x, w): return staged_linear(x, stage(w, n)[tile_expert], n) if T >= STAGE_ROWS else linear(x, w[tile_expert], n)
   gate, up = projections(xs, gate_up, (ffn,) * 2, lambda x, w: tiled(x, w).contiguous())
-  ys = tiled(gate.silu() * up, down).reshape(-1, down.shape[1])                                  # (NT*M, dim)
+  # the down product's input rounded to act once, realized: its tiles would recompute silu for every 64 columns
+  ys = tiled((gate.silu() * up).cast(n.act).contiguous(), down).reshape(-1, down.shape[1])       # (NT*M, dim)
   return (ys[slot].reshape(T, k, -1) * weights.unsqueeze(-1)).sum(-2)
 
 def projections(x:Tensor, ws:tuple[Tensor, ...], sizes:tuple[int, ...], f) -> list[Tensor]:
@@ -318,7 +327,9 @@ def linear_out(mm): return lambda x, w: mm(x, w).contiguous()
 def ffn(x:Tensor, gate_up:tuple[Tensor, ...], down:Tensor, n:Numerics) -> Tensor:
   mm = matmul_for(x.shape[-2], n)
   gate, up = projections(x, gate_up, (down.shape[-1],) * 2, linear_out(mm))
-  return mm(gate.silu() * up, down)
+  act = gate.silu() * up
+  # a staged product's input rounded to act once, realized (its tiles would recompute silu), as grouped_experts'
+  return mm(act.cast(n.act).contiguous() if x.shape[-2] >= STAGE_ROWS else act, down)
 
 class Block:
   def __init__(self, cfg:Config, w:dict[str, Tensor], i:int, max_context:int, n:Numerics):
@@ -352,7 +363,7 @@ class Block:
     q = mm(rms_norm(q_a, self.q_a_norm, c.eps), self.q_b)
     q = q.reshape(B, T, c.n_heads, c.qk_nope + c.qk_rope).transpose(1, 2)                        # (B, H, T, nope+rope)
     q_nope, q_pe = q[..., :c.qk_nope], rope(q[..., c.qk_nope:], cos, sin)
-    q = mm(q_nope, self.k_b).cat(q_pe, dim=-1)                                                     # absorbed: (B, H, T, kv_lora+rope)
+    q = mm(q_nope, self.k_b).cast(n.act).cat(q_pe.cast(n.act), dim=-1)                             # absorbed: (B, H, T, kv_lora+rope)
     kv = rms_norm(kv[..., :c.kv_lora], self.kv_a_norm, c.eps).cat(rope(kv[..., c.kv_lora:], cos, sin), dim=-1)
     self.cache[:, start_pos:start_pos+T].assign(kv.cast(self.cache.dtype))
     keys = self.cache[:, :start_pos+T].unsqueeze(1)                                                # (B, 1, S, kv_lora+rope)
@@ -387,9 +398,10 @@ class Block:
     return out
 
   def __call__(self, x:Tensor, start_pos:int|UOp, cos:Tensor, sin:Tensor, trace:dict|None=None) -> Tensor:
-    h = x + self.attention(rms_norm(x, self.attn_norm, self.cfg.eps), start_pos, cos, sin)
-    f = rms_norm(h, self.ffn_norm, self.cfg.eps)
-    out = h + (self.moe_ffn(f, trace) if self.moe else ffn(f, self.gate_up, self.down, self.n))
+    c, n = self.cfg, self.n
+    h = x + self.attention(act_norm(x, self.attn_norm, c.eps, n), start_pos, cos, sin)
+    # a MoE block's norm stays float32 (the router reads it; so do the experts, see Numerics.act)
+    out = h + (self.moe_ffn(rms_norm(h, self.ffn_norm, c.eps), trace) if self.moe else ffn(act_norm(h, self.ffn_norm, c.eps, n), self.gate_up, self.down, n))
     if trace is not None: trace["hidden"].append(out[0, -1])
     return out
 
@@ -490,7 +502,7 @@ class GLM:
     cos, sin = self.cos[start_pos:start_pos+T].unsqueeze(0), self.sin[start_pos:start_pos+T].unsqueeze(0)
     for blk in self.blk: x = blk(x, start_pos, cos, sin, trace)
     x = x[:, -1] if isinstance(last, int) and last in (-1, T - 1) else x.shrink((None, (last, last + 1), None))[:, 0]
-    x = rms_norm(x, self.output_norm, self.cfg.eps)
+    x = act_norm(x, self.output_norm, self.cfg.eps, self.n)
     return linear(x, self.output, self.n, dtypes.float32)  # float32 logits: fp16 rounding would decide near-ties
 
   def step(self, tokens:list[int]|UOp|Tensor, start_pos:int|UOp, sampling:Sampling=Sampling(), last:int|UOp=-1) -> tuple[Tensor, Tensor]:
