@@ -66,21 +66,30 @@ def test_prefill_in_padded_chunks_at_any_start_matches_reference(tiny):
   assert rel_err(logits.numpy()[0], want) <= 1e-2 and tok == int(want.argmax())
   with pytest.raises(ValueError): pf(prompt, 30)  # past max_context
 
-def test_tokens_short_of_a_chunk_go_through_the_decode_step(tiny):
-  # with the decode JIT, a prompt is whole chunks and then single decode steps: 40 tokens are one 32-token chunk and 8
-  # steps, 10 tokens no chunk at all (no chunk JIT is built); each matches the float64 reference
+def test_prefill_plan_pads_a_long_rest_and_decodes_a_short_one():
+  L = max(glm.CHUNKS)
+  for n in range(1, 3 * L, 7):
+    cs, steps = glm.plan(n)
+    assert set(cs) <= {L} and steps < glm.PAD_MIN and sum(cs) - L < n - steps <= sum(cs)
+    assert steps == 0 or n - steps == sum(cs)  # only where no chunk is padded do decode steps follow
+
+def test_tokens_short_of_a_chunk_go_through_the_decode_step(tiny, monkeypatch):
+  # with the decode JIT, a prompt is whole chunks, then a padded chunk where PAD_MIN tokens or more are left, else single
+  # decode steps (chunks of 32 and PAD_MIN 16 here, for the CPU): 40 tokens are a chunk and 8 steps, 50 two chunks (the
+  # second padded), 10 no chunk at all (no chunk JIT is built); each matches the float64 reference
+  monkeypatch.setattr(glm, "CHUNKS", (32,))
+  monkeypatch.setattr(glm, "PAD_MIN", 16)
   model = glm.load(tiny, max_context=64)[0]
-  prompt = [(7 * i + 3) % model.cfg.vocab for i in range(40)]
-  ref = Reference(str(tiny))
-  want = ref.forward(prompt, 0)
+  prompt = [(7 * i + 3) % model.cfg.vocab for i in range(50)]
   decoder = model.decoder()
-  pf = model.prefiller(decoder=decoder)
-  tok, logits = pf(prompt)
-  assert list(pf.jits) == [32] and rel_err(logits.numpy()[0], want) <= 1e-2 and tok == int(want.argmax())
-  short = model.prefiller(decoder=decoder)
-  tok, logits = short(prompt[:10])
-  want = Reference(str(tiny)).forward(prompt[:10], 0)
-  assert short.jits == {} and rel_err(logits.numpy()[0], want) <= 1e-2 and tok == int(want.argmax())
+  for n, jits in ((40, [32]), (50, [32]), (10, [])):
+    want = Reference(str(tiny)).forward(prompt[:n], 0)
+    pf = model.prefiller(decoder=decoder)
+    calls = []
+    pf.jit = lambda T, jit=pf.jit: calls.append(T) or jit(T)
+    tok, logits = pf(prompt[:n])
+    assert sorted(pf.jits) == jits and len(calls) == len(glm.plan(n)[0]), n
+    assert rel_err(logits.numpy()[0], want) <= 1e-2 and tok == int(want.argmax()), n
 
 def test_a_long_chunk_reads_staged_fp16_weights_and_matches_reference(tiny):
   # a 512-token chunk (STAGE_ROWS or more rows) reads each weight dequantized to fp16 once (one reduce: tensor cores on
@@ -293,7 +302,7 @@ def test_full_writer_header(tmp_path):
 
 def test_run_smoke(tiny, tmp_path):
   out = subprocess.run(RUN + ["--model", str(tiny), "--count", "4", "--profile", "--passes", "compare", "--json", str(tmp_path / "r.json"),
-                              "--max-context", "64", "--plot", str(tmp_path / "roofline.png"), "--prefill", "40"], capture_output=True, text=True, timeout=600)
+                              "--max-context", "128", "--plot", str(tmp_path / "roofline.png"), "--prefill", "100"], capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr
   assert "tok/s" in out.stderr and "kernels/token" in out.stderr and "kernels per decode token by kind" in out.stderr
   r = json.loads((tmp_path / "r.json").read_text())
@@ -304,11 +313,12 @@ def test_run_smoke(tiny, tmp_path):
     launches = res["profile"]["launches"]
     assert len(launches) == res["kernels_per_token"] and sum(k["us"] for k in launches) == pytest.approx(res["profile"]["total_us"])
     assert res["profile"]["step_device_ms"] > 0  # one replay of the whole step, timed by the device
-    # --prefill with --profile: the first (largest) chunk's kernels, with tinygrad's estimate of their arithmetic
+    # --prefill with --profile: the first chunk's kernels (100 tokens are one padded chunk, glm.plan), with tinygrad's
+    # estimate of their arithmetic
     chunk = res["prefill"]["profile"]
-    assert chunk["chunk"] == 32 and chunk["n_kernels"] > res["kernels_per_token"] // 2
+    assert chunk["chunk"] == 512 and chunk["n_kernels"] > res["kernels_per_token"] // 2
     assert all(k["tflop_s"] >= 0 for k in chunk["kernels"]) and any(k["ops"] > 0 for k in chunk["kernels"] if k["kind"] == "matmul")
-  assert "kernels per 32-token prefill chunk by kind" in out.stderr
+  assert "kernels per 512-token prefill chunk by kind" in out.stderr
   assert r["ceiling"]["gbs"] > 0 and (tmp_path / "roofline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert [p.name for p in tmp_path.iterdir() if p.name.startswith("tmp")] == []  # the plot's temporary file is gone
 

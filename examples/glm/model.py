@@ -536,6 +536,10 @@ def jit_name(kind:str, sampling:Sampling) -> dict:
 # remaining tokens fill, else the smallest, padded (its extra positions write KV rows past the prompt, which a later
 # step overwrites before any query reads them; the cache has room for them past max_context)
 CHUNKS = (32, 512)
+# with the decode step at hand, a prompt goes in chunks of the longest length, the last padded where at least PAD_MIN
+# tokens are left; fewer go through the decode step, one token a call (H100, Q4_0 mix: a 512-token chunk 0.32 s, a
+# decode step 3.1 ms, so ~100 tokens cost one chunk; a 32-token chunk took 0.47 s, more than its 32 decode steps)
+PAD_MIN = 96
 
 def chunks(n:int) -> list[int]:
   """The chunk lengths that cover n tokens."""
@@ -545,12 +549,16 @@ def chunks(n:int) -> list[int]:
     n -= size
   return out
 
+def plan(n:int) -> tuple[list[int], int]:
+  """(chunk lengths, decode steps) for n tokens where the decode step is at hand (see PAD_MIN)."""
+  whole, rest = divmod(n, max(CHUNKS))
+  return [max(CHUNKS)] * whole + ([max(CHUNKS)] if rest >= PAD_MIN else []), (rest if rest < PAD_MIN else 0)
+
 class Prefill:
   """A prompt's tokens through the model in chunks (CHUNKS): the same JIT for every chunk of a length, its start
-  position and the index of its last real token symbolic. With a decoder, the tokens short of a whole chunk (a short
-  prompt, a chat turn, a long prompt's tail) go through the decode step one at a time instead of a padded chunk: a
-  32-token chunk's JIT takes longer to build than the decode step's (49 s against 28 on the H100's first start) and
-  computes 32 rows for what may be a few tokens."""
+  position and the index of its last real token symbolic. With a decoder, chunks of the longest length and fewer than
+  PAD_MIN tokens left (a short prompt, a chat turn) through the decode step one at a time (plan): a chunk's JIT takes
+  longer to build than the decode step's, and computes a whole chunk for what may be a few tokens."""
   def __init__(self, model:GLM, sampling:Sampling, decoder:TinyJit|None=None):
     self.model, self.sampling, self.decoder, self.jits = model, sampling, decoder, {}
     self.last = {T: UOp.variable(f"last{T}", 0, T - 1) for T in CHUNKS}
@@ -568,8 +576,7 @@ class Prefill:
   def __call__(self, tokens:list[int], start_pos:int=0) -> tuple[int, Tensor]:
     """Feeds tokens at positions start_pos..; returns (the token after them, its logits (1, vocab) float32)."""
     if not tokens or start_pos + len(tokens) > self.model.max_context: raise ValueError(f"{len(tokens)} tokens at {start_pos} do not fit the context")
-    whole = len(tokens) - len(tokens) % min(CHUNKS) if self.decoder is not None else len(tokens)
-    for T in chunks(whole):
+    for T in (plan(len(tokens))[0] if self.decoder is not None else chunks(len(tokens))):
       part, tokens = tokens[:T], tokens[T:]
       tok, logits = self.jit(T)(*self.args(T, part, start_pos))
       start_pos += len(part)

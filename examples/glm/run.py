@@ -245,15 +245,16 @@ def run_mode(m:glm.GLM, tok:Tokenizer, prompt:list[int], a, mode:str) -> dict:
       res["profile"] = stats.summarize(stats.time_kernels(jit, args, classify(kernel_roles(m))))
       res["profile"]["step_device_ms"] = stats.step_device_seconds(jit, args) * 1e3
     if a.prefill:
-      # the prompt's prefill JITs: the first call compiles, the second captures, the third replays (the steady state)
-      ids, calls, pf = [(7 * i + 3) % m.cfg.vocab for i in range(a.prefill)], [], m.prefiller(sampling)
+      # the prompt's prefill JITs: the first call compiles, the second captures, the third replays (the steady state);
+      # as a prompt goes, whole chunks and then the decode step (glm.plan)
+      ids, calls, pf = [(7 * i + 3) % m.cfg.vocab for i in range(a.prefill)], [], m.prefiller(sampling, jit)
       for _ in range(3):
         sync(); s0 = time.perf_counter()
         pf(ids)
         sync(); calls.append(time.perf_counter() - s0)
       res["prefill"] = {"tokens": a.prefill, "first_s": calls[0], "second_s": calls[1], "s": calls[2], "tok_per_s": a.prefill / calls[2]}
-      if a.profile:  # the kernels of the prompt's first chunk (its largest), with their arithmetic rate
-        T = glm.chunks(a.prefill)[0]
+      if a.profile and (planned := glm.plan(a.prefill)[0]):  # the kernels of the prompt's first chunk, with their arithmetic rate
+        T = planned[0]
         res["prefill"]["profile"] = {"chunk": T, **stats.summarize(stats.time_kernels(pf.jit(T), pf.args(T, ids[:T], 0), classify(kernel_roles(m))))}
   return res
 
