@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import gguf
 import tinygrad_ext
-from tinygrad import Tensor, TinyJit, dtypes
+from tinygrad import Tensor, TinyJit, Device, dtypes
 from tinygrad.helpers import Context
 from tinygrad.uop.ops import Ops
 from tinygrad_ext.internals import captured_calls
@@ -217,8 +217,12 @@ def test_weights_load_in_one_realize_a_block(tiny, monkeypatch):
   kv, infos = glm.read_header(tiny)
   calls, realize = [], Tensor.realize
   monkeypatch.setattr(Tensor, "realize", lambda *a, **k: (calls.append(1), realize(*a, **k))[1])
+  # and a sync after each block's copies (their pinned staging buffers are reused by the next block, not pinned anew)
+  dev, syncs = Device[Device.DEFAULT], []
+  monkeypatch.setattr(dev, "synchronize", lambda sync=dev.synchronize: (syncs.append(len(calls)), sync())[1])
   w = glm.load_weights(tiny, infos)
-  assert len(calls) == len({glm.block_prefix(n) for n in infos}) + 1
+  blocks = len({glm.block_prefix(n) for n in infos})
+  assert len(calls) == blocks + 1 and syncs[:blocks] == list(range(1, blocks + 1))
   assert "blk.1.ffn_gate_up_exps.weight" in w and "blk.1.ffn_down_shexp.weight" not in w  # stacked, shared appended
 
 def test_topk_ids():

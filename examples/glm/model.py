@@ -185,6 +185,10 @@ def load_weights(path:str|os.PathLike, infos:dict[str, TensorInfo], device:str|N
     if stack: block = stacked(block, prefix)
     if shared_in_experts: block = shared_appended(block, prefix)
     Tensor.realize(*[raw for _, raw in block.values()])
+    # the block's copies done, their host staging buffers go back to the allocator (tinygrad's CUDA copy-in stages each
+    # tensor in pinned host memory it frees only at a sync): the next block's tensors, of the same sizes, reuse them
+    # instead of pinning 17 GB of new host memory tensor by tensor
+    Device[device].synchronize()
     raws.update(block)
     bar.update(sum(t.nbytes for t in group))
   bar.close()
