@@ -1,6 +1,6 @@
 """matvec heuristic: recognizes GEMV / MoE matvecs over GGML dequant chains and plain float weights, picks REDUCE_LOCAL
 opts for them, leaves everything else to tinygrad; results equal passes off."""
-import os
+import os, re
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st, HealthCheck
@@ -328,3 +328,36 @@ def test_matvec_takes_a_matvec_per_head_whose_heads_and_rows_merged(device):
   k = scheduler_of(kernel_asts(make)[-1], cuda_renderer())
   assert k.full_shape[0] == 4 * 64  # heads and rows merged (what the test is about)
   assert any(o.op is OptOpsExt.REDUCE_LOCAL for o in applied(make, cuda_renderer()))
+
+# *** a staged weight: the dequant alone, written out (a prefill chunk's weights for the tensor cores) ***
+
+def staged(rng, qtype:str, rows:int, inp:int, device:str) -> Tensor:
+  return quantized(rng, (rows, inp), qtype, device).contiguous()  # quantized() reads the weight through a cast to fp16
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_staged_dequant_equals_passes_off(device):
+  @settings(max_examples=EXAMPLES.get(device, 20), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+  @given(st.sampled_from(["Q4_0", "Q8_0", "Q5_0", "Q4_K", "Q5_K", "Q6_K"]), st.sampled_from([1, 3, 8, 24]), st.sampled_from([1, 2, 5]),
+         st.integers(0, 2**16))
+  def prop(qtype, rows, blocks, seed):
+    inp = blocks * (256 if qtype.endswith("_K") else 32)
+    with Context(DEV=device):
+      make = lambda: staged(np.random.default_rng(seed), qtype, rows, inp, device)
+      with tinygrad_ext.passes_off(): ref = make().numpy()
+      np.testing.assert_array_equal(make().numpy(), ref)  # a dequant is exact: the same bits
+  prop()
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0", "Q4_K", "Q6_K"])
+def test_a_staged_dequant_is_one_block_a_thread_with_vector_stores(qtype):
+  # tinygrad's heuristic gives a thread 2 of a block's elements, each thread reloading the block's scale; the stage
+  # heuristic gives it a 32-element block (a K-quant's sub-block): loads once, stores 4 halves at a time
+  rows, inp = 64, 2048
+  w = quantized(np.random.default_rng(0), (rows, inp), qtype, "CPU")
+  (ast,) = [a for a in kernel_asts(lambda: w.contiguous()) if "data0_" in render(a, cuda_renderer())]
+  src = render(ast, cuda_renderer())
+  grid = [int(g) for g in re.findall(r"blockIdx\.\w+; /\* (\d+) \*/", src)]
+  block = [int(t) for t in re.findall(r"threadIdx\.\w+; /\* (\d+) \*/", src)]
+  assert prod(grid) * prod(block) * 32 == rows * inp and prod(block) == 128
+  assert "half4" in src
+  with tinygrad_ext.without("matvec"): assert prod(int(t) for t in re.findall(r"threadIdx\.\w+; /\* (\d+) \*/", render(ast, cuda_renderer()))) * \
+    prod(int(g) for g in re.findall(r"blockIdx\.\w+; /\* (\d+) \*/", render(ast, cuda_renderer()))) > rows * inp // 32

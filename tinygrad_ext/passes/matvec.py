@@ -11,7 +11,8 @@ expression such as a fused RMSNorm) reads no GGUF bytes and no output axis (a GE
   - spreads the blocks over REDUCE_LOCAL lanes (adjacent lanes read adjacent blocks);
   - puts several rows in a thread block (LOCAL), and two rows per lane (UPCAST) on large matrices.
 Kernels it does not recognize, or where an opt is illegal, are left to tinygrad's heuristic. The choices per backend are
-POLICIES below; LOG.md has the measurements behind them.
+POLICIES below; LOG.md has the measurements behind them. A second heuristic (choose_stage_opts) takes the dequant of a
+staged weight, written out whole for a prefill chunk's tensor cores: one thread a 32-element block.
 
 Hook: an OptHeuristic (tinygrad.codegen.apply_opts, before hand_coded_optimizations).
 """
@@ -27,7 +28,7 @@ from tinygrad_ext import Pass, OptHeuristic, register
 from tinygrad_ext.config import text_setting
 from tinygrad_ext.errors import SettingError
 from tinygrad_ext.passes.reduce_local import OptOpsExt, LANE_ID, share_lanes, unroll_whole
-from tinygrad_ext.passes.shared import BYTE_DTYPES
+from tinygrad_ext.passes.shared import BYTE_DTYPES, store_targets
 
 @dataclass(frozen=True)
 class MatvecPolicy:
@@ -319,5 +320,40 @@ def choose_matvec_opts(k):
   if rows_per_block > 1 and k.full_shape[out] % rows_per_block == 0: k.apply_opt(Opt(OptOps.LOCAL, out, rows_per_block))
   return k
 
-MATVEC = register(Pass("matvec", "picks REDUCE_LOCAL/UNROLL/UPCAST/LOCAL for GEMV and MoE matvecs over GGML dequant chains",
-                       (OptHeuristic(choose_matvec_opts),), settings=(POLICY_OVERRIDE,)))
+# *** a staged weight: the dequant alone, written out (a prefill chunk's weights in fp16 for the tensor cores) ***
+
+STAGE_BLOCK = 32   # elements a thread dequantizes: a Q4_0/Q8_0 block, a K-quant's sub-block (every GGUF row is a multiple)
+STAGE_THREADS = 128
+
+def choose_stage_opts(k):
+  """An elementwise kernel that reads GGUF bytes and writes floats gets one thread a 32-element block: its bytes loaded
+  once, packed, and its outputs stored as vectors. tinygrad's heuristic gives a thread two elements, so each reloads the
+  block's scale and stores 2 bytes (1.09 TB/s for a prefill chunk's expert weights on the H100)."""
+  if k.reduceops or not k.ren.has_local or k.dont_use_locals: return None
+  stores = store_targets(k.ast)
+  def elem(b:UOp): return getattr(b.dtype, "base", b.dtype)
+  if not stores or not all(dtypes.is_float(elem(b)) for b in stores) or not any(elem(b) in BYTE_DTYPES for b in k.bufs if b not in stores):
+    return None
+  # the output axes inside a block: the innermost, STAGE_BLOCK elements at most (tinygrad's range split leaves a Q4_0
+  # row as blocks x 2 nibbles x 16 bytes, a K-quant's as super-blocks x ... x 32)
+  outs, inner, per = k.axes_of(AxisType.GLOBAL), [], 1
+  for i in reversed(outs):
+    if not isinstance(size:=k.full_shape[i], int) or per * size > STAGE_BLOCK: break
+    inner.append(i)
+    per *= size
+  if per < STAGE_BLOCK or len(inner) == len(outs): return None
+  for i in inner:  # each whole, at most 16 a step (tinygrad's limit; a whole axis keeps its index, retyped)
+    if k.full_shape[i] > 16: k.apply_opt(Opt(OptOps.UPCAST, i, 16))
+    k.apply_opt(Opt(OptOps.UPCAST, i, k.full_shape[i]))
+  # the blocks over the threads, innermost axis first (a K-quant's sub-blocks, then its super-blocks): adjacent threads
+  # write adjacent blocks
+  threads = 1
+  for i in reversed(outs[:len(outs) - len(inner)]):
+    if isinstance(k.full_shape[i], int) and (t:=_pow2_divisor(k.full_shape[i], STAGE_THREADS // threads)) > 1:
+      k.apply_opt(Opt(OptOps.LOCAL, i, t))
+      threads *= t
+  return k
+
+MATVEC = register(Pass("matvec", "picks REDUCE_LOCAL/UNROLL/UPCAST/LOCAL for GEMV and MoE matvecs over GGML dequant chains, "
+                       "and one block a thread for a staged weight's dequant",
+                       (OptHeuristic(choose_matvec_opts), OptHeuristic(choose_stage_opts)), settings=(POLICY_OVERRIDE,)))
