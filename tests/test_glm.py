@@ -132,6 +132,19 @@ def test_staged_products_have_one_reduce_and_render_tensor_cores():
   assert mma(lambda: glm.matmul_for(512, n)(x, w)) == [True]
   assert mma(lambda: glm.matmul_for(32, n)(x[:, :32], w)) == [False]
 
+def test_a_long_chunks_per_head_products_render_tensor_cores():
+  # MLA's value path over a 512-token chunk: the attended latent through attn_v_b per head, then attn_output over the
+  # merged heads. Both products render CUDA mma (merged lazily, the heads were no batch axis: neither did)
+  from kernels import kernel_asts, render, cuda_renderer
+  H, L, V, D, T = 4, 256, 64, 256, 512
+  def q4_0(*shape):
+    return ggml_data_to_tensor(Tensor.empty(math.prod(shape) // 32 * 18, dtype=dtypes.uint8), math.prod(shape), 2).reshape(*shape)
+  v_b, attn_out, latent = q4_0(H, V, L), q4_0(D, H * V), Tensor.empty(1, H, T, L, dtype=dtypes.float32)
+  n, mm = glm.NUMERICS["mixed"], glm.matmul_for(T, glm.NUMERICS["mixed"])
+  srcs = [render(a, cuda_renderer()) for a in kernel_asts(lambda: mm(glm.merged_heads(mm(latent, v_b), n), attn_out))
+          if any(u.op is Ops.REDUCE for u in a.toposort())]
+  assert len(srcs) == 2 and all("mma" in s for s in srcs)
+
 def test_stacked_projections(model, tiny):
   # load_weights stacks the projections that share an input (STACKED): same logits as the GGUF's separate weights, and
   # one kernel less per stacked pair in a decode step (q_a+kv_a and gate+up in every block, the experts' in MoE blocks)

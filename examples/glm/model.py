@@ -260,6 +260,14 @@ def matmul_for(rows:int, n:Numerics):
   if rows >= STAGE_ROWS: return lambda x, w, out=None: staged_linear(x, stage(w, n), n, out)
   return lambda x, w, out=None: linear(x, w, n, out)
 
+def merged_heads(out:Tensor, n:Numerics) -> Tensor:
+  """(B, H, T, v) per-head outputs -> (B, T, H*v), the output projection's input. A long chunk's (STAGE_ROWS rows or
+  more) is realized in act, heads side by side: left lazy, tinygrad merges the heads into the next product's reduce and
+  the per-head product's columns, where they are no batch axis, and neither product gets tensor cores."""
+  B, H, T, v = out.shape
+  out = out.transpose(1, 2)
+  return (out.cast(n.act).contiguous() if T >= STAGE_ROWS else out).reshape(B, T, H * v)
+
 def rope(x:Tensor, cos:Tensor, sin:Tensor) -> Tensor:
   # NORM (GPT-J style) rotation of consecutive pairs, as llama.cpp's LLAMA_ROPE_TYPE_NORM; cos/sin broadcast over x[..., ::2]
   a, b = (xp := x.float().reshape(*x.shape[:-1], -1, 2))[..., 0], xp[..., 1]
@@ -375,8 +383,7 @@ class Block:
     scores = linear(q, keys, n, dtypes.float32) * (1.0 / math.sqrt(c.qk_nope + c.qk_rope))         # (B, H, T, S)
     if T > 1: scores = scores + causal_mask(T, start_pos)                                           # T > 1 only at prefill
     latent = linear(scores.softmax(-1), keys[..., :c.kv_lora].transpose(-1, -2), n)               # (B, H, T, kv_lora)
-    out = mm(latent, self.v_b)                                                                     # (B, H, T, v_head)
-    return mm(out.transpose(1, 2).reshape(B, T, c.n_heads * c.v_head), self.attn_out)
+    return mm(merged_heads(mm(latent, self.v_b), n), self.attn_out)                                # (B, H, T, v_head) in
 
   def moe_ffn(self, x:Tensor, trace:dict|None=None) -> Tensor:
     c, n = self.cfg, self.n
