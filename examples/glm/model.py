@@ -260,13 +260,18 @@ def matmul_for(rows:int, n:Numerics):
   if rows >= STAGE_ROWS: return lambda x, w, out=None: staged_linear(x, stage(w, n), n, out)
   return lambda x, w, out=None: linear(x, w, n, out)
 
+def staged_input(x:Tensor, rows:int, n:Numerics) -> Tensor:
+  """x as a staged product (rows >= STAGE_ROWS) reads it: rounded to act and realized. Left lazy, its own work is done
+  inside the product's tiles, once for every tile of output columns (silu(gate) * up), or its layout keeps the tensor
+  cores off (merged_heads)."""
+  return x.cast(n.act).contiguous() if rows >= STAGE_ROWS else x
+
 def merged_heads(out:Tensor, n:Numerics) -> Tensor:
-  """(B, H, T, v) per-head outputs -> (B, T, H*v), the output projection's input. A long chunk's (STAGE_ROWS rows or
-  more) is realized in act, heads side by side: left lazy, tinygrad merges the heads into the next product's reduce and
-  the per-head product's columns, where they are no batch axis, and neither product gets tensor cores."""
+  """(B, H, T, v) per-head outputs -> (B, T, H*v), the output projection's input. Staged with the heads side by side:
+  left lazy, tinygrad merges the heads into the next product's reduce and the per-head product's columns, where they
+  are no batch axis, and neither product gets tensor cores."""
   B, H, T, v = out.shape
-  out = out.transpose(1, 2)
-  return (out.cast(n.act).contiguous() if T >= STAGE_ROWS else out).reshape(B, T, H * v)
+  return staged_input(out.transpose(1, 2), T, n).reshape(B, T, H * v)
 
 def rope(x:Tensor, cos:Tensor, sin:Tensor) -> Tensor:
   # NORM (GPT-J style) rotation of consecutive pairs, as llama.cpp's LLAMA_ROPE_TYPE_NORM; cos/sin broadcast over x[..., ::2]
@@ -324,8 +329,7 @@ def grouped_experts(x:Tensor, sel:Tensor, weights:Tensor, gate_up:tuple[Tensor, 
   # each tile's expert weight: gathered from the lazy dequant, or from every expert staged once (matmul_for)
   def tiled(x, w): return staged_linear(x, stage(w, n)[tile_expert], n) if T >= STAGE_ROWS else linear(x, w[tile_expert], n)
   gate, up = projections(xs, gate_up, (ffn,) * 2, lambda x, w: tiled(x, w).contiguous())
-  # the down product's input rounded to act once, realized: its tiles would recompute silu for every 64 columns
-  ys = tiled((gate.silu() * up).cast(n.act).contiguous(), down).reshape(-1, down.shape[1])       # (NT*M, dim)
+  ys = tiled(staged_input(gate.silu() * up, T, n), down).reshape(-1, down.shape[1])              # (NT*M, dim)
   return (ys[slot].reshape(T, k, -1) * weights.unsqueeze(-1)).sum(-2)
 
 def projections(x:Tensor, ws:tuple[Tensor, ...], sizes:tuple[int, ...], f) -> list[Tensor]:
@@ -339,9 +343,7 @@ def linear_out(mm): return lambda x, w: mm(x, w).contiguous()
 def ffn(x:Tensor, gate_up:tuple[Tensor, ...], down:Tensor, n:Numerics) -> Tensor:
   mm = matmul_for(x.shape[-2], n)
   gate, up = projections(x, gate_up, (down.shape[-1],) * 2, linear_out(mm))
-  act = gate.silu() * up
-  # a staged product's input rounded to act once, realized (its tiles would recompute silu), as grouped_experts'
-  return mm(act.cast(n.act).contiguous() if x.shape[-2] >= STAGE_ROWS else act, down)
+  return mm(staged_input(gate.silu() * up, x.shape[-2], n), down)
 
 class Block:
   def __init__(self, cfg:Config, w:dict[str, Tensor], i:int, max_context:int, n:Numerics):
@@ -383,7 +385,7 @@ class Block:
     scores = linear(q, keys, n, dtypes.float32) * (1.0 / math.sqrt(c.qk_nope + c.qk_rope))         # (B, H, T, S)
     if T > 1: scores = scores + causal_mask(T, start_pos)                                           # T > 1 only at prefill
     latent = linear(scores.softmax(-1), keys[..., :c.kv_lora].transpose(-1, -2), n)               # (B, H, T, kv_lora)
-    return mm(merged_heads(mm(latent, self.v_b), n), self.attn_out)                                # (B, H, T, v_head) in
+    return mm(merged_heads(mm(latent, self.v_b), n), self.attn_out)                                # heads (B, H, T, v_head)
 
   def moe_ffn(self, x:Tensor, trace:dict|None=None) -> Tensor:
     c, n = self.cfg, self.n
@@ -412,7 +414,8 @@ class Block:
     c, n = self.cfg, self.n
     h = x + self.attention(act_norm(x, self.attn_norm, c.eps, n), start_pos, cos, sin)
     # a MoE block's norm stays float32 (the router reads it; so do the experts, see Numerics.act)
-    out = h + (self.moe_ffn(rms_norm(h, self.ffn_norm, c.eps), trace) if self.moe else ffn(act_norm(h, self.ffn_norm, c.eps, n), self.gate_up, self.down, n))
+    if self.moe: out = h + self.moe_ffn(rms_norm(h, self.ffn_norm, c.eps), trace)
+    else: out = h + ffn(act_norm(h, self.ffn_norm, c.eps, n), self.gate_up, self.down, n)
     if trace is not None: trace["hidden"].append(out[0, -1])
     return out
 
