@@ -19,6 +19,8 @@ Hook points (tinygrad 0.14.0):
   tinygrad.tensor.transform_to_call         records the tensor graph that a realize schedules
   tinygrad.tensor.create_linear_with_vars   schedules it with registry.shared_values set (values another schedule computes)
   tinygrad.tensor._make_buffer_view         ViewGuard passes refuse views of realized buffers (tinygrad then copies)
+  tinygrad.renderer.cstyle.CStyleLanguage.render_kernel   KernelPrologue passes put statements first in every kernel
+  tinygrad.runtime.graph.cuda.CUDAGraph.__init__          GraphBuilt passes edit a device graph tinygrad built
 """
 from __future__ import annotations
 import contextvars, hashlib, weakref
@@ -35,7 +37,9 @@ from tinygrad.uop.ops import Ops, UOp
 from tinygrad.dtype import dtypes
 from tinygrad.helpers import NOOPT
 from tinygrad.renderer import Renderer
+from tinygrad.renderer.cstyle import CStyleLanguage
 from tinygrad_ext.registry import shared_values, PASSES, CodegenStep, ScheduleStep, SchedulerOpt, OptHeuristic, MatcherRules, ViewGuard, on_change
+from tinygrad_ext.registry import KernelPrologue, GraphBuilt
 from tinygrad_ext.config import SWITCHES, is_active, cache_id
 from tinygrad_ext import pipeline
 from tinygrad_ext.internals import live_tensor_uops
@@ -137,6 +141,17 @@ def _make_buffer_view(src:UOp) -> UOp|None:
   if not all(h.allow(src) for h in registered_hooks(ViewGuard, True)): return None
   return _originals[(tensor, "_make_buffer_view")](src)
 
+# *** rendering and device graphs ***
+
+def _render_kernel(self:CStyleLanguage, function_name, kernel, bufs, uops, prefix=None) -> str:
+  first = [line for h in registered_hooks(KernelPrologue, True) for line in h.lines(self)]
+  return _originals[(CStyleLanguage, "render_kernel")](self, function_name, first + kernel if first else kernel, bufs, uops, prefix)
+
+def _cuda_graph_init(self, *args, **kwargs):
+  _originals[(pipeline.graph_class("CUDA"), "__init__")](self, *args, **kwargs)
+  for h in registered_hooks(GraphBuilt, True):
+    if h.device == "CUDA": h.apply(self)
+
 # *** scheduler opts ***
 
 def scheduler_opt(op) -> tuple[str, SchedulerOpt]|None:
@@ -237,6 +252,8 @@ def _install() -> None:
   _replace(tensor, "_make_buffer_view", _make_buffer_view)
   _replace(tensor, "transform_to_call", _transform_to_call)
   _replace(tensor, "create_linear_with_vars", _create_linear_with_vars)
+  _replace(CStyleLanguage, "render_kernel", _render_kernel)
+  if (cuda_graph := pipeline.graph_class("CUDA")) is not None: _replace(cuda_graph, "__init__", _cuda_graph_init)
   _sync_registered()
   on_change.append(_sync_registered)
 

@@ -12,7 +12,7 @@ passes silently idle.
 """
 from __future__ import annotations
 import functools, inspect, re
-from tinygrad_ext.registry import PASSES, Pass, Hook, CodegenStep, ScheduleStep, SchedulerOpt, OptHeuristic, MatcherRules, ViewGuard
+from tinygrad_ext.registry import PASSES, Pass, Hook, CodegenStep, ScheduleStep, SchedulerOpt, OptHeuristic, MatcherRules, ViewGuard, KernelPrologue, GraphBuilt
 from tinygrad_ext._version import SUPPORTED_TINYGRAD, installed_tinygrad_version
 from tinygrad_ext.errors import PipelineError
 
@@ -30,8 +30,12 @@ PIPELINE: tuple[tuple[str, str, tuple[str, ...]], ...] = (
   ("codegen matcher", "pm_add_loads", ("reduce_local",)),
   ("codegen step", "add images", ("packed_loads", "wide_loads", "subnormal_dequant")),
   ("codegen step", "final symbolic", ("int_to_float",)),
+  # rendering: tinygrad.renderer.cstyle.CStyleLanguage.render_kernel
+  ("kernel prologue", "", ("pdl",)),
   # realizing a slice of a buffer: tinygrad.tensor._make_buffer_view
   ("buffer view", "", ("wide_loads",)),
+  # a JIT's captured calls as one device graph: tinygrad.runtime.graph.cuda.CUDAGraph.__init__
+  ("graph built", "CUDA", ("pdl",)),
 )
 
 
@@ -42,6 +46,8 @@ def point(h:Hook) -> tuple[str, str]:
   if isinstance(h, SchedulerOpt): return ("scheduler opt", "")
   if isinstance(h, MatcherRules): return ("codegen matcher", h.attr)
   if isinstance(h, ViewGuard): return ("buffer view", "")
+  if isinstance(h, KernelPrologue): return ("kernel prologue", "")
+  if isinstance(h, GraphBuilt): return ("graph built", h.device)
   raise TypeError(f"not a hook: {h!r}")
 
 def _position(p:Pass, h:Hook) -> tuple[int, int]:
@@ -64,12 +70,20 @@ def tinygrad_steps(kind:str) -> frozenset[str]:
   module = tinygrad.codegen if kind == "codegen step" else tinygrad.schedule.rangeify
   return frozenset(re.findall(r"""name=["']([^"']+)["']""", inspect.getsource(module)))
 
+@functools.cache
+def graph_class(device:str) -> type|None:
+  """tinygrad's graph runtime of a device (tinygrad.runtime.graph.cuda.CUDAGraph), or None where it has none."""
+  import importlib
+  try: return getattr(importlib.import_module(f"tinygrad.runtime.graph.{device.lower()}"), f"{device}Graph", None)
+  except ImportError: return None
+
 def tinygrad_has(kind:str, step:str) -> bool:
   if kind in ("codegen step", "schedule step"): return step in tinygrad_steps(kind)
   if kind == "codegen matcher":
     import tinygrad.codegen
     from tinygrad.uop.ops import PatternMatcher
     return isinstance(getattr(tinygrad.codegen, step, None), PatternMatcher)
+  if kind == "graph built": return graph_class(step) is not None
   return True  # the other points are attributes that hooks.install() replaces, and checks there
 
 def check(passes:dict[str, Pass]|None=None) -> None:

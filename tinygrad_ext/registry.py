@@ -70,7 +70,24 @@ class ViewGuard:
   allow: Callable[[UOp], bool]
   def where(self) -> str: return "tinygrad.tensor._make_buffer_view: a view only where allowed, else a copy"
 
-Hook = Union[CodegenStep, ScheduleStep, SchedulerOpt, OptHeuristic, MatcherRules, ViewGuard]
+@dataclass(frozen=True)
+class KernelPrologue:
+  """`lines(renderer)` are the first statements of every kernel a C-style renderer renders (inside the function, before
+  its body); an empty list where they do not apply to that renderer. While its pass is off it is not asked."""
+  lines: Callable[[Renderer], list[str]]
+  def where(self) -> str: return "tinygrad.renderer.cstyle.CStyleLanguage.render_kernel: statements first in the kernel"
+
+@dataclass(frozen=True)
+class GraphBuilt:
+  """`apply(graph)` runs on each device graph of `device` (tinygrad.runtime.graph.<device>.<Device>Graph) right after
+  tinygrad builds and instantiates it: a JIT's captured calls, replayed as one graph launch. The graph runtime is not a
+  codegen step: what apply may change must follow from the programs in the graph (their source), since a graph can be
+  built long after they were compiled (a stored JIT). While its pass is off it is not asked."""
+  device: str
+  apply: Callable[[object], object]
+  def where(self) -> str: return f"tinygrad.runtime.graph.{self.device.lower()}.{self.device}Graph.__init__: after the graph is instantiated"
+
+Hook = Union[CodegenStep, ScheduleStep, SchedulerOpt, OptHeuristic, MatcherRules, ViewGuard, KernelPrologue, GraphBuilt]
 
 @dataclass(frozen=True)
 class Pass:
