@@ -30,6 +30,12 @@ def captured_calls(jit) -> tuple[UOp, ...]:
   assert jit.captured is not None, "the jit has not captured yet (call it twice)"
   return jit.captured.linear.src
 
+def graph_runners(jit) -> list:
+  """The device graph runners (tinygrad.runtime.graph.*) a captured TinyJit's replays launch (realize.graph_cache)."""
+  from tinygrad.engine.realize import graph_cache
+  from tinygrad.uop.ops import Ops
+  return [g for c in captured_calls(jit) if c.src[0].op is Ops.CUSTOM_FUNCTION and (g:=graph_cache.get(c.src[0])) is not None]
+
 def replay_context(args:tuple):
   """An executor context that replays a captured jit on these call arguments (its inputs and symbolic variables), each
   launch waited on and timed, nothing counted in tinygrad's global stats."""

@@ -462,7 +462,10 @@ def nucleus_draw(x:Tensor, top_p:float, k:int) -> Tensor:
   # vocab is stored: one workgroup would write it)
   e = (x - x.max()).exp()
   draws = (x + gumbel(k, x.shape[0])).argmax(-1)                                        # (k,) independent draws
-  inside = (x > x[draws].unsqueeze(-1)).where(e, 0).sum(-1) < top_p * e.sum()          # (k,) the mass above each < top_p
+  # the drawn logits realized first: inside the mass's reduce, each of its workgroups gathered them again (a reduce over
+  # the vocab) and then summed its share of the vocab in one serial loop (40 us on an H100, 1.3% of a token)
+  chosen = x[draws].contiguous()
+  inside = (x > chosen.unsqueeze(-1)).where(e, 0).sum(-1) < top_p * e.sum()            # (k,) the mass above each < top_p
   first = (inside.any()).where(inside.argmax(), -1)
   return (first >= 0).where((first.unsqueeze(-1) == Tensor.arange(k)).where(draws, 0).sum(), x.argmax()).reshape(1, 1).cast(dtypes.int32)
 

@@ -231,6 +231,7 @@ def run_mode(m:glm.GLM, tok:Tokenizer, prompt:list[int], a, mode:str) -> dict:
     if steps: res["first_decode_s"] = steps[0]
     res["stopped_at_eog"] = out[-1] in tok.eog
     res["kernels_per_token"] = len(stats.kernel_calls(jit)) if jit.captured is not None else None
+    res["programmatic_edges"] = stats.programmatic_edges(jit) if jit.captured is not None else None
     if len(steps) > 2: res["generate_ms_per_token"] = 1e3 * sum(steps[2:]) / len(steps[2:])
     if a.benchmark:
       while jit.captured is None: t, _ = step(t, pos); pos += 1
@@ -271,7 +272,8 @@ def report(res:dict):
   tag, ms = f"passes {res['passes']}", ms_per_token(res)
   log(f"[{tag}] tokens: {res['tokens']}\n[{tag}] text: {res['text']!r}" + (" (ended at an end-of-generation token)" if res["stopped_at_eog"] else ""))
   what = f"benchmark {res['benchmark']['steps']} steps" if "benchmark" in res else "generation"
-  if ms is not None: log(f"[{tag}] {1e3/ms:.2f} tok/s, {ms:.2f} ms/token, {res['kernels_per_token']} kernels/token ({what}, after JIT warmup)")
+  edges = f", {res['programmatic_edges']} programmatic graph edges" if res.get("programmatic_edges") else ""
+  if ms is not None: log(f"[{tag}] {1e3/ms:.2f} tok/s, {ms:.2f} ms/token, {res['kernels_per_token']} kernels/token{edges} ({what}, after JIT warmup)")
   else: log(f"[{tag}] {res['kernels_per_token']} kernels/token (too few steps to time after JIT warmup: use --count >= 4: the first token comes from the prefill, two decode steps warm the JIT)")
   if "prefill" in res:
     pf = res["prefill"]

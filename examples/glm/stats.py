@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from tinygrad import Tensor
 from tinygrad.device import Buffer, Device
 from tinygrad.engine.realize import estimate_uop
-from tinygrad_ext.internals import captured_calls, replay_context, execute, graph_of, call_buffers
+from tinygrad_ext.internals import captured_calls, replay_context, execute, graph_of, call_buffers, graph_runners
 from tinygrad.helpers import ansistrip
 from tinygrad.uop.ops import Ops, UOp, sym_infer
 
@@ -65,6 +65,11 @@ def step_device_seconds(jit, args:tuple, repeats:int=3) -> float:
   ms/token minus this is what the host adds to a token."""
   ctx, calls = replay_context(args), captured_calls(jit)
   return statistics.median([sum(e or 0.0 for c in calls for e in execute(c, ctx)) for _ in range(repeats + 1)][1:])
+
+def programmatic_edges(jit) -> int|None:
+  """How many edges of the jit's device graphs let a kernel launch while its predecessor drains (the pdl pass), or None
+  where it runs no graph."""
+  return sum(getattr(g, "programmatic_edges", 0) for g in runners) if (runners := graph_runners(jit)) else None
 
 def has_graph() -> bool: return Device[Device.DEFAULT].graph is not None
 
