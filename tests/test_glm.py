@@ -467,3 +467,21 @@ def test_sampling_in_the_decode_step_repeats_with_its_seed(tiny):
     assert out.returncode == 0, out.stderr
     return [l for l in out.stderr.splitlines() if "tokens:" in l]
   assert run(1) == run(1) != run(2)
+
+@pytest.mark.parametrize("sampling", [glm.Sampling(), glm.Sampling(temperature=0.8, top_p=0.95)], ids=["greedy", "sampled"])
+def test_steps_launched_ahead_decode_what_one_step_at_a_time_does(tiny, sampling):
+  # decode_ahead launches steps before the host reads their tokens (each reads the one the step before wrote into the
+  # ring): the same tokens as waiting for each, greedy and sampled (the device RNG draws the same numbers either way)
+  def run(ahead:bool) -> list[int]:
+    m = glm.load(tiny, max_context=32)[0]
+    Tensor.manual_seed(3)
+    jit = m.decoder(sampling)
+    t, _ = m.prefiller(sampling, jit)(PROMPT)
+    toks, pos = [t], len(PROMPT)
+    for _ in range(2): t = m.decode(jit, t, pos)[0]; pos += 1; toks.append(t)  # the JIT captured
+    if ahead: return toks + m.decode_ahead(jit, t, pos, 7)
+    for _ in range(7): t = m.decode(jit, t, pos)[0]; pos += 1; toks.append(t)
+    return toks
+  one_by_one = run(False)
+  assert run(True) == one_by_one and len(one_by_one) == 10
+  if sampling.temperature > 0: assert len(set(one_by_one)) > 1

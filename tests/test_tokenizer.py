@@ -89,6 +89,25 @@ def test_generation_ends_at_an_end_of_generation_token(tiny, tmp_path, monkeypat
   second = generate()
   assert second["tokens"] == first["tokens"][:1] and second["stopped_at_eog"]
 
+def test_generation_launched_ahead_ends_at_the_same_token(tiny, tmp_path, monkeypatch):
+  # steps go 8 at a time once the JIT is captured (--ahead): a burst that runs past an end-of-generation token drops
+  # what came after it, so the tokens are those of one step at a time, however the ending falls in a burst
+  from examples.glm import run
+  def generate(*flags) -> dict:
+    assert run.main(["--model", str(tiny), "--count", "9", "--json", str(tmp_path / "r.json"), *flags]) == 0
+    return json.loads((tmp_path / "r.json").read_text())["results"]["on"]
+  one = generate("--ahead", "1")
+  assert generate("--ahead", "8")["tokens"] == one["tokens"] and len(one["tokens"]) == 9
+  from_kv = Tokenizer.from_kv
+  def ending_at(kv, where="the GGUF"):
+    tok = from_kv(kv, where)
+    tok.eog = frozenset({one["tokens"][5]}) - set(one["tokens"][:5])
+    return tok
+  monkeypatch.setattr(run.Tokenizer, "from_kv", staticmethod(ending_at))
+  ended = generate("--ahead", "8")
+  stop = next(i for i, t in enumerate(one["tokens"]) if t == one["tokens"][5])
+  assert stop == 5 and ended["tokens"] == one["tokens"][:6] and ended["stopped_at_eog"]
+
 def test_chat_keeps_the_cache_across_turns(tiny):
   cmd = [sys.executable, str(ROOT / "examples" / "glm" / "run.py"), "--model", str(tiny), "--chat", "--verbose", "--count", "4"]
   out = subprocess.run(cmd, input="Hello there\nWhat is 2+2?\n", capture_output=True, text=True, timeout=600)

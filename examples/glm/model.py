@@ -495,13 +495,18 @@ class GLM:
     ang = np.arange(self.max_context + max(CHUNKS), dtype=np.float64)[:, None] * cfg.rope_theta ** (-np.arange(0, cfg.qk_rope, 2) / cfg.qk_rope)
     self.cos, self.sin = Tensor(np.cos(ang).astype(np.float32)).realize(), Tensor(np.sin(ang).astype(np.float32)).realize()
     self.start_pos, self.token = UOp.variable("start_pos", 0, self.max_context - 1), UOp.variable("token", 0, cfg.vocab - 1)
+    # the decode step's input token: an id the host gives, or -1 for the one the step before it wrote into the ring
+    # (ring[p]: the token at position p), so steps can be launched before the host has read their tokens (decode_ahead)
+    self.fed = UOp.variable("fed", -1, cfg.vocab - 1)
+    self.ring = Tensor(np.zeros(self.max_context + 1, np.int32)).realize()
     # how each JIT is made, from what names it ({"jit": its kind, its sampling}) and its step: run.py's JitStore keeps
     # their captures on disk across runs
     self.make_jit: Callable[[dict, Callable], TinyJit] = lambda what, fxn: TinyJit(fxn)
 
   def state(self) -> dict[str, Tensor]:
     """Every tensor the model holds (weights, KV caches, rope tables) by a name that loading the same file gives it."""
-    named = {"token_embd": self.token_embd, "output_norm": self.output_norm, "output": self.output, "rope.cos": self.cos, "rope.sin": self.sin}
+    named = {"token_embd": self.token_embd, "output_norm": self.output_norm, "output": self.output, "rope.cos": self.cos, "rope.sin": self.sin,
+             "ring": self.ring}
     for i, b in enumerate(self.blk):
       for k, v in vars(b).items():  # a tensor, or a pair of projections (or their stacked one)
         named.update({f"blk.{i}.{k}#{j}": t for j, t in enumerate(v if isinstance(v, tuple) else (v,)) if isinstance(t, Tensor)})
@@ -528,9 +533,21 @@ class GLM:
     return sample(logits, sampling), logits
 
   def decoder(self, sampling:Sampling=Sampling()) -> TinyJit:
-    """A fresh TinyJit of the one-token decode step (its sampling inside): call it with (self.token.bind(id),
-    self.start_pos.bind(pos)). A sampling one draws from tinygrad's device RNG (Tensor.manual_seed fixes it)."""
-    return self.make_jit(jit_name("decode", sampling), lambda tokens, start_pos: self.step(tokens, start_pos, sampling))
+    """A fresh TinyJit of the one-token decode step (its sampling inside): call it with (self.fed.bind(id or -1),
+    self.start_pos.bind(pos)). It writes its token into ring[pos + 1] as well. A sampling one draws from tinygrad's
+    device RNG (Tensor.manual_seed fixes it)."""
+    return self.make_jit(jit_name("decode", sampling), lambda fed, start_pos: self.ring_step(fed, start_pos, sampling))
+
+  def ring_step(self, fed:UOp, start_pos:UOp, sampling:Sampling=Sampling()) -> tuple[Tensor, Tensor]:
+    """The decode step: the token at start_pos (fed, or ring[start_pos] where fed is -1) in, the next token out (also
+    written into ring[start_pos + 1]) with its logits."""
+    given = Tensor(fed)
+    token = (given >= 0).where(given, self.ring[start_pos:start_pos+1].reshape(())).reshape(1, 1)
+    nxt, logits = self.step(token, start_pos, sampling)
+    # the ring written after: in the same realize as nxt, tinygrad's schedule computed the whole step twice
+    Tensor.realize(nxt, logits)
+    self.ring[start_pos+1:start_pos+2].assign(nxt.reshape(1)).realize()
+    return nxt, logits
 
   def prefiller(self, sampling:Sampling=Sampling(), decoder:TinyJit|None=None) -> Prefill:
     """Fresh prefill JITs (one per chunk length, compiled on first use), choosing the next token as sampling says; with
@@ -542,8 +559,17 @@ class GLM:
     return self.prefiller()(tokens, start_pos)
 
   def decode(self, jit:TinyJit, token:int, pos:int) -> tuple[int, Tensor]:
-    tok, logits = jit(self.token.bind(token), self.start_pos.bind(pos))
+    """One decode step of token at pos, waited on: (the next token, its logits)."""
+    tok, logits = jit(self.fed.bind(token), self.start_pos.bind(pos))
     return int(tok.item()), logits
+
+  def decode_ahead(self, jit:TinyJit, token:int, pos:int, n:int) -> list[int]:
+    """n decode steps from token at pos, each launched without waiting for the one before (its token stays on the
+    device, in the ring), then read at once: the tokens at positions pos+1 .. pos+n. The host's work for a step (the
+    JIT call, the graph's parameter updates) overlaps the device's work on the steps before it."""
+    if not 1 <= n <= self.max_context - pos: raise ValueError(f"{n} steps at {pos} do not fit the context")
+    for i in range(n): jit(self.fed.bind(token if i == 0 else -1), self.start_pos.bind(pos + i))
+    return [int(t) for t in self.ring.numpy()[pos + 1:pos + n + 1]]
 
 def jit_name(kind:str, sampling:Sampling) -> dict:
   """What names a JIT of the model: its kind and its sampling (baked into its kernels); sampled: it draws from the RNG."""
@@ -598,7 +624,7 @@ class Prefill:
       tok, logits = self.jit(T)(*self.args(T, part, start_pos))
       start_pos += len(part)
     for t in tokens:  # the rest, through the decode step (its token is read only after the last)
-      tok, logits = self.decoder(self.model.token.bind(t), self.model.start_pos.bind(start_pos))
+      tok, logits = self.decoder(self.model.fed.bind(t), self.model.start_pos.bind(start_pos))
       start_pos += 1
     return int(tok.item()), logits
 

@@ -50,6 +50,8 @@ def parse_args(argv):
   p.add_argument("--top-p", type=float, default=1.0, help="sample among the fewest most likely tokens whose probability reaches p (default 1)")
   p.add_argument("--seed", type=int, default=0, help="seed of the sampling (tinygrad's device RNG): the same seed, the same tokens")
   p.add_argument("--benchmark", type=int, metavar="N", help="time N decode steps after the JIT warmup")
+  p.add_argument("--ahead", type=int, default=8, metavar="N",
+                 help="decode steps launched before the host reads their tokens (default 8; 1: each token read before the next step)")
   p.add_argument("--passes", choices=("on", "off", "compare"), default="on", help="tinygrad_ext passes (compare: off, then on)")
   p.add_argument("--without", metavar="PASS[,PASS]", help="also run with every pass on but these (an A/B of single passes)")
   p.add_argument("--variant", action="append", default=[], metavar="SETTING=VALUE",
@@ -72,6 +74,7 @@ def parse_args(argv):
   a = p.parse_args(argv)
   if a.count < 1: p.error("--count must be >= 1")
   if a.benchmark is not None and a.benchmark < 1: p.error("--benchmark must be >= 1")
+  if a.ahead < 1: p.error("--ahead must be >= 1")
   if a.max_context is not None and a.max_context < 2: p.error("--max-context must be >= 2")
   if a.model is not None and (a.type != "Q4_0" or a.synth_seed != 0 or a.mix): p.error("--type, --mix and --synth-seed apply to --synthetic, not --model")
   if a.temperature < 0: p.error("--temperature must be >= 0 (0: greedy)")
@@ -174,6 +177,31 @@ def common_prefix(a:list[int], b:list[int]) -> int:
   while n < min(len(a), len(b)) and a[n] == b[n]: n += 1
   return n
 
+def generate(m:glm.GLM, jit, first:int, pos:int, count:int, eog, ahead:int, show) -> tuple[list[int], list[tuple[float, int, bool]]]:
+  """Decodes from first (the token after the prompt, at pos) until an end-of-generation token or count tokens (first
+  included); show(t) gets each token that does not end generation, as it is read. Once the JIT is captured, `ahead`
+  steps go at a time (model.decode_ahead): a burst may run past the end of generation, whose tokens are dropped (the
+  KV rows it wrote past the end are overwritten by whatever is fed there next). Returns the tokens and, per call,
+  (seconds, steps, whether it replayed the captured JIT)."""
+  out: list[int] = []
+  calls: list[tuple[float, int, bool]] = []
+  def take(t:int) -> bool:
+    out.append(t)
+    if t in eog: return False
+    show(t)
+    return len(out) < count
+  going = take(first)
+  while going:
+    replay = jit.captured is not None
+    n = min(ahead, count - len(out)) if replay else 1
+    s0 = time.perf_counter()
+    new = m.decode_ahead(jit, out[-1], pos, n) if n > 1 else [m.decode(jit, out[-1], pos)[0]]
+    calls.append((time.perf_counter() - s0, n, replay))
+    pos += n
+    for t in new:
+      if not (going := take(t)): break
+  return out, calls
+
 def chat(m:glm.GLM, tok:Tokenizer, a) -> None:
   """Each line on stdin a user turn; the reply streams to stdout. The whole conversation is written into the template
   each turn, and only what differs from what the KV cache holds is fed (the template writes a past reply without its
@@ -190,12 +218,8 @@ def chat(m:glm.GLM, tok:Tokenizer, a) -> None:
     if len(ids) + a.count > m.max_context: raise UsageError(f"the conversation ({len(ids)} tokens) + --count exceed --max-context {m.max_context}")
     if a.verbose: log(f"turn {len(messages) // 2 + 1}: {len(ids)} tokens, {keep} cached, fed {ids[keep:]}\nfed text: {tok.decode(ids[keep:])!r}")
     t, _ = pf(ids[keep:], keep)  # the new tokens in prefill chunks; the reply's first token
-    pos, reply, stream = len(ids), [t], StreamDecoder(tok)
-    while t not in tok.eog:
-      print(stream.push(t), end="", flush=True)
-      if len(reply) == a.count: break
-      t, _ = m.decode(jit, t, pos); pos += 1
-      reply.append(t)
+    stream = StreamDecoder(tok)
+    reply, _ = generate(m, jit, t, len(ids), a.count, tok.eog, a.ahead, lambda t: print(stream.push(t), end="", flush=True))
     print(stream.flush(), flush=True)
     cached = ids + reply[:-1]  # the KV cache holds every token fed; the reply's last was not
     messages.append({"role": "assistant", "content": tok.decode([r for r in reply if r not in tok.eog], skip_special=True)})
@@ -207,42 +231,39 @@ def run_mode(m:glm.GLM, tok:Tokenizer, prompt:list[int], a, mode:str) -> dict:
     res["active_passes"] = list(tinygrad_ext.active_passes())
     Tensor.manual_seed(a.seed)  # each run draws the same random numbers
     sampling = glm.Sampling(a.temperature, a.top_k, a.top_p)
-    jit, steps = m.decoder(sampling), []
+    jit = m.decoder(sampling)
     pf = m.prefiller(sampling, jit)  # whole chunks of the prompt, the rest through the decode step
-    def step(t:int, pos:int) -> tuple[int, Tensor]:
-      s0 = time.perf_counter()
-      t, logits = m.decode(jit, t, pos)
-      steps.append(time.perf_counter() - s0)
-      return t, logits
     s0 = time.perf_counter()
     t, logits = pf(prompt)  # the prompt in prefill chunks: the first generated token
     res["prompt_s"], res["first_token_after_s"] = time.perf_counter() - s0, time.perf_counter() - STARTED
     # the logits that chose the first generated token: a compare checks the two modes' numerics on them
     res["first_logits"] = logits.numpy()[0].astype(np.float64)
-    pos, out, stream = len(prompt), [t], StreamDecoder(tok)
-    while t not in tok.eog:
-      print(stream.push(t), end="", flush=True)
-      if len(out) == a.count: break
-      t, logits = step(t, pos); pos += 1
-      out.append(t)
+    stream = StreamDecoder(tok)
+    out, calls = generate(m, jit, t, len(prompt), a.count, tok.eog, a.ahead, lambda t: print(stream.push(t), end="", flush=True))
     print(stream.flush(), flush=True)
-    # the first two calls of a TinyJit run the step (compiling its kernels) and capture it; the rest replay
-    res["tokens"], res["text"], res["warmup_s"] = out, tok.decode(out), sum(steps[:2])
-    if steps: res["first_decode_s"] = steps[0]
+    pos, t = len(prompt) + sum(n for _, n, _ in calls), out[-1]
+    # the first two calls of a TinyJit run the step (compiling its kernels) and capture it (in the prompt's prefill, if
+    # it went through the decode step); the rest replay
+    res["tokens"], res["text"], res["ahead"] = out, tok.decode(out), a.ahead
+    res["warmup_s"] = sum(s for s, _, replay in calls if not replay)
+    if calls: res["first_decode_s"] = calls[0][0] / calls[0][1]  # (a step of the first burst, where the JIT was read from the store)
     res["stopped_at_eog"] = out[-1] in tok.eog
     res["kernels_per_token"] = len(stats.kernel_calls(jit)) if jit.captured is not None else None
     res["programmatic_edges"] = stats.programmatic_edges(jit) if jit.captured is not None else None
-    if len(steps) > 2: res["generate_ms_per_token"] = 1e3 * sum(steps[2:]) / len(steps[2:])
+    if (later := [(s, n) for s, n, replay in calls if replay]): res["generate_ms_per_token"] = 1e3 * sum(s for s, _ in later) / sum(n for _, n in later)
     if a.benchmark:
-      while jit.captured is None: t, _ = step(t, pos); pos += 1
-      # a benchmark times --benchmark steps whatever tokens come (an end of generation does not stop it)
+      while jit.captured is None: t, _ = m.decode(jit, t, pos); pos += 1
+      # a benchmark times --benchmark steps whatever tokens come (an end of generation does not stop it), --ahead at a time
       sync(); s0 = time.perf_counter()
-      for _ in range(a.benchmark): t, _ = m.decode(jit, t, pos); pos += 1
+      for done in range(0, a.benchmark, a.ahead):
+        n = min(a.ahead, a.benchmark - done)
+        t = m.decode_ahead(jit, t, pos, n)[-1] if n > 1 else m.decode(jit, t, pos)[0]
+        pos += n
       sync(); dt = (time.perf_counter() - s0) / a.benchmark
       res["benchmark"] = {"steps": a.benchmark, "ms_per_token": dt * 1e3, "tok_per_s": 1 / dt}
     if a.profile:
-      while jit.captured is None: t, _ = step(t, pos); pos += 1
-      args = (m.token.bind(t), m.start_pos.bind(pos))
+      while jit.captured is None: t, _ = m.decode(jit, t, pos); pos += 1
+      args = (m.fed.bind(t), m.start_pos.bind(pos))
       res["profile"] = stats.summarize(stats.time_kernels(jit, args, classify(kernel_roles(m))))
       res["profile"]["step_device_ms"] = stats.step_device_seconds(jit, args) * 1e3
     if a.prefill:
