@@ -7,7 +7,7 @@ import gguf
 import tinygrad_ext
 from tinygrad import Tensor, TinyJit, Device, dtypes
 from tinygrad.helpers import Context
-from tinygrad.uop.ops import Ops
+from tinygrad.uop.ops import Ops, UOp
 from tinygrad_ext.internals import captured_calls
 from tinygrad.llm.gguf import ggml_data_to_tensor
 
@@ -101,6 +101,31 @@ def test_a_long_chunk_reads_staged_fp16_weights_and_matches_reference(tiny):
   tok, logits = model.prefill(prompt)
   want = ref.forward(prompt, 0)
   assert rel_err(logits.numpy()[0], want) <= 1e-2 and tok == int(want.argmax())
+
+def test_a_long_chunk_at_any_start_attends_over_whole_kv_blocks_and_matches_reference(tiny):
+  # a 512-token chunk attends to the cache up to the next KV_BLOCK boundary past it, the rows beyond its last position
+  # masked (their tensor-core tiles need a length a block divides): at start 40 that is 1024 rows, 472 of them not yet
+  # written; the logits still within 1e-2 of float64
+  model = glm.load(tiny, max_context=600)[0]
+  prompt = [(5 * i + 1) % model.cfg.vocab for i in range(552)]
+  pf = model.prefiller()
+  pf(prompt[:40])  # a 32-token chunk and a padded one
+  assert pf.args(512, prompt[40:], 40)[-1].unbind()[1] == 2 and glm.cache_rows(600) >= 2 * glm.KV_BLOCK
+  tok, logits = pf(prompt[40:], 40)
+  want = Reference(str(tiny)).forward(prompt, 0)
+  assert rel_err(logits.numpy()[0], want) <= 1e-2 and tok == int(want.argmax())
+
+def test_a_long_chunks_attention_renders_tensor_cores(tiny):
+  # q.k and probs @ latent of a 512-token chunk over KV_BLOCK-aligned keys: both render CUDA mma (over start_pos + T
+  # positions, a length no tile divides, neither did; long_reduce leaves tensor-core kernels to tinygrad)
+  from kernels import kernel_asts, render, cuda_renderer
+  m = glm.load(tiny, max_context=64)[0]
+  toks, T = Tensor.empty(1, 512, dtype=dtypes.int32), 512
+  step = lambda: m.step(toks, m.start_pos.bind(0), last=UOp.variable("last512", 0, T - 1).bind(T - 1), kv_len=m.kv_blocks.bind(1) * glm.KV_BLOCK)[0]
+  attention = [render(a, cuda_renderer()) for a in kernel_asts(step) if any(u.op is Ops.REDUCE for u in a.toposort())
+               and "kv_blocks" in {getattr(u.arg, "name", None) for u in a.toposort()}]
+  products = [s for s in attention if "exp2" not in s and "(int* data0" not in s]  # not the softmax, not the causal mask
+  assert len(products) == 2 * m.cfg.n_blocks and all("mma" in s for s in products), [s[:200] for s in products]
 
 @pytest.mark.parametrize("numerics,act", [("mixed", "half"), ("float32", "float")])
 def test_matvecs_read_a_norm_output_in_the_policys_act_dtype(tiny, numerics, act):

@@ -278,9 +278,10 @@ def rope(x:Tensor, cos:Tensor, sin:Tensor) -> Tensor:
   a, b = (xp := x.float().reshape(*x.shape[:-1], -1, 2))[..., 0], xp[..., 1]
   return Tensor.stack(a * cos - b * sin, a * sin + b * cos, dim=-1).flatten(-2).cast(x.dtype)
 
-def causal_mask(T:int, start_pos:int|UOp) -> Tensor:
-  """(T, start_pos+T): -inf where query t (at position start_pos+t) would see a later position; start_pos may be symbolic."""
-  return (Tensor.arange(T).unsqueeze(-1) + start_pos < Tensor.arange(start_pos + T)).where(float("-inf"), 0.0)
+def causal_mask(T:int, start_pos:int|UOp, S:int|UOp|None=None) -> Tensor:
+  """(T, S): -inf where query t (at position start_pos+t) would see a later position; S (default start_pos+T) and
+  start_pos may be symbolic."""
+  return (Tensor.arange(T).unsqueeze(-1) + start_pos < Tensor.arange(start_pos + T if S is None else S)).where(float("-inf"), 0.0)
 
 def topk_ids(x:Tensor, k:int) -> Tensor:
   # ids of the k largest along the last axis, largest first, ties to the lower id. Ranks by pairwise comparison (as
@@ -368,9 +369,9 @@ class Block:
         self.gate_up_sh, self.down_sh = pair("ffn_gate_up_shexp.weight", "ffn_gate_shexp.weight", "ffn_up_shexp.weight"), g("ffn_down_shexp.weight")
     # the compressed KV cache: per position [kv_c (kv_lora, normed) ; k_pe (qk_rope, roped)]
     # (max(CHUNKS) rows past max_context: a padded prefill chunk's extra positions)
-    self.cache = Tensor.zeros(1, max_context + max(CHUNKS), cfg.kv_lora + cfg.qk_rope, dtype=n.cache).contiguous().realize()
+    self.cache = Tensor.zeros(1, cache_rows(max_context), cfg.kv_lora + cfg.qk_rope, dtype=n.cache).contiguous().realize()
 
-  def attention(self, x:Tensor, start_pos:int|UOp, cos:Tensor, sin:Tensor) -> Tensor:
+  def attention(self, x:Tensor, start_pos:int|UOp, cos:Tensor, sin:Tensor, kv_len:UOp|None=None) -> Tensor:
     c, n, (B, T, _) = self.cfg, self.n, x.shape
     mm = matmul_for(T, n)
     q_a, kv = projections(x, self.q_a_kv_a, (c.q_lora, c.kv_lora + c.qk_rope), linear_out(mm))
@@ -380,11 +381,17 @@ class Block:
     q = mm(q_nope, self.k_b).cast(n.act).cat(q_pe.cast(n.act), dim=-1)                             # absorbed: (B, H, T, kv_lora+rope)
     kv = rms_norm(kv[..., :c.kv_lora], self.kv_a_norm, c.eps).cat(rope(kv[..., c.kv_lora:], cos, sin), dim=-1)
     self.cache[:, start_pos:start_pos+T].assign(kv.cast(self.cache.dtype))
-    keys = self.cache[:, :start_pos+T].unsqueeze(1)                                                # (B, 1, S, kv_lora+rope)
+    S = start_pos + T if kv_len is None else kv_len  # a long chunk's keys: KV_BLOCK-aligned, the rows past it masked
+    keys = self.cache[:, :S].unsqueeze(1)                                                          # (B, 1, S, kv_lora+rope)
     # scores come out in float32 (float accumulation): q.k over 576 latent dims can pass fp16's range
-    scores = linear(q, keys, n, dtypes.float32) * (1.0 / math.sqrt(c.qk_nope + c.qk_rope))         # (B, H, T, S)
-    if T > 1: scores = scores + causal_mask(T, start_pos)                                           # T > 1 only at prefill
-    latent = linear(scores.softmax(-1), keys[..., :c.kv_lora].transpose(-1, -2), n)               # (B, H, T, kv_lora)
+    if kv_len is None:
+      scores = linear(q, keys, n, dtypes.float32) * (1.0 / math.sqrt(c.qk_nope + c.qk_rope))       # (B, H, T, S)
+      if T > 1: scores = scores + causal_mask(T, start_pos)                                         # T > 1 only at prefill
+      latent = linear(scores.softmax(-1), keys[..., :c.kv_lora].transpose(-1, -2), n)             # (B, H, T, kv_lora)
+    else:  # both products on the tensor cores: act x act summed in float32, the probs rounded to act
+      scores = staged_linear(staged_input(q, T, n), keys, n, dtypes.float32) * (1.0 / math.sqrt(c.qk_nope + c.qk_rope))
+      probs = staged_input((scores + causal_mask(T, start_pos, S)).softmax(-1), T, n)
+      latent = staged_linear(probs, keys[..., :c.kv_lora].transpose(-1, -2), n)
     return mm(merged_heads(mm(latent, self.v_b), n), self.attn_out)                                # heads (B, H, T, v_head)
 
   def moe_ffn(self, x:Tensor, trace:dict|None=None) -> Tensor:
@@ -410,9 +417,9 @@ class Block:
     if c.n_shared and not self.shared_in_experts: out = out + ffn(x, self.gate_up_sh, self.down_sh, n)
     return out
 
-  def __call__(self, x:Tensor, start_pos:int|UOp, cos:Tensor, sin:Tensor, trace:dict|None=None) -> Tensor:
+  def __call__(self, x:Tensor, start_pos:int|UOp, cos:Tensor, sin:Tensor, trace:dict|None=None, kv_len:UOp|None=None) -> Tensor:
     c, n = self.cfg, self.n
-    h = x + self.attention(act_norm(x, self.attn_norm, c.eps, n), start_pos, cos, sin)
+    h = x + self.attention(act_norm(x, self.attn_norm, c.eps, n), start_pos, cos, sin, kv_len)
     # a MoE block's norm stays float32 (the router reads it; so do the experts, see Numerics.act)
     if self.moe: out = h + self.moe_ffn(rms_norm(h, self.ffn_norm, c.eps), trace)
     else: out = h + ffn(act_norm(h, self.ffn_norm, c.eps, n), self.gate_up, self.down, n)
@@ -498,6 +505,7 @@ class GLM:
     # the decode step's input token: an id the host gives, or -1 for the one the step before it wrote into the ring
     # (ring[p]: the token at position p), so steps can be launched before the host has read their tokens (decode_ahead)
     self.fed = UOp.variable("fed", -1, cfg.vocab - 1)
+    self.kv_blocks = UOp.variable("kv_blocks", 1, cache_rows(self.max_context) // KV_BLOCK)
     self.ring = Tensor(np.zeros(self.max_context + 1, np.int32)).realize()
     # how each JIT is made, from what names it ({"jit": its kind, its sampling}) and its step: run.py's JitStore keeps
     # their captures on disk across runs
@@ -512,24 +520,26 @@ class GLM:
         named.update({f"blk.{i}.{k}#{j}": t for j, t in enumerate(v if isinstance(v, tuple) else (v,)) if isinstance(t, Tensor)})
     return named
 
-  def forward(self, tokens:list[int]|UOp|Tensor, start_pos:int|UOp, trace:dict|None=None, last:int|UOp=-1) -> Tensor:
+  def forward(self, tokens:list[int]|UOp|Tensor, start_pos:int|UOp, trace:dict|None=None, last:int|UOp=-1, kv_len:UOp|None=None) -> Tensor:
     """tokens at positions start_pos.. -> float32 logits of position `last` of them (1, vocab). tokens are python ints,
     one bound Variable (decode: one JIT serves every token; a lookup is a shrink that reads one row), or a (1, T) int32
     Tensor (a prefill chunk: a gather of T rows). With a trace ({"hidden": [], "experts": []}), each block appends the
     last position's hidden state after it, each MoE block its chosen experts (the numerics check; realizing them
-    changes the schedule, so a traced step is not the decode step's program)."""
+    changes the schedule, so a traced step is not the decode step's program). kv_len (a multiple of KV_BLOCK past the
+    last position, a long chunk's: prefill) puts attention's products on the tensor cores."""
     if isinstance(tokens, Tensor): x = self.token_embd[tokens[0]].unsqueeze(0).cast(self.n.out)                # (1, T, dim)
     else: x = Tensor.stack(*[self.token_embd[t] for t in (tokens if isinstance(tokens, list) else [tokens])]).unsqueeze(0).cast(self.n.out)
     T = x.shape[1]
     cos, sin = self.cos[start_pos:start_pos+T].unsqueeze(0), self.sin[start_pos:start_pos+T].unsqueeze(0)
-    for blk in self.blk: x = blk(x, start_pos, cos, sin, trace)
+    for blk in self.blk: x = blk(x, start_pos, cos, sin, trace, kv_len)
     x = x[:, -1] if isinstance(last, int) and last in (-1, T - 1) else x.shrink((None, (last, last + 1), None))[:, 0]
     x = act_norm(x, self.output_norm, self.cfg.eps, self.n)
     return linear(x, self.output, self.n, dtypes.float32)  # float32 logits: fp16 rounding would decide near-ties
 
-  def step(self, tokens:list[int]|UOp|Tensor, start_pos:int|UOp, sampling:Sampling=Sampling(), last:int|UOp=-1) -> tuple[Tensor, Tensor]:
+  def step(self, tokens:list[int]|UOp|Tensor, start_pos:int|UOp, sampling:Sampling=Sampling(), last:int|UOp=-1,
+           kv_len:UOp|None=None) -> tuple[Tensor, Tensor]:
     """One forward: (next token (1, 1) int32, greedy unless sampling says otherwise; logits (1, vocab) float32)."""
-    logits = self.forward(tokens, start_pos, last=last)
+    logits = self.forward(tokens, start_pos, last=last, kv_len=kv_len)
     return sample(logits, sampling), logits
 
   def decoder(self, sampling:Sampling=Sampling()) -> TinyJit:
@@ -583,6 +593,13 @@ CHUNKS = (32, 512)
 # tokens are left; fewer go through the decode step, one token a call (H100, Q4_0 mix: a 512-token chunk 0.32 s, a
 # decode step 3.1 ms, so ~100 tokens cost one chunk; a 32-token chunk took 0.47 s, more than its 32 decode steps)
 PAD_MIN = 96
+# a chunk of at least STAGE_ROWS tokens attends to the cache rows up to the next multiple of KV_BLOCK past it (the rest
+# masked): a length tinygrad can split into tensor-core tiles, where start_pos + T cannot be (symbolic, any value)
+KV_BLOCK = 512
+
+def cache_rows(max_context:int) -> int:
+  """The KV cache's rows: max_context, a padded chunk's extra positions past it, and up to a KV_BLOCK boundary."""
+  return -(-(max_context + max(CHUNKS)) // KV_BLOCK) * KV_BLOCK
 
 def chunks(n:int) -> list[int]:
   """The chunk lengths that cover n tokens."""
@@ -609,12 +626,16 @@ class Prefill:
   def jit(self, T:int) -> TinyJit:
     """The JIT of T-token chunks, made on first use (a stored one is read only when a prompt needs it)."""
     if T not in self.jits:
-      self.jits[T] = self.model.make_jit(jit_name(f"prefill{T}", self.sampling), lambda tokens, start_pos, last: self.model.step(tokens, start_pos, self.sampling, last))
+      if T >= STAGE_ROWS:
+        self.jits[T] = self.model.make_jit(jit_name(f"prefill{T}", self.sampling), lambda tokens, start_pos, last, kv_blocks:
+                                           self.model.step(tokens, start_pos, self.sampling, last, kv_blocks * KV_BLOCK))
+      else: self.jits[T] = self.model.make_jit(jit_name(f"prefill{T}", self.sampling), lambda tokens, start_pos, last: self.model.step(tokens, start_pos, self.sampling, last))
     return self.jits[T]
 
   def args(self, T:int, part:list[int], start_pos:int) -> tuple:
     """What the T-token chunk's JIT is called with for part (at most T tokens, padded) at start_pos."""
-    return Tensor([part + [0] * (T - len(part))], dtype=dtypes.int32), self.model.start_pos.bind(start_pos), self.last[T].bind(len(part) - 1)
+    args = (Tensor([part + [0] * (T - len(part))], dtype=dtypes.int32), self.model.start_pos.bind(start_pos), self.last[T].bind(len(part) - 1))
+    return args + ((self.model.kv_blocks.bind(-(-(start_pos + T) // KV_BLOCK)),) if T >= STAGE_ROWS else ())
 
   def __call__(self, tokens:list[int], start_pos:int=0) -> tuple[int, Tensor]:
     """Feeds tokens at positions start_pos..; returns (the token after them, its logits (1, vocab) float32)."""

@@ -15,7 +15,8 @@ and not divisible by a warp. It applies
 It takes the same way a kernel whose outputs are symbolic in number and whose static reduce the lanes divide (attention's
 q.k, 20 heads x the positions so far): tinygrad's heuristic gives each output 16 threads through shared memory, here a
 warp shuffles it for 4 heads at once, so each cached row is loaded once for 4 heads.
-Kernels it does not take go on to tinygrad's heuristic.
+Kernels it does not take go on to tinygrad's heuristic, and so do kernels tinygrad would run on tensor cores (a prefill
+chunk's q.k over KV_BLOCK-aligned positions: the lanes would keep the tensor cores off).
 
 Hook: an OptHeuristic (tinygrad.codegen.apply_opts), after the matvec heuristic.
 """
@@ -25,7 +26,7 @@ from tinygrad.helpers import prod
 from tinygrad.codegen.opt import Opt, OptOps
 from tinygrad_ext import Pass, OptHeuristic, register
 from tinygrad_ext.passes.reduce_local import OptOpsExt, COMBINES, LANE_DTYPES, SHUFFLE_WIDTH, warp_epilogue
-from tinygrad_ext.passes.shared import store_targets
+from tinygrad_ext.passes.shared import store_targets, tensor_cores_take
 
 NAME = "long_reduce"
 LONG = 256            # a static reduce at least this long that no warp divides is split
@@ -56,6 +57,7 @@ def upcast_axes(k, out_axes:list[int]) -> list[int]:
   return picked
 
 def choose_long_reduce_opts(k):
+  if tensor_cores_take(k): return None  # a prefill chunk's q.k: TC tiles, not lanes
   if len(reds:=k.reduceops) != 1 or reds[0].arg[0] not in COMBINES or reds[0].dtype not in LANE_DTYPES: return None
   if len(red_axes:=k.axes_of(AxisType.REDUCE)) != 1 or not k.ren.has_local or k.dont_use_locals: return None
   size, outs, lanes = k.full_shape[red_axes[0]], k.axes_of(AxisType.GLOBAL), lanes_for(k.ren, reds[0].dtype)
