@@ -175,6 +175,22 @@ def test_signal_while_creating_or_removing_temp_file_waits():
         time.sleep(1)
   assert signal.getsignal(signal.SIGTERM) == before  # given back
 
+def test_a_signal_dropped_inside_a_del_is_raised_later_without_a_traceback():
+  # tinygrad frees buffers in __del__, and Python drops (prints) an exception raised inside one: the signal stays
+  # pending, and the command line raises it at its next check (run.py: each decode call, before writing --json)
+  code = ("import os, signal, sys, time\n"
+          f"sys.path.insert(0, {str(ROOT)!r})\n"
+          "from examples.glm import synth\n"
+          "synth.raise_on_termination()\n"
+          "class D:\n"
+          "  def __del__(self): os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.5)\n"
+          "D()\n"
+          "print('went on', flush=True)\n"
+          "try: synth.raise_if_signalled()\n"
+          "except synth.Terminated as e: print('raised', e.exit_status)\n")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, preexec_fn=_default_signals)
+  assert (out.stdout, out.stderr) == ("went on\nraised 143\n", ""), out
+
 # ***** Ctrl-C or SIGTERM while run.py loads, compiles or generates: one line, no traceback *****
 
 INFO = ("model:", "prompt:", "note:")  # what run.py says on stderr before it generates (stdout is the generated text)

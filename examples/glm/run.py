@@ -192,6 +192,7 @@ def generate(m:glm.GLM, jit, first:int, pos:int, count:int, eog, ahead:int, show
     return len(out) < count
   going = take(first)
   while going:
+    synth.raise_if_signalled()  # a signal whose exception a __del__ dropped ends generation here
     replay = jit.captured is not None
     n = min(ahead, count - len(out)) if replay else 1
     s0 = time.perf_counter()
@@ -384,6 +385,7 @@ def main(argv=None) -> int:
       roofline.plot({f"passes {k}": r["profile"] for k, r in results.items()}, ceiling, a.plot,
                     f"{path.name} on {Device.DEFAULT}: one decode token")
       log(f"wrote {a.plot}")
+    synth.raise_if_signalled()
     if a.json:
       try: write_file(a.json, json.dumps(out, indent=2, default=str))
       except OSError as e: raise UsageError(f"--json {a.json}: cannot write: {e.strerror or e}") from None
@@ -393,6 +395,7 @@ def main(argv=None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   except (KeyboardInterrupt, synth.Terminated) as e:  # Ctrl-C (or SIGTERM, SIGHUP) while loading, compiling or generating
+    synth.handled()
     line, status = synth.interrupted_message(e)
     print(line, file=sys.stderr)
     return status

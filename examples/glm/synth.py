@@ -282,13 +282,36 @@ _SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if 
 
 def _as_exception(signum:int) -> BaseException: return KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
 
-def _raise_signal(signum, frame): raise _as_exception(signum)
+# the signals received and not yet handled: an exception raised inside a __del__ (tinygrad frees buffers there) is
+# printed and dropped by Python, so the signal is also kept here for the command line to act on (raise_if_signalled)
+_pending: list[int] = []
+
+def _raise_signal(signum, frame):
+  _pending.append(signum)
+  raise _as_exception(signum)
+
+def handled() -> None:
+  """The signal's exception reached the command line's handler: nothing is pending."""
+  _pending.clear()
+
+def raise_if_signalled() -> None:
+  """Raises (KeyboardInterrupt, Terminated) for a signal whose exception was dropped (raised inside a __del__)."""
+  if _pending: raise _as_exception(_pending[0])
+
+def _quiet_when_pending(hook):
+  def unraisable(u):
+    # a signal's exception dropped inside a __del__: kept in _pending for the command line, not printed as a traceback
+    if not (_pending and isinstance(u.exc_value, (KeyboardInterrupt, Terminated))): hook(u)
+  return unraisable
 
 def raise_on_termination() -> None:
   """For a command line's main: SIGTERM and SIGHUP raise Terminated in the main thread from now on (their default ends
-  the process where it stands, leaving what it was writing); one that is ignored (nohup) stays ignored."""
+  the process where it stands, leaving what it was writing); one that is ignored (nohup) stays ignored. A signal whose
+  exception Python drops (raised inside a __del__) stays pending for raise_if_signalled, without a traceback."""
   for s in _SIGNALS:
     if s != signal.SIGINT and signal.getsignal(s) == signal.SIG_DFL: signal.signal(s, _raise_signal)
+  if signal.getsignal(signal.SIGINT) is signal.default_int_handler: signal.signal(signal.SIGINT, _raise_signal)
+  sys.unraisablehook = _quiet_when_pending(sys.unraisablehook)
 
 def interrupted_message(e:BaseException) -> tuple[str, int]:
   """(one line, exit status) for a KeyboardInterrupt or Terminated that ends a command line."""
