@@ -368,7 +368,7 @@ class Block:
       if cfg.n_shared and not self.shared_in_experts:
         self.gate_up_sh, self.down_sh = pair("ffn_gate_up_shexp.weight", "ffn_gate_shexp.weight", "ffn_up_shexp.weight"), g("ffn_down_shexp.weight")
     # the compressed KV cache: per position [kv_c (kv_lora, normed) ; k_pe (qk_rope, roped)]
-    # (max(CHUNKS) rows past max_context: a padded prefill chunk's extra positions)
+    # (cache_rows: a padded prefill chunk's extra positions past max_context, up to a KV_BLOCK boundary)
     self.cache = Tensor.zeros(1, cache_rows(max_context), cfg.kv_lora + cfg.qk_rope, dtype=n.cache).contiguous().realize()
 
   def attention(self, x:Tensor, start_pos:int|UOp, cos:Tensor, sin:Tensor, kv_len:UOp|None=None) -> Tensor:
@@ -384,12 +384,13 @@ class Block:
     S = start_pos + T if kv_len is None else kv_len  # a long chunk's keys: KV_BLOCK-aligned, the rows past it masked
     keys = self.cache[:, :S].unsqueeze(1)                                                          # (B, 1, S, kv_lora+rope)
     # scores come out in float32 (float accumulation): q.k over 576 latent dims can pass fp16's range
+    scale = 1.0 / math.sqrt(c.qk_nope + c.qk_rope)
     if kv_len is None:
-      scores = linear(q, keys, n, dtypes.float32) * (1.0 / math.sqrt(c.qk_nope + c.qk_rope))       # (B, H, T, S)
+      scores = linear(q, keys, n, dtypes.float32) * scale                                           # (B, H, T, S)
       if T > 1: scores = scores + causal_mask(T, start_pos)                                         # T > 1 only at prefill
       latent = linear(scores.softmax(-1), keys[..., :c.kv_lora].transpose(-1, -2), n)             # (B, H, T, kv_lora)
     else:  # both products on the tensor cores: act x act summed in float32, the probs rounded to act
-      scores = staged_linear(staged_input(q, T, n), keys, n, dtypes.float32) * (1.0 / math.sqrt(c.qk_nope + c.qk_rope))
+      scores = staged_linear(staged_input(q, T, n), keys, n, dtypes.float32) * scale
       probs = staged_input((scores + causal_mask(T, start_pos, S)).softmax(-1), T, n)
       latent = staged_linear(probs, keys[..., :c.kv_lora].transpose(-1, -2), n)
     return mm(merged_heads(mm(latent, self.v_b), n), self.attn_out)                                # heads (B, H, T, v_head)
