@@ -105,9 +105,7 @@ def test_the_simulation_catches_an_edge_relaxed_into_a_kernel_that_does_not_wait
 def test_a_jitted_chain_of_dependent_kernels_computes_as_without_pdl(device):
   # each kernel reads what the one before it wrote, and writes what it read (a read-after-write and a write-after-read
   # hazard per edge): a kernel that ran ahead of its predecessor would read stale values
-  from tinygrad.engine.realize import graph_cache
-  from tinygrad.uop.ops import Ops
-  from tinygrad_ext.internals import captured_calls
+  from tinygrad_ext.internals import graph_runners
   from tinygrad_ext.passes.pdl import driver_entry
   def run():
     with Context(DEV=device):
@@ -119,8 +117,7 @@ def test_a_jitted_chain_of_dependent_kernels_computes_as_without_pdl(device):
           y.assign(y + x.sum() * 1e-9).realize()
         return (x + y).realize()
       out = [chain(x, y).numpy() for _ in range(4)]
-      graphs = [graph_cache.get(c.src[0]) for c in captured_calls(chain) if c.src[0].op is Ops.CUSTOM_FUNCTION]
-      return out, [getattr(g, "programmatic_edges", None) for g in graphs if g is not None]
+      return out, [getattr(g, "programmatic_edges", None) for g in graph_runners(chain)]
   with without("pdl"): off, off_edges = run()
   on, on_edges = run()
   for a, b in zip(on, off): np.testing.assert_array_equal(a, b)

@@ -196,7 +196,7 @@ def generate(m:glm.GLM, jit, first:int, pos:int, count:int, eog, ahead:int, show
     replay = jit.captured is not None
     n = min(ahead, count - len(out)) if replay else 1
     s0 = time.perf_counter()
-    new = m.decode_ahead(jit, out[-1], pos, n) if n > 1 else [m.decode(jit, out[-1], pos)[0]]
+    new = m.decode_ahead(jit, out[-1], pos, n)
     calls.append((time.perf_counter() - s0, n, replay))
     pos += n
     for t in new:
@@ -258,7 +258,7 @@ def run_mode(m:glm.GLM, tok:Tokenizer, prompt:list[int], a, mode:str) -> dict:
       sync(); s0 = time.perf_counter()
       for done in range(0, a.benchmark, a.ahead):
         n = min(a.ahead, a.benchmark - done)
-        t = m.decode_ahead(jit, t, pos, n)[-1] if n > 1 else m.decode(jit, t, pos)[0]
+        t = m.decode_ahead(jit, t, pos, n)[-1]
         pos += n
       sync(); dt = (time.perf_counter() - s0) / a.benchmark
       res["benchmark"] = {"steps": a.benchmark, "ms_per_token": dt * 1e3, "tok_per_s": 1 / dt}

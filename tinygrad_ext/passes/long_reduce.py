@@ -57,7 +57,6 @@ def upcast_axes(k, out_axes:list[int]) -> list[int]:
   return picked
 
 def choose_long_reduce_opts(k):
-  if tensor_cores_take(k): return None  # a prefill chunk's q.k: TC tiles, not lanes
   if len(reds:=k.reduceops) != 1 or reds[0].arg[0] not in COMBINES or reds[0].dtype not in LANE_DTYPES: return None
   if len(red_axes:=k.axes_of(AxisType.REDUCE)) != 1 or not k.ren.has_local or k.dont_use_locals: return None
   size, outs, lanes = k.full_shape[red_axes[0]], k.axes_of(AxisType.GLOBAL), lanes_for(k.ren, reds[0].dtype)
@@ -69,6 +68,7 @@ def choose_long_reduce_opts(k):
   # 16 threads through shared memory; a warp's lanes shuffle it, and an output axis the positions' row does not read
   # (the heads) is upcast, so each row is read once for several heads
   elif not isinstance(size, int) or size % lanes != 0: return None
+  if tensor_cores_take(k): return None  # a prefill chunk's q.k: TC tiles, not lanes (asked last: it tries an opt)
   # the upcasts first: REDUCE_LOCAL counts them in the shared memory that combining warps would take
   upcast = 1
   for i in upcast_axes(k, static_outs):

@@ -51,7 +51,7 @@ def programmatic_edges(edges:list[tuple[int, int]], kernels:set[int], waiting:se
 
 class EdgeData(ctypes.Structure):
   _fields_ = [("from_port", ctypes.c_ubyte), ("to_port", ctypes.c_ubyte), ("type", ctypes.c_ubyte), ("reserved", ctypes.c_ubyte * 5)]
-PORT_PROGRAMMATIC, DEPENDENCY_PROGRAMMATIC, NODE_KERNEL = 1, 1, 0
+PORT_PROGRAMMATIC, DEPENDENCY_PROGRAMMATIC = 1, 1
 
 def driver_entry(name:str):
   """A libcuda function tinygrad does not bind, or None where this driver lacks it."""
@@ -78,10 +78,11 @@ def bind(name:str, cuda):
 def make_programmatic(graph_runner) -> int:
   """Turns a built CUDAGraph's kernel-to-kernel edges into programmatic ones where legal (see the module doc) and
   instantiates it again; returns how many edges it turned (0: the graph is as tinygrad built it), which it also keeps
-  as graph_runner.programmatic_edges (where the GPU and driver can have them)."""
+  as graph_runner.programmatic_edges."""
   import tinygrad.runtime.autogen.cuda as cuda
   from tinygrad.uop.ops import Ops
   from tinygrad.device import Device
+  graph_runner.programmatic_edges = 0
   if sm_version(getattr(Device[graph_runner.calls[0][2][0].device], "arch", None) or "") < 90: return 0
   if (add := bind("cuGraphAddDependencies_v2", cuda)) is None or (remove := bind("cuGraphRemoveDependencies_v2", cuda)) is None: return 0
   # graph_runner.nodes holds one entry per PROGRAM or COPY call, in order (tinygrad.runtime.graph.cuda.CUDAGraph.__init__)
@@ -92,9 +93,7 @@ def make_programmatic(graph_runner) -> int:
     if is_copy: continue
     kernels.add(h)
     if waits_first(ast.src[2].arg): waiting.add(h)
-  turn = programmatic_edges(graph_edges(cuda, graph_runner.graph), kernels, waiting)
-  graph_runner.programmatic_edges = 0
-  if not turn: return 0
+  if not (turn := programmatic_edges(graph_edges(cuda, graph_runner.graph), kernels, waiting)): return 0
   full, programmatic = EdgeData(), EdgeData(PORT_PROGRAMMATIC, 0, DEPENDENCY_PROGRAMMATIC)
   def move(a:int, b:int, old:EdgeData, new:EdgeData) -> bool:
     # one edge a call: some drivers apply the first edge's data to every edge of a batch
