@@ -248,21 +248,6 @@ def test_decode_kernels_render_for_every_backend(model, tmp_path):
     r = subprocess.run(["ptxas", "-arch=sm_90", "-o", str(tmp_path / f"k{i}.cubin"), str(f)], capture_output=True, text=True)
     assert r.returncode == 0, (i, r.stderr)
 
-def test_weights_load_in_one_realize_a_block(tiny, monkeypatch):
-  # a realize walks every live tensor's graph: one per tensor, with each tensor's dequant expression live as it arrived,
-  # made the full model's load quadratic (844 realizes, 13 s of host time on DEV=NULL); one a block (and one for the
-  # native types' reinterpretation) is linear
-  kv, infos = glm.read_header(tiny)
-  calls, realize = [], Tensor.realize
-  monkeypatch.setattr(Tensor, "realize", lambda *a, **k: (calls.append(1), realize(*a, **k))[1])
-  # and a sync after each block's copies (their pinned staging buffers are reused by the next block, not pinned anew)
-  dev, syncs = Device[Device.DEFAULT], []
-  monkeypatch.setattr(dev, "synchronize", lambda sync=dev.synchronize: (syncs.append(len(calls)), sync())[1])
-  w = glm.load_weights(tiny, infos)
-  blocks = len({glm.block_prefix(n) for n in infos})
-  assert len(calls) == blocks + 1 and syncs[:blocks] == list(range(1, blocks + 1))
-  assert "blk.1.ffn_gate_up_exps.weight" in w and "blk.1.ffn_down_shexp.weight" not in w  # stacked, shared appended
-
 def test_topk_ids():
   x = np.array([[[0.3, 0.9, 0.1, 0.9, 0.5, 0.2, 0.9, 0.0]]], np.float32)  # ties go to the lower id
   got = glm.topk_ids(Tensor(x), 4).numpy()

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from tinygrad import Tensor, TinyJit, UOp, Device, dtypes
 from tinygrad.dtype import DType
 from tinygrad.llm.gguf import ggml_data_to_tensor, readers, read_str, read_int32, read_uint32, read_uint64, read_int64, _GGML_NATIVE, _GGML_QUANT
+from examples.glm import weights_io
 
 ARCH = "deepseek2"
 SIGMOID = 2  # expert_gating_func (llama.cpp LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID; 1 is softmax)
@@ -125,22 +126,28 @@ def appendable(exps:TensorInfo, shared:TensorInfo) -> bool:
   # expert's width; a quant mix may give the shared down another type than the routed ones)
   return exps.ggml_type == shared.ggml_type and len(exps.shape) == 3 and exps.shape[1:] == shared.shape
 
-def append_expert(exps:tuple[TensorInfo, Tensor], shared:tuple[TensorInfo, Tensor]) -> tuple[TensorInfo, Tensor]:
-  """The shared expert's weight appended to the routed experts' (bytes on the device, lazy): one expert more."""
-  (e, e_raw), (sh, sh_raw) = exps, shared
-  raw = Tensor.cat(e_raw.reshape(e.shape[0], -1), sh_raw.reshape(1, -1)).reshape(-1)
-  return TensorInfo(e.name, (e.shape[0] + 1, *e.shape[1:]), e.ggml_type, -1, e.nbytes + sh.nbytes), raw
+# A device tensor's bytes before they are copied: its info and where each range of them is in the file (weights_io).
+Raw = tuple[TensorInfo, list[weights_io.Piece]]
 
-def stack_rows(parts:list[tuple[TensorInfo, Tensor]], name:str) -> tuple[TensorInfo, Tensor]|None:
-  """The parts' rows stacked into one weight (bytes on the device, lazy), or None where they differ in type or columns."""
+def append_expert(exps:Raw, shared:Raw) -> Raw:
+  """The shared expert's weight appended to the routed experts': one expert more."""
+  (e, e_pieces), (sh, sh_pieces) = exps, shared
+  return TensorInfo(e.name, (e.shape[0] + 1, *e.shape[1:]), e.ggml_type, -1, e.nbytes + sh.nbytes), \
+    e_pieces + weights_io.byte_range(sh_pieces, 0, sh.nbytes, e.nbytes)
+
+def stack_rows(parts:list[Raw], name:str) -> Raw|None:
+  """The parts' rows stacked into one weight, or None where they differ in type or columns."""
   (a, _), rest = parts[0], [t for t, _ in parts[1:]]
   if any(t.ggml_type != a.ggml_type or t.shape[:-2] != a.shape[:-2] or t.shape[-1] != a.shape[-1] for t in rest): return None
   lead = math.prod(a.shape[:-2])  # experts: each expert's rows stay together
-  raw = Tensor.cat(*[r.reshape(lead, -1) for _, r in parts], dim=1).reshape(-1)
+  widths = [t.nbytes // lead for t, _ in parts]
+  starts = [sum(widths[:i]) for i in range(len(parts))]
+  pieces = [p for e in range(lead) for (_, ps), w, s in zip(parts, widths, starts)
+            for p in weights_io.byte_range(ps, e * w, w, e * sum(widths) + s)]
   shape = (*a.shape[:-2], sum(t.shape[-2] for t, _ in parts), a.shape[-1])
-  return TensorInfo(name, shape, a.ggml_type, -1, sum(t.nbytes for t, _ in parts)), raw
+  return TensorInfo(name, shape, a.ggml_type, -1, sum(t.nbytes for t, _ in parts)), pieces
 
-def stacked(raws:dict[str, tuple[TensorInfo, Tensor]], prefix:str) -> dict[str, tuple[TensorInfo, Tensor]]:
+def stacked(raws:dict[str, Raw], prefix:str) -> dict[str, Raw]:
   """A block's tensors with the projections of STACKED stacked where all their parts are there and alike."""
   out = dict(raws)
   for name, parts in STACKED.items():
@@ -149,7 +156,7 @@ def stacked(raws:dict[str, tuple[TensorInfo, Tensor]], prefix:str) -> dict[str, 
       out[st[0].name] = st
   return out
 
-def shared_appended(raws:dict[str, tuple[TensorInfo, Tensor]], prefix:str) -> dict[str, tuple[TensorInfo, Tensor]]:
+def shared_appended(raws:dict[str, Raw], prefix:str) -> dict[str, Raw]:
   """A block's tensors with its shared expert appended to its routed experts (SHARED_INTO): in every projection or in
   none (Block reads one layout)."""
   pairs = [(e, sh) for short, short_sh in SHARED_INTO.items() if (e:=f"{prefix}{short}") in raws and (sh:=f"{prefix}{short_sh}") in raws]
@@ -165,35 +172,35 @@ def block_prefix(name:str) -> str:
   """"blk.N." for a block's tensor, "" for the others."""
   return f"blk.{name.split('.')[1]}." if name.startswith("blk.") else ""
 
-def load_weights(path:str|os.PathLike, infos:dict[str, TensorInfo], device:str|None=None, progress:bool=False,
-                 stack:bool=True, shared_in_experts:bool=True) -> dict[str, Tensor]:
-  """Copies each tensor's GGUF bytes from the disk to the device once; returns lazy dequant expressions over them.
-  Native types (F32, F16, BF16: norms, biases, the router) are their bytes reinterpreted; that reinterpretation is done
-  once here, so kernels read typed values instead of reassembling every float from bytes wherever the tensor is used.
-  A block's tensors are copied in one realize, with stack the projections of STACKED stacked and with
-  shared_in_experts its shared expert appended to its routed experts (SHARED_INTO) on the way (peak memory: one block
-  more). The dequant expressions are built once every byte is on the device: each realize walks every live tensor's
-  graph, so built as each tensor arrived they made the load quadratic (13 s of host time at full size, 844 realizes)."""
-  device, disk = device or Device.DEFAULT, Tensor(pathlib.Path(path))
-  bar = tqdm(total=sum(t.nbytes for t in infos.values()), desc=f"loading {pathlib.Path(path).name}", unit="B", unit_scale=True,
-             leave=False, mininterval=1, disable=not progress)
-  blocks: dict[str, list[TensorInfo]] = {}
-  for t in infos.values(): blocks.setdefault(block_prefix(t.name), []).append(t)
-  raws: dict[str, tuple[TensorInfo, Tensor]] = {}
-  for prefix, group in blocks.items():
-    block = {t.name: (t, disk[t.offset:t.offset + t.nbytes].to(device)) for t in group}
+def weight_layout(infos:dict[str, TensorInfo], stack:bool=True, shared_in_experts:bool=True) -> list[dict[str, Raw]]:
+  """The device tensors, a group a block: the GGUF's, with stack the projections of STACKED stacked and with
+  shared_in_experts the shared expert appended to the routed experts (SHARED_INTO)."""
+  blocks: dict[str, dict[str, Raw]] = {}
+  for t in infos.values(): blocks.setdefault(block_prefix(t.name), {})[t.name] = (t, [(t.offset, t.nbytes, 0)])
+  out = []
+  for prefix, block in blocks.items():
     if stack: block = stacked(block, prefix)
     if shared_in_experts: block = shared_appended(block, prefix)
-    Tensor.realize(*[raw for _, raw in block.values()])
-    # the block's copies done, their host staging buffers go back to the allocator (tinygrad's CUDA copy-in stages each
-    # tensor in pinned host memory it frees only at a sync): the next block's tensors, of the same sizes, reuse them
-    # instead of pinning 17 GB of new host memory tensor by tensor
-    Device[device].synchronize()
-    raws.update(block)
-    bar.update(sum(t.nbytes for t in group))
+    out.append(block)
+  return out
+
+def load_weights(path:str|os.PathLike, infos:dict[str, TensorInfo], device:str|None=None, progress:bool=False,
+                 stack:bool=True, shared_in_experts:bool=True) -> dict[str, Tensor]:
+  """Copies each device tensor's GGUF bytes (weight_layout) from the disk to the device once (weights_io); returns lazy
+  dequant expressions over them. Native types (F32, F16, BF16: norms, biases, the router) are their bytes reinterpreted;
+  that reinterpretation is done once here, so kernels read typed values instead of reassembling every float from bytes
+  wherever the tensor is used. The dequant expressions are built once every byte is on the device: each realize walks
+  every live tensor's graph, so built as each tensor arrived they made the load quadratic (13 s of host time at full
+  size, 844 realizes)."""
+  device = device or Device.DEFAULT
+  groups = weight_layout(infos, stack, shared_in_experts)
+  bar = tqdm(total=sum(t.nbytes for t in infos.values()), desc=f"loading {pathlib.Path(path).name}", unit="B", unit_scale=True,
+             leave=False, mininterval=1, disable=not progress)
+  raws = weights_io.load(path, [{name: (t.nbytes, pieces) for name, (t, pieces) in g.items()} for g in groups], device, bar.update)
   bar.close()
-  out = {name: ggml_data_to_tensor(raw, math.prod(t.shape), t.ggml_type).reshape(t.shape) for name, (t, raw) in raws.items()}
-  native = {name: out[name].contiguous() for name, (t, _) in raws.items() if t.ggml_type in _GGML_NATIVE}
+  final = {name: t for g in groups for name, (t, _) in g.items()}
+  out = {name: ggml_data_to_tensor(raws[name], math.prod(t.shape), t.ggml_type).reshape(t.shape) for name, t in final.items()}
+  native = {name: out[name].contiguous() for name, t in final.items() if t.ggml_type in _GGML_NATIVE}
   if native: Tensor.realize(*native.values())
   return {**out, **native}
 
