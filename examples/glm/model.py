@@ -254,6 +254,7 @@ def linear(x:Tensor, w:Tensor, n:Numerics, out:DType|None=None) -> Tensor:
 # cores off) and act x act products accumulated in n.out, on the tensor cores. llama.cpp's batched path likewise
 # dequantizes to fp16 for cuBLAS. The weight is rounded to act once (a Q4_0 scale times its nibble can need 14 bits)
 STAGE_ROWS = 128
+_AB_STAGE_ACT = os.environ.get("GLM_AB_STAGE_ACT") == "1"  # temporary A/B switch, see moe_ffn
 
 def stage(w:Tensor, n:Numerics) -> Tensor: return w.cast(n.act).contiguous()
 
@@ -421,6 +422,7 @@ class Block:
     h = x.unsqueeze(-2)                                                                            # (B, T, 1, dim)
     gate, up = projections(h, self.gate_up_exps, (c.expert_ffn,) * 2, lambda x, w: experts(w, sel, x, n))
     act = gate.silu() * up                                                                         # (B, T, k, expert_ffn)
+    if _AB_STAGE_ACT: act = act.cast(n.act).contiguous()  # A/B (temporary): one small kernel, no silu in every row group of down
     out = (experts(self.down_exps, sel, act, n) * weights.unsqueeze(-1)).sum(-2)                   # (B, T, dim)
     if c.n_shared and not self.shared_in_experts: out = out + ffn(x, self.gate_up_sh, self.down_sh, n)
     return out
