@@ -256,8 +256,11 @@ def linear(x:Tensor, w:Tensor, n:Numerics, out:DType|None=None) -> Tensor:
 STAGE_ROWS = 128
 _AB_STAGE_ACT = os.environ.get("GLM_AB_STAGE_ACT") == "1"  # temporary A/B switch, see moe_ffn
 _AB_MOE_ACT_NORM = os.environ.get("GLM_AB_MOE_ACT_NORM") == "1"  # temporary A/B switch, see Block.__call__
+# temporary A/B switch: a long chunk's products read the weight as it dequantizes, rounded to act inside the tiles (with
+# TC_OPT=1 tinygrad puts such multi-reduce kernels on the tensor cores), instead of staged in act first
+_AB_DIRECT_TC = os.environ.get("GLM_AB_DIRECT_TC") == "1"
 
-def stage(w:Tensor, n:Numerics) -> Tensor: return w.cast(n.act).contiguous()
+def stage(w:Tensor, n:Numerics) -> Tensor: return w.cast(n.act) if _AB_DIRECT_TC else w.cast(n.act).contiguous()
 
 def staged_linear(x:Tensor, ws:Tensor, n:Numerics, out:DType|None=None) -> Tensor:
   """x @ ws.T for a weight staged in n.act: act x act products summed in out (a half matmul sums in float already)."""
