@@ -22,7 +22,7 @@ PIPELINE: tuple[tuple[str, str, tuple[str, ...]], ...] = (
   ("schedule step", "convert copy to store", ("fusion",)),
   ("schedule step", "symbolic+reduce_collapse+debuf", ("fusion",)),
   # each kernel's opts: tinygrad.codegen.apply_opts (the first heuristic that returns opts decides)
-  ("opt heuristic", "", ("fusion", "matvec", "long_reduce")),
+  ("opt heuristic", "", ("fusion", "matvec", "quant_gemm", "long_reduce")),
   ("scheduler opt", "", ("reduce_local",)),
   # codegen: tinygrad.codegen.full_rewrite_to_sink, after the named step
   ("codegen step", "postopt symbolic", ("hoist", "subnormal_dequant")),
