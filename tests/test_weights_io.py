@@ -109,3 +109,17 @@ def test_weights_load_in_one_realize_a_block(tiny, monkeypatch):
   w = glm.load_weights(tiny, infos)
   assert 1 <= len(calls) <= len({glm.block_prefix(n) for n in infos}) + 1
   assert "blk.1.ffn_gate_up_exps.weight" in w and "blk.1.ffn_down_shexp.weight" not in w  # stacked, shared appended
+
+def test_a_failing_direct_copy_falls_back_to_tinygrads(tiny, monkeypatch, capsys):
+  # a device's direct copy (CUDA's pinned slots) that fails in a driver call: the same bytes through tinygrad's copy
+  def broken(fd, groups, device, pool, progress):
+    progress(1)
+    raise RuntimeError("CUDA Error 1, invalid argument")
+  monkeypatch.setitem(weights_io.FAST, Device.DEFAULT.split(":")[0], broken)
+  _, infos = glm.read_header(tiny)
+  groups = glm.weight_layout(infos)
+  got = weights_io.load(tiny, [{n: (t.nbytes, ps) for n, (t, ps) in g.items()} for g in groups], Device.DEFAULT)
+  final = {name: t for g in groups for name, (t, _) in g.items()}
+  assert all(np.array_equal(got[n].numpy(), reference_bytes(tiny, infos, n, t)) for n, t in final.items())
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "direct copy" in err[0] and "invalid argument" in err[0]

@@ -7,7 +7,7 @@ once; tinygrad's own CUDA copy-in would first pin a new buffer per tensor and me
 (9 s for GLM-4.7-Flash's 17 GB on an H100 host, 1.8 GB/s). Elsewhere each group of tensors is assembled on the host and
 copied by tinygrad, a group at a time (host memory: one group)."""
 from __future__ import annotations
-import ctypes, os
+import ctypes, os, sys
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Protocol
@@ -101,21 +101,27 @@ class CUDAStaging:
 def threads() -> int: return max(2, min(8, os.cpu_count() or 2))
 
 def load(path:str|os.PathLike, groups:list[Layout], device:str, progress:Callable[[int], object]=lambda n: None) -> dict[str, Tensor]:
-  """Each group's tensors, uint8 on the device, filled from the file."""
+  """Each group's tensors, uint8 on the device, filled from the file. A device's direct copy (FAST) that fails in its
+  driver calls falls back to tinygrad's copy, with one line on stderr."""
   device = Device.canonicalize(device)
   fd = os.open(path, os.O_RDONLY)
   try:
     with ThreadPoolExecutor(threads()) as pool:
-      if device.split(":")[0] == "CUDA": return _load_cuda(fd, groups, device, pool, progress)
-      out: dict[str, Tensor] = {}
-      for group in groups:
-        arrays = {name: np.empty(nbytes, np.uint8) for name, (nbytes, _) in group.items()}
-        stream(fd, items(group), HostStaging(arrays), pool, progress)
-        got = {name: Tensor(a, device=device) for name, a in arrays.items()}
-        Tensor.realize(*got.values())
-        out.update(got)
-      return out
+      if (fast := FAST.get(device.split(":")[0])) is not None:
+        try: return fast(fd, groups, device, pool, progress)
+        except FAST_ERRORS as e: print(f"weights: the direct copy to {device} failed ({type(e).__name__}: {e}); copying through tinygrad", file=sys.stderr)
+      return _load_host(fd, groups, device, pool, progress)
   finally: os.close(fd)
+
+def _load_host(fd:int, groups:list[Layout], device:str, pool:ThreadPoolExecutor, progress:Callable[[int], object]) -> dict[str, Tensor]:
+  out: dict[str, Tensor] = {}
+  for group in groups:
+    arrays = {name: np.empty(nbytes, np.uint8) for name, (nbytes, _) in group.items()}
+    stream(fd, items(group), HostStaging(arrays), pool, progress)
+    got = {name: Tensor(a, device=device) for name, a in arrays.items()}
+    Tensor.realize(*got.values())
+    out.update(got)
+  return out
 
 def _load_cuda(fd:int, groups:list[Layout], device:str, pool:ThreadPoolExecutor, progress:Callable[[int], object]) -> dict[str, Tensor]:
   layout = {name: v for group in groups for name, v in group.items()}
@@ -125,3 +131,8 @@ def _load_cuda(fd:int, groups:list[Layout], device:str, pool:ThreadPoolExecutor,
   try: stream(fd, items(layout), staging, pool, progress)
   finally: staging.close()
   return out
+
+# a device's direct copy, and the errors of its driver calls (tinygrad's check raises RuntimeError; a call ctypes cannot
+# make raises ArgumentError) after which tinygrad's own copy is used
+FAST: dict[str, Callable[..., dict[str, Tensor]]] = {"CUDA": _load_cuda}
+FAST_ERRORS = (RuntimeError, ctypes.ArgumentError, AttributeError, TypeError)
