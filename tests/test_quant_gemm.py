@@ -8,12 +8,12 @@ from kernels import kernel_asts, render, cuda_renderer, metal_renderer, schedule
 from tinygrad_ext.passes.quant_gemm import choose_quant_gemm_opts
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-Q4_0, Q8_0 = 2, 8
-BLOCK_BYTES = {Q4_0: 18, Q8_0: 34}
+Q4_0, Q8_0, Q4_K, Q6_K = 2, 8, 12, 14
+BLOCK = {Q4_0: (32, 18), Q8_0: (32, 34), Q4_K: (256, 144), Q6_K: (256, 210)}
 
 def quant(qtype:int, *shape:int) -> Tensor:
   n = math.prod(shape)
-  return ggml_data_to_tensor(Tensor.empty(n // 32 * BLOCK_BYTES[qtype], dtype=dtypes.uint8), n, qtype).reshape(*shape)
+  return ggml_data_to_tensor(Tensor.empty(n // BLOCK[qtype][0] * BLOCK[qtype][1], dtype=dtypes.uint8), n, qtype).reshape(*shape)
 
 def gemm(M:int, N:int, K:int, qtype:int=Q4_0, dt=dtypes.half):
   x, w = Tensor.empty(M, K, dtype=dt), quant(qtype, N, K)
@@ -24,7 +24,9 @@ def moe_tiles(tiles:int=4, M:int=64, N:int=768, K:int=512):
   x, w, te = Tensor.empty(tiles, M, K, dtype=dtypes.half), quant(Q4_0, 9, N, K), Tensor.empty(tiles, dtype=dtypes.int32)
   return lambda: x.matmul(w[te].cast(dtypes.half).transpose(-1, -2), dtype=dtypes.float)
 
-@pytest.mark.parametrize("make", [gemm(64, 256, 512), gemm(128, 384, 256, Q8_0), moe_tiles()], ids=["q4_0", "q8_0", "moe_tiles"])
+# (a K-quant's reduce is 2 x 2 x 2 x 2 x 32 a row of 512: tinygrad's own TC choice tries the first three axes only)
+@pytest.mark.parametrize("make", [gemm(64, 256, 512), gemm(128, 384, 256, Q8_0), gemm(64, 256, 512, Q4_K), gemm(32, 128, 512, Q6_K),
+                                  moe_tiles()], ids=["q4_0", "q8_0", "q4_k", "q6_k", "moe_tiles"])
 def test_a_quant_gemm_renders_tensor_cores(make):
   ast, = kernel_asts(make)
   assert "mma" in render(ast, cuda_renderer())
@@ -54,10 +56,11 @@ import numpy as np, gguf
 import tinygrad_ext
 from tinygrad import Tensor, dtypes, Device
 from tinygrad.llm.gguf import ggml_data_to_tensor
+from examples.glm import synth
 M, N, K, qtype, seed = json.loads(sys.argv[1])
 rng = np.random.default_rng(seed)
 gq = gguf.GGMLQuantizationType(qtype)
-blocks = gguf.quants.quantize(rng.standard_normal((N, K)).astype(np.float32), gq)
+blocks = synth.random_blocks(gq, N * K, 0.05, rng).reshape(N, -1)
 w = ggml_data_to_tensor(Tensor(blocks.reshape(-1)), N * K, qtype).reshape(N, K)
 x = Tensor(rng.standard_normal((M, K)).astype(np.float32)).cast(dtypes.bfloat16)
 out = x.matmul(w.cast(dtypes.bfloat16).T, dtype=dtypes.float)
@@ -67,7 +70,7 @@ ref = x.float().numpy().astype(np.float64) @ bf(gguf.quants.dequantize(blocks, g
 print(json.dumps({"err": float(np.abs(got - ref).max() / np.abs(ref).max())}))
 """
 
-@pytest.mark.parametrize("shape", [(16, 16, 64, Q4_0, 0), (32, 48, 96, Q8_0, 1), (16, 32, 128, Q4_0, 2)])
+@pytest.mark.parametrize("shape", [(16, 16, 64, Q4_0, 0), (32, 48, 96, Q8_0, 1), (16, 32, 128, Q4_0, 2), (16, 16, 512, Q4_K, 3)])
 def test_tensor_core_products_match_float64_on_emulated_cuda(shape, tmp_path):
   # the emulator runs the mma's lanes as CUDA's do; each product of two bf16 values is exact in the float sum
   env = {**os.environ, "DEV": "PYTHON::sm_80", "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}

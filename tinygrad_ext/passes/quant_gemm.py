@@ -4,22 +4,22 @@ A GGML dequant splits the product's reduce into a quant block's axes (Q4_0: 64 b
 2048-long row), and tinygrad's heuristic tries tensor cores only on a kernel with one reduce axis (TC_OPT=0: "more
 axes" is its BEAM search's level 1). So a prefill chunk's product with a quantized weight rounded to fp16 ran without
 them, unless the weight was first written out whole in fp16 (83 ms of a 512-token chunk's 279 on an H100: every
-expert of every block staged). tinygrad's tensor-core opt itself handles several reduce axes: it takes the innermost
-one its K divides (a quant block's elements), and every value a tile loads is computed where it is loaded.
+expert of every block staged). tinygrad's tensor-core opt itself handles several reduce axes, given one its K divides
+(a quant block's elements), and every value a tile loads is computed where it is loaded.
 
 This heuristic takes kernels whose one reduce is an ADD of a half x half (or bf16) product, over several reduce axes,
 where one side reads GGUF bytes (a uint8 buffer) and the other has an axis of its own (a product of rows, not a GEMV:
-those are the matvec pass's), and gives them tinygrad's own tensor-core choice at TC_OPT=1 (hand_coded_optimizations:
-the TC opt, then its upcasts and local). Where no tensor core applies it declines.
+those are the matvec pass's), and gives them tinygrad's own tensor-core choice at TC_OPT=1 (hand_coded_optimizations'
+first branch: the TC opt, then its upcasts and local) over every axis choice, where tinygrad's tries three (a K-quant's
+reduce is 2 x 2 x 2 x 2 x 32: the only axis K divides is the fifth). Where no tensor core applies it declines.
 
 Hook: an OptHeuristic (tinygrad.codegen.apply_opts), after matvec.
 """
 from __future__ import annotations
 from tinygrad.uop.ops import Ops, AxisType
 from tinygrad.dtype import dtypes
-from tinygrad.helpers import Context, TC_OPT
-from tinygrad.codegen.opt import OptOps
-from tinygrad.codegen.opt.heuristic import hand_coded_optimizations
+from tinygrad.helpers import TC_OPT, TC_SELECT, USE_TC
+from tinygrad.codegen.opt import Opt, OptOps, KernelOptError
 from tinygrad_ext import Pass, OptHeuristic, register
 from tinygrad_ext.passes.shared import BYTE_DTYPES
 
@@ -39,9 +39,21 @@ def quant_product(k) -> bool:
   return bool([r for r in a.ranges if r not in b.ranges]) and bool([r for r in b.ranges if r not in a.ranges])
 
 def choose_quant_gemm_opts(k):
-  if not k.ren.tensor_cores or not quant_product(k): return None
-  with Context(TC_OPT=max(1, TC_OPT.value)): out = hand_coded_optimizations(k)
-  return out if any(o.op is OptOps.TC for o in out.applied_opts) else None
+  """tinygrad's tensor-core choice (hand_coded_optimizations' first branch, at TC_OPT=1), trying every (N, M, K) axis
+  choice: its own tries the first three, and a K-quant's reduce is 2 x 2 x 2 x 2 x 32, the only axis K divides fifth."""
+  if USE_TC.value <= 0 or not k.ren.tensor_cores or not quant_product(k): return None
+  a, b = (k.reduceops[0].src[0] if k.reduceops[0].src[0].op is not Ops.CAST else k.reduceops[0].src[0].src[0]).src
+  choices = len([r for r in a.ranges if r not in b.ranges]) * len([r for r in b.ranges if r not in a.ranges]) * len(k.axes_of(AxisType.REDUCE))
+  for axis in range(choices):
+    tk = k.copy()
+    try: rngs = tk.apply_opt(Opt(OptOps.TC, axis, (TC_SELECT.value, max(1, TC_OPT.value), USE_TC.value)))
+    except KernelOptError: continue
+    for dim in (1, 0):  # then as tinygrad's: upcast M and N, and a local on N
+      if (szs := [sz for sz in (5, 4, 3, 2) if rngs[dim].src[0].divides(sz) is not None]):
+        rngs[dim] = tk.apply_opt(Opt(OptOps.UPCAST, tk.rngs.index(rngs[dim]), szs[0]))[0]
+    if (szs := [sz for sz in (4, 2) if rngs[0].src[0].divides(sz) is not None]): tk.apply_opt(Opt(OptOps.LOCAL, tk.rngs.index(rngs[0]), szs[0]))
+    return tk
+  return None
 
 QUANT_GEMM = register(Pass(NAME, "puts products of rows with a weight read as it dequantizes (several reduce axes) on tensor cores",
                            (OptHeuristic(choose_quant_gemm_opts),)))
