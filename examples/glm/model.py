@@ -254,11 +254,13 @@ def linear(x:Tensor, w:Tensor, n:Numerics, out:DType|None=None) -> Tensor:
 # cores off) and act x act products accumulated in n.out, on the tensor cores. llama.cpp's batched path likewise
 # dequantizes to fp16 for cuBLAS. The weight is rounded to act once (a Q4_0 scale times its nibble can need 14 bits)
 STAGE_ROWS = 128
-_AB_STAGE_ACT = os.environ.get("GLM_AB_STAGE_ACT") == "1"  # temporary A/B switch, see moe_ffn
-_AB_MOE_ACT_NORM = os.environ.get("GLM_AB_MOE_ACT_NORM") == "1"  # temporary A/B switch, see Block.__call__
-# temporary A/B switch: a long chunk's products read the weight as it dequantizes, rounded to act inside the tiles (with
-# TC_OPT=1 tinygrad puts such multi-reduce kernels on the tensor cores), instead of staged in act first
+# temporary A/B switches (LOG.md, 2026-12-07), each removed once the GPU has measured it; a stored JIT's key holds them
+_AB_STAGE_ACT = os.environ.get("GLM_AB_STAGE_ACT") == "1"  # see moe_ffn
+_AB_MOE_ACT_NORM = os.environ.get("GLM_AB_MOE_ACT_NORM") == "1"  # see Block.__call__
+# a long chunk's products read the weight as it dequantizes, rounded to act inside the tiles (the quant_gemm pass puts
+# them on the tensor cores), instead of staged in act first
 _AB_DIRECT_TC = os.environ.get("GLM_AB_DIRECT_TC") == "1"
+def ab_switches() -> dict[str, bool]: return {"stage_act": _AB_STAGE_ACT, "moe_act_norm": _AB_MOE_ACT_NORM, "direct_tc": _AB_DIRECT_TC}
 
 def stage(w:Tensor, n:Numerics) -> Tensor: return w.cast(n.act) if _AB_DIRECT_TC else w.cast(n.act).contiguous()
 
