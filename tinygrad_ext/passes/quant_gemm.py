@@ -29,21 +29,20 @@ TC_DTYPES = (dtypes.half, dtypes.bfloat16)
 def reads_bytes(u) -> bool:
   return any(x.op is Ops.INDEX and getattr(x.dtype, "base", x.dtype) in BYTE_DTYPES for x in u.toposort())
 
-def quant_product(k) -> bool:
-  """One ADD reduce over several axes of a TC-typed product, one side a dequant, each side with an axis of its own."""
-  if len(reds := k.reduceops) != 1 or reds[0].arg[0] is not Ops.ADD or len(k.axes_of(AxisType.REDUCE)) < 2: return False
+def quant_product_choices(k) -> int:
+  """For one ADD reduce over several axes of a TC-typed product, one side a dequant, each side with an axis of its own:
+  how many (N, M, K) axis choices tinygrad's TC opt has. 0 for any other kernel."""
+  if len(reds := k.reduceops) != 1 or reds[0].arg[0] is not Ops.ADD or len(k.axes_of(AxisType.REDUCE)) < 2: return 0
   mul = reds[0].src[0] if reds[0].src[0].op is not Ops.CAST else reds[0].src[0].src[0]
-  if mul.op is not Ops.MUL or any(s.dtype not in TC_DTYPES for s in mul.src): return False
+  if mul.op is not Ops.MUL or any(s.dtype not in TC_DTYPES for s in mul.src): return 0
   a, b = mul.src
-  if reads_bytes(a) == reads_bytes(b): return False
-  return bool([r for r in a.ranges if r not in b.ranges]) and bool([r for r in b.ranges if r not in a.ranges])
+  if reads_bytes(a) == reads_bytes(b): return 0
+  return len([r for r in a.ranges if r not in b.ranges]) * len([r for r in b.ranges if r not in a.ranges]) * len(k.axes_of(AxisType.REDUCE))
 
 def choose_quant_gemm_opts(k):
   """tinygrad's tensor-core choice (hand_coded_optimizations' first branch, at TC_OPT=1), trying every (N, M, K) axis
   choice: its own tries the first three, and a K-quant's reduce is 2 x 2 x 2 x 2 x 32, the only axis K divides fifth."""
-  if USE_TC.value <= 0 or not k.ren.tensor_cores or not quant_product(k): return None
-  a, b = (k.reduceops[0].src[0] if k.reduceops[0].src[0].op is not Ops.CAST else k.reduceops[0].src[0].src[0]).src
-  choices = len([r for r in a.ranges if r not in b.ranges]) * len([r for r in b.ranges if r not in a.ranges]) * len(k.axes_of(AxisType.REDUCE))
+  if USE_TC.value <= 0 or not k.ren.tensor_cores or not (choices := quant_product_choices(k)): return None
   for axis in range(choices):
     tk = k.copy()
     try: rngs = tk.apply_opt(Opt(OptOps.TC, axis, (TC_SELECT.value, max(1, TC_OPT.value), USE_TC.value)))
