@@ -53,6 +53,12 @@ def render(ast:UOp, ren) -> str:
   prg = codegen.do_linearize(ren, UOp(Ops.PROGRAM, src=(sink,), arg=ProgramInfo.from_sink(sink, ren.target)), sink)
   return ren.render(list(prg.src[-1].src))
 
+def launch_dims_at_zero(ast:UOp, ren) -> tuple[tuple[int, ...], tuple[int, ...]|None]:
+  """The kernel's launch dims with every variable at 0, as `ren` would launch it: what tinygrad's CUDA graph builds
+  each node with (graph/cuda.py), whatever the variables' ranges; the driver refuses a 0 there."""
+  info = ProgramInfo.from_sink(codegen.full_rewrite_to_sink(ast, ren, optimize=ast.tag is None), ren.target)
+  return info.launch_dims({v.expr: 0 for v in info.vars})
+
 def cuda_renderer(arch="sm_90"):
   from tinygrad.renderer.cstyle import NVCCRenderer  # compiles with nvcc, where there is one; renders anywhere
   return NVCCRenderer(Target(device="CUDA", arch=arch))

@@ -524,7 +524,9 @@ class GLM:
     # the decode step's input token: an id the host gives, or -1 for the one the step before it wrote into the ring
     # (ring[p]: the token at position p), so steps can be launched before the host has read their tokens (decode_ahead)
     self.fed = UOp.variable("fed", -1, cfg.vocab - 1)
-    self.kv_blocks = UOp.variable("kv_blocks", 1, cache_rows(self.max_context) // KV_BLOCK)
+    # a long chunk's keys: (kv_extra_blocks + 1) * KV_BLOCK rows. Not a kv_blocks >= 1: tinygrad's CUDA graph builds its
+    # nodes with every variable at 0, whatever its range, and a kernel over 0 rows is a launch the driver refuses
+    self.kv_extra_blocks = UOp.variable("kv_extra_blocks", 0, cache_rows(self.max_context) // KV_BLOCK - 1)
     self.ring = Tensor(np.zeros(self.max_context + 1, np.int32)).realize()
     # how each JIT is made, from what names it ({"jit": its kind, its sampling}) and its step: run.py's JitStore keeps
     # their captures on disk across runs
@@ -616,6 +618,10 @@ PAD_MIN = 96
 # masked): a length tinygrad can split into tensor-core tiles, where start_pos + T cannot be (symbolic, any value)
 KV_BLOCK = 512
 
+def long_chunk_keys(kv_extra_blocks:UOp) -> UOp:
+  """The cache rows a long chunk attends to (model.kv_extra_blocks bound by the host: at least one KV_BLOCK)."""
+  return (kv_extra_blocks + 1) * KV_BLOCK
+
 def cache_rows(max_context:int) -> int:
   """The KV cache's rows: max_context, a padded chunk's extra positions past it, and up to a KV_BLOCK boundary."""
   return -(-(max_context + max(CHUNKS)) // KV_BLOCK) * KV_BLOCK
@@ -646,15 +652,15 @@ class Prefill:
     """The JIT of T-token chunks, made on first use (a stored one is read only when a prompt needs it)."""
     if T not in self.jits:
       if T >= STAGE_ROWS:
-        self.jits[T] = self.model.make_jit(jit_name(f"prefill{T}", self.sampling), lambda tokens, start_pos, last, kv_blocks:
-                                           self.model.step(tokens, start_pos, self.sampling, last, kv_blocks * KV_BLOCK))
+        self.jits[T] = self.model.make_jit(jit_name(f"prefill{T}", self.sampling), lambda tokens, start_pos, last, kv_extra_blocks:
+                                           self.model.step(tokens, start_pos, self.sampling, last, long_chunk_keys(kv_extra_blocks)))
       else: self.jits[T] = self.model.make_jit(jit_name(f"prefill{T}", self.sampling), lambda tokens, start_pos, last: self.model.step(tokens, start_pos, self.sampling, last))
     return self.jits[T]
 
   def args(self, T:int, part:list[int], start_pos:int) -> tuple:
     """What the T-token chunk's JIT is called with for part (at most T tokens, padded) at start_pos."""
     args = (Tensor([part + [0] * (T - len(part))], dtype=dtypes.int32), self.model.start_pos.bind(start_pos), self.last[T].bind(len(part) - 1))
-    return args + ((self.model.kv_blocks.bind(-(-(start_pos + T) // KV_BLOCK)),) if T >= STAGE_ROWS else ())
+    return args + ((self.model.kv_extra_blocks.bind(-(-(start_pos + T) // KV_BLOCK) - 1),) if T >= STAGE_ROWS else ())
 
   def __call__(self, tokens:list[int], start_pos:int=0) -> tuple[int, Tensor]:
     """Feeds tokens at positions start_pos..; returns (the token after them, its logits (1, vocab) float32)."""
