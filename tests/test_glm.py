@@ -341,7 +341,7 @@ def test_full_writer_header(tmp_path):
   assert not list(tmp_path.glob("*.tmp"))  # the temp file was renamed into place
 
 
-def test_run_smoke(tiny, tmp_path):
+def test_run_smoke(tiny, model, tmp_path):
   out = subprocess.run(RUN + ["--model", str(tiny), "--count", "4", "--profile", "--passes", "compare", "--json", str(tmp_path / "r.json"),
                               "--max-context", "128", "--plot", str(tmp_path / "roofline.png"), "--prefill", "100"], capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr
@@ -351,6 +351,8 @@ def test_run_smoke(tiny, tmp_path):
   for res in r["results"].values():
     assert res["kernels_per_token"] == res["profile"]["n_kernels"] > 0 and len(res["tokens"]) == 4
     assert res["profile"]["kernels_by_kind"]["matmul"] > 0
+    # each MoE block's silu(gate) * up, its own kernel (the softmax's exps over the positions are not counted there)
+    assert res["profile"]["kernels_by_kind"]["activation"] == model.cfg.n_blocks - model.cfg.n_dense
     launches = res["profile"]["launches"]
     assert len(launches) == res["kernels_per_token"] and sum(k["us"] for k in launches) == pytest.approx(res["profile"]["total_us"])
     assert res["profile"]["step_device_ms"] > 0  # one replay of the whole step, timed by the device

@@ -5,8 +5,8 @@ kernel on the diagonal of one launch gap is launch-bound (too small to matter al
 from __future__ import annotations
 import os, pathlib, tempfile
 
-COLORS = {"matmul": "tab:blue", "attention": "tab:orange", "norm": "tab:green", "softmax": "tab:red", "rope": "tab:purple",
-          "routing": "tab:brown", "other": "tab:gray"}
+COLORS = {"matmul": "tab:blue", "attention": "tab:orange", "norm": "tab:green", "softmax": "tab:red", "activation": "tab:pink",
+          "rope": "tab:purple", "routing": "tab:brown", "other": "tab:gray"}
 
 def check_available():
   """Raises ImportError with what to install when matplotlib is missing (before minutes of loading and compiling)."""

@@ -152,6 +152,8 @@ def classify(roles:dict):
     if "cache" in read: return "attention"
     if Ops.SQRT in ops: return "norm"
     if "embedding" in read: return "other"  # the token's row
+    # an exp without a reduce (tinygrad names elementwise kernels E_): the MoE's silu(gate) * up
+    if Ops.EXP2 in ops and stats.ansistrip(call.src[0].arg.name).startswith("E_") and not call.src[0].arg.vars: return "activation"
     if Ops.EXP2 in ops or call.src[0].arg.vars: return "softmax"  # exp/sum/normalize, and the max over the positions
     return "other"
   return kind

@@ -18,7 +18,7 @@ from tinygrad_ext.internals import captured_calls, replay_context, execute, grap
 from tinygrad.helpers import ansistrip
 from tinygrad.uop.ops import Ops, UOp, sym_infer
 
-KINDS = ("matmul", "attention", "norm", "softmax", "rope", "routing", "other")
+KINDS = ("matmul", "attention", "norm", "softmax", "activation", "rope", "routing", "other")
 
 def jit_calls(jit) -> list[UOp]:
   """The CALLs one replay of the captured jit runs, in order, with graph batches expanded."""
