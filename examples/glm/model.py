@@ -565,12 +565,15 @@ class GLM:
     device RNG (Tensor.manual_seed fixes it)."""
     return self.make_jit(jit_name("decode", sampling), lambda fed, start_pos: self.ring_step(fed, start_pos, sampling))
 
+  def ring_token(self, fed:UOp, start_pos:UOp) -> Tensor:
+    """The decode step's input token (1, 1): fed, or ring[start_pos] where fed is -1 (lazy)."""
+    given = Tensor(fed)
+    return (given >= 0).where(given, self.ring[start_pos:start_pos+1].reshape(())).reshape(1, 1)
+
   def ring_step(self, fed:UOp, start_pos:UOp, sampling:Sampling=Sampling()) -> tuple[Tensor, Tensor]:
     """The decode step: the token at start_pos (fed, or ring[start_pos] where fed is -1) in, the next token out (also
     written into ring[start_pos + 1]) with its logits."""
-    given = Tensor(fed)
-    token = (given >= 0).where(given, self.ring[start_pos:start_pos+1].reshape(())).reshape(1, 1)
-    nxt, logits = self.step(token, start_pos, sampling)
+    nxt, logits = self.step(self.ring_token(fed, start_pos), start_pos, sampling)
     # the ring written after: in the same realize as nxt, tinygrad's schedule computed the whole step twice
     Tensor.realize(nxt, logits)
     self.ring[start_pos+1:start_pos+2].assign(nxt.reshape(1)).realize()
