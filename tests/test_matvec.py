@@ -145,6 +145,25 @@ def test_matvec_gives_a_costly_activation_more_rows_per_lane():
   normed = lambda: (x.float() * (x.float().square().mean(-1, keepdim=True) + 1e-5).rsqrt()).cast(dtypes.half) @ w.T
   assert upcast_rows(applied(normed, cuda_renderer())) == 2
 
+def test_matvec_gives_a_float32_activation_more_rows_per_lane_where_the_policy_says():
+  # a MoE block's gate+up reads the block's float32 norm: 4 bytes of activation an element, loaded again for every row
+  # group; wide_act_upcast_rows gives each lane more rows to share those loads (off by default: not yet measured)
+  w = quantized(rng, (4096, 2048), "Q4_0", Device.DEFAULT)
+  row32, row16 = Tensor.empty(1, 2048, dtype=dtypes.float32), Tensor.empty(1, 2048, dtype=dtypes.float16)
+  matvec = lambda act: (lambda: act.float() @ w.T)
+  assert upcast_rows(applied(matvec(row32), cuda_renderer())) == 2
+  with Context(TINYGRAD_EXT_MATVEC_POLICY="wide_act_upcast_rows=4,wide_act_min_elements=8388608"):
+    assert upcast_rows(applied(matvec(row32), cuda_renderer())) == 4
+    assert upcast_rows(applied(matvec(row16), cuda_renderer())) == 2  # fp16: half the bytes, the plain policy
+    small = quantized(rng, (1024, 2048), "Q4_0", Device.DEFAULT)
+    assert upcast_rows(applied(lambda: row32.float() @ small.T, cuda_renderer())) == 2  # under wide_act_min_elements
+  # and it computes what passes off does, here (the policy override reaches this device's policy too)
+  act = Tensor(rng.standard_normal((1, 2048)).astype(np.float32)).realize()
+  with tinygrad_ext.passes_off(): ref = (act @ small.float().T).numpy()
+  with Context(TINYGRAD_EXT_MATVEC_POLICY="wide_act_upcast_rows=4,wide_act_min_elements=0"):
+    assert upcast_rows(applied(lambda: act @ small.float().T, Device[Device.DEFAULT].renderer)) == 4
+    np.testing.assert_allclose((act @ small.float().T).numpy(), ref, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))
+
 def test_matvec_keeps_enough_blocks_for_few_rows():
   # the 64-row float32 router: one row per block (64 blocks), where 4 rows per block would leave 16
   router = Tensor.empty(64, 2048, dtype=dtypes.float32)

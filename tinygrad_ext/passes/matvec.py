@@ -64,6 +64,10 @@ class MatvecPolicy:
   # divide that work (smaller matrices lose more to fewer threads than they save)
   costly_act_upcast_rows: int = 0
   costly_act_min_elements: int = 0
+  # rows per lane where the activation is read as 4-byte floats (a MoE block's float32 norm, which the router reads too):
+  # each lane's activation loads then serve more rows; 0: off (not yet measured)
+  wide_act_upcast_rows: int = 0
+  wide_act_min_elements: int = 0
   # tall dense matrices (rows >= inputs, no expert axis, from tall_min_elements weights up to wide_upcast_min_elements):
   # tall_upcast_rows rows a lane, their blocks split over tall_reduce_warps warps, a thread block per lane's rows. More
   # rows a lane share each activation's conversion and sum; the warps keep as many in flight as 2 rows a lane had
@@ -249,6 +253,11 @@ def costly_per_element(act:UOp, reduce_ranges:set[UOp]) -> bool:
   """The activation evaluates a transcendental for every element it reduces over (silu), not once per row (a norm's rsqrt)."""
   return any(u.op in TRANSCENDENTAL and set(u.ranges) & reduce_ranges for u in act.toposort())
 
+def wide_per_element(act:UOp, reduce_ranges:set[UOp]) -> bool:
+  """The activation loads a float of 4 bytes or more for every element it reduces over (a float32 row)."""
+  return any(u.op is Ops.INDEX and dtypes.is_float(b:=getattr(u.dtype, "base", u.dtype)) and b.itemsize >= 4 and set(u.ranges) & reduce_ranges
+             for u in act.toposort())
+
 def choose_matvec_opts(k):
   if (found:=matvec_and_side_reduces(k.reduceops)) is None: return None
   m, side, row_reduces = found
@@ -268,6 +277,7 @@ def choose_matvec_opts(k):
   pol, red = policy_for(k.ren), main_red()
   if not red: return None  # reduce axes of size 1 are no opt axes: nothing to spread over lanes
   costly = costly_per_element(m.activation, {k.rngs[i] for i in red})  # before the opts below split those ranges
+  wide_act = wide_per_element(m.activation, {k.rngs[i] for i in red})
   inputs, rows = prod(k.full_shape[i] for i in red), k.full_shape[out]
   weight_elements = prod(k.full_shape[i] for i in k.axes_of(AxisType.GLOBAL)) * inputs
   block_lanes, spread, spread_width = 1, [], 1
@@ -309,6 +319,7 @@ def choose_matvec_opts(k):
     unroll(left[0], amt)
   upcast = pol.wide_upcast_rows if pol.wide_upcast_rows > 1 and weight_elements >= pol.wide_upcast_min_elements else pol.upcast_rows
   if pol.costly_act_upcast_rows > upcast and costly and weight_elements >= pol.costly_act_min_elements: upcast = pol.costly_act_upcast_rows
+  if pol.wide_act_upcast_rows > upcast and wide_act and weight_elements >= pol.wide_act_min_elements: upcast = pol.wide_act_upcast_rows
   if tall: upcast = pol.tall_upcast_rows
   min_elements = pol.quant_upcast_min_elements if len(red) >= 2 else pol.upcast_min_elements
   if upcast > 1 and weight_elements >= min_elements and rows % (upcast * pol.rows_per_block) == 0:
