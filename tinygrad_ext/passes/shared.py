@@ -109,15 +109,21 @@ def native(ren:Renderer, dtype) -> bool:
   program fails verification."""
   return dtype not in EMULATED_DTYPES.tolist(dtypes) and dtype in ren.supported_dtypes()
 
+def with_tensor_cores(k, choices:int, tc_opt:int):
+  """(a copy of k with tinygrad's TC opt applied, the opt's ranges) for the first of its (N, M, K) axis choices below
+  `choices` that takes; None where none does."""
+  from tinygrad.codegen.opt import Opt, OptOps, KernelOptError
+  from tinygrad.helpers import USE_TC, TC_SELECT
+  for axis in range(choices):
+    tk = k.copy()
+    try: return tk, tk.apply_opt(Opt(OptOps.TC, axis, (TC_SELECT.value, tc_opt, USE_TC.value)))
+    except KernelOptError: continue
+  return None
+
 def tensor_cores_take(k) -> bool:
   """tinygrad's own heuristic would run this kernel on tensor cores (a half x half product summed in float: a prefill
   chunk's attention): a heuristic that claims it first would keep them off. The same test as hand_coded_optimizations."""
-  from tinygrad.codegen.opt import Opt, OptOps, KernelOptError
   from tinygrad.uop.ops import AxisType
-  from tinygrad.helpers import USE_TC, TC_OPT, TC_SELECT
+  from tinygrad.helpers import USE_TC, TC_OPT
   if USE_TC.value <= 0 or not (len(k.axes_of(AxisType.GROUP_REDUCE, AxisType.REDUCE)) == 1 or TC_OPT.value >= 1): return False
-  for axis in range(3):
-    try: k.copy().apply_opt(Opt(OptOps.TC, axis, (TC_SELECT.value, TC_OPT.value, USE_TC.value)))
-    except KernelOptError: continue
-    return True
-  return False
+  return with_tensor_cores(k, 3, TC_OPT.value) is not None
