@@ -236,13 +236,6 @@ def rms_norm(x:Tensor, w:Tensor, eps:float, out:DType|None=None) -> Tensor:
   xf = x.float()
   return (xf * (xf.square().mean(-1, keepdim=True) + eps).rsqrt() * w.float()).cast(out or x.dtype)
 
-def recomputed_rms_norm(x:Tensor, w:Tensor, eps:float) -> Tensor:
-  """rms_norm in float32, its statistic a reduce of its own: |x|^2 is x^2 exactly, but another UOp than act_norm's of
-  the same x, so its reader's kernel recomputes it (the router's: a 2048-sum) instead of tinygrad realizing one shared
-  statistic and each row from it (two kernels more a MoE block)."""
-  xf = x.float()
-  return xf * (xf.abs().square().mean(-1, keepdim=True) + eps).rsqrt() * w.float()
-
 def act_norm(x:Tensor, w:Tensor, eps:float, n:Numerics) -> Tensor:
   """rms_norm for a row only matmuls read: rounded to n.act where it is computed (what they would round it to), so each
   reads act's bytes (realized: tinygrad would store the float32 row and leave the cast to every reader)."""
@@ -259,18 +252,12 @@ def linear(x:Tensor, w:Tensor, n:Numerics, out:DType|None=None) -> Tensor:
 # A product of at least STAGE_ROWS rows (a long prefill chunk) reads its weight dequantized into n.act once, realized:
 # the product then has one reduce over the inputs (a quant block's split into blocks x elements keeps tinygrad's tensor
 # cores off) and act x act products accumulated in n.out, on the tensor cores. llama.cpp's batched path likewise
-# dequantizes to fp16 for cuBLAS. The weight is rounded to act once (a Q4_0 scale times its nibble can need 14 bits)
+# dequantizes to fp16 for cuBLAS. The weight is rounded to act once (a Q4_0 scale times its nibble can need 14 bits).
+# Staged, not read as it dequantizes inside the tensor-core tiles (the quant_gemm pass's kernels): a 512-token chunk
+# 247 ms against 514 (H100, LOG.md 2026-12-07d)
 STAGE_ROWS = 128
-# temporary A/B switches (LOG.md, 2026-12-07), each removed once the GPU has measured it; a stored JIT's key holds them.
-# A long chunk's products read the weight as it dequantizes, rounded to act inside the tiles (the quant_gemm pass puts
-# them on the tensor cores), instead of staged in act first
-_AB_DIRECT_TC = os.environ.get("GLM_AB_DIRECT_TC") == "1"
-# a MoE block's experts read its norm rounded to act (act_norm: the gate+up matvec took 626 us a token reading the float32
-# row, 364 reading fp16, H100), the router its float32 norm recomputed in its own kernel (Block.__call__)
-_AB_EXPERTS_ACT_NORM = os.environ.get("GLM_AB_EXPERTS_ACT_NORM") == "1"
-def ab_switches() -> dict[str, bool]: return {"direct_tc": _AB_DIRECT_TC, "experts_act_norm": _AB_EXPERTS_ACT_NORM}
 
-def stage(w:Tensor, n:Numerics) -> Tensor: return w.cast(n.act) if _AB_DIRECT_TC else w.cast(n.act).contiguous()
+def stage(w:Tensor, n:Numerics) -> Tensor: return w.cast(n.act).contiguous()
 
 def staged_linear(x:Tensor, ws:Tensor, n:Numerics, out:DType|None=None) -> Tensor:
   """x @ ws.T for a weight staged in n.act: act x act products summed in out (a half matmul sums in float already)."""
@@ -417,10 +404,9 @@ class Block:
       latent = staged_linear(probs, keys[..., :c.kv_lora].transpose(-1, -2), n)
     return mm(merged_heads(mm(latent, self.v_b), n), self.attn_out)                                # heads (B, H, T, v_head)
 
-  def moe_ffn(self, x:Tensor, trace:dict|None=None, xe:Tensor|None=None) -> Tensor:
-    """The MoE FFN: the router reads x (float32), the experts xe (default x)."""
+  def moe_ffn(self, x:Tensor, trace:dict|None=None) -> Tensor:
+    """The MoE FFN of x (float32: the router reads it)."""
     c, n = self.cfg, self.n
-    if xe is None: xe = x
     logits = x.float() @ self.router.float().T                       # the router in float32: near-ties decide the experts
     scores = logits.sigmoid() if c.gating == SIGMOID else logits.softmax(-1)
     sel = topk_ids(scores if self.router_bias is None else scores + self.router_bias.float(), c.n_used)  # (B, T, k)
@@ -433,25 +419,24 @@ class Block:
       sel = sel.pad(((0, 0),) * (sel.ndim - 1) + ((0, 1),), value=c.n_experts)
       weights = weights.pad(((0, 0),) * (weights.ndim - 1) + ((0, 1),), value=1.0)
     if x.shape[1] > 1:  # a prefill chunk: its tokens grouped by expert, each expert's weights read once a tile
-      out = grouped_experts(xe[0], sel[0], weights[0], self.gate_up_exps, self.down_exps, c.expert_ffn, n).unsqueeze(0)
-      return out + ffn(xe, self.gate_up_sh, self.down_sh, n) if c.n_shared and not self.shared_in_experts else out
-    h = xe.unsqueeze(-2)                                                                           # (B, T, 1, dim)
+      out = grouped_experts(x[0], sel[0], weights[0], self.gate_up_exps, self.down_exps, c.expert_ffn, n).unsqueeze(0)
+      return out + ffn(x, self.gate_up_sh, self.down_sh, n) if c.n_shared and not self.shared_in_experts else out
+    h = x.unsqueeze(-2)                                                                            # (B, T, 1, dim)
     gate, up = projections(h, self.gate_up_exps, (c.expert_ffn,) * 2, lambda x, w: experts(w, sel, x, n))
     # rounded to act once, in one small kernel: read lazily, every row group of the down matvec would recompute its float32
     # silus (H100, Q4_0 mix: decode 338 -> 369 tok/s realized, logits still within 1.5e-3 of float64)
     act = (gate.silu() * up).cast(n.act).contiguous()                                              # (B, T, k, expert_ffn)
     out = (experts(self.down_exps, sel, act, n) * weights.unsqueeze(-1)).sum(-2)                   # (B, T, dim)
-    if c.n_shared and not self.shared_in_experts: out = out + ffn(xe, self.gate_up_sh, self.down_sh, n)
+    if c.n_shared and not self.shared_in_experts: out = out + ffn(x, self.gate_up_sh, self.down_sh, n)
     return out
 
   def __call__(self, x:Tensor, start_pos:int|UOp, cos:Tensor, sin:Tensor, trace:dict|None=None, kv_len:UOp|None=None) -> Tensor:
     c, n = self.cfg, self.n
     h = x + self.attention(act_norm(x, self.attn_norm, c.eps, n), start_pos, cos, sin, kv_len)
-    # a MoE block's norm stays float32 (the router reads it; so do the experts, see Numerics.act)
-    # a MoE block's norm stays float32 for the router; with GLM_AB_EXPERTS_ACT_NORM=1 the experts read it rounded to act
-    if self.moe and _AB_EXPERTS_ACT_NORM:
-      out = h + self.moe_ffn(recomputed_rms_norm(h, self.ffn_norm, c.eps), trace, act_norm(h, self.ffn_norm, c.eps, n))
-    elif self.moe: out = h + self.moe_ffn(rms_norm(h, self.ffn_norm, c.eps), trace)
+    # a MoE block's norm stays float32 (the router reads it; so do the experts, see Numerics.act). The experts reading
+    # it rounded to act, the router a float32 norm of its own, decoded 5% faster and 1.2x further from float64 (H100,
+    # logits 1.5e-3 -> 1.8e-3, LOG.md 2026-12-07d): not taken
+    if self.moe: out = h + self.moe_ffn(rms_norm(h, self.ffn_norm, c.eps), trace)
     else: out = h + ffn(act_norm(h, self.ffn_norm, c.eps, n), self.gate_up, self.down, n)
     if trace is not None: trace["hidden"].append(out[0, -1])
     return out

@@ -332,8 +332,8 @@ def main(argv=None) -> int:
     file = path.stat()
     store = None if a.no_jit_store else jit_store.JitStore(pathlib.Path(a.cache_dir) / "jit", {
       "model": str(path.resolve()), "size": file.st_size, "mtime_ns": file.st_mtime_ns, "max_context": m.max_context,
-      "dtype": a.dtype, "stacked": not a.separate_projections, "shared_in_experts": not a.separate_shared_expert,
-      "model_ab": glm.ab_switches()}, m.state)
+      "dtype": a.dtype, "stacked": not a.separate_projections, "shared_in_experts": not a.separate_shared_expert},
+      m.state)
     if store is not None: m.make_jit = store.jit
     try: tok = Tokenizer.from_kv(kv, str(path))
     except TokenizerError as e: raise UsageError(str(e)) from None
