@@ -145,18 +145,18 @@ def test_matvec_gives_a_costly_activation_more_rows_per_lane():
   normed = lambda: (x.float() * (x.float().square().mean(-1, keepdim=True) + 1e-5).rsqrt()).cast(dtypes.half) @ w.T
   assert upcast_rows(applied(normed, cuda_renderer())) == 2
 
-def test_matvec_gives_a_float32_activation_more_rows_per_lane_where_the_policy_says():
+def test_matvec_gives_a_float32_activation_more_rows_per_lane():
   # a MoE block's gate+up reads the block's float32 norm: 4 bytes of activation an element, loaded again for every row
-  # group; wide_act_upcast_rows gives each lane more rows to share those loads (off by default: not yet measured)
+  # group; CUDA's policy gives each lane 4 rows from 8M weights to share those loads (wide_act_upcast_rows)
   w = quantized(rng, (4096, 2048), "Q4_0", Device.DEFAULT)
   row32, row16 = Tensor.empty(1, 2048, dtype=dtypes.float32), Tensor.empty(1, 2048, dtype=dtypes.float16)
   matvec = lambda act: (lambda: act.float() @ w.T)
-  assert upcast_rows(applied(matvec(row32), cuda_renderer())) == 2
-  with Context(TINYGRAD_EXT_MATVEC_POLICY="wide_act_upcast_rows=4,wide_act_min_elements=8388608"):
-    assert upcast_rows(applied(matvec(row32), cuda_renderer())) == 4
-    assert upcast_rows(applied(matvec(row16), cuda_renderer())) == 2  # fp16: half the bytes, the plain policy
-    small = quantized(rng, (1024, 2048), "Q4_0", Device.DEFAULT)
-    assert upcast_rows(applied(lambda: row32.float() @ small.T, cuda_renderer())) == 2  # under wide_act_min_elements
+  assert upcast_rows(applied(matvec(row32), cuda_renderer())) == 4
+  assert upcast_rows(applied(matvec(row16), cuda_renderer())) == 2  # fp16: half the bytes, the plain policy
+  small = quantized(rng, (1024, 2048), "Q4_0", Device.DEFAULT)
+  assert upcast_rows(applied(lambda: row32.float() @ small.T, cuda_renderer())) == 2  # under wide_act_min_elements
+  with Context(TINYGRAD_EXT_MATVEC_POLICY="wide_act_upcast_rows=0"):  # the field is what decides
+    assert upcast_rows(applied(matvec(row32), cuda_renderer())) == 2
   # and it computes what passes off does, here (the policy override reaches this device's policy too)
   act = Tensor(rng.standard_normal((1, 2048)).astype(np.float32)).realize()
   with tinygrad_ext.passes_off(): ref = (act @ small.float().T).numpy()
@@ -306,6 +306,19 @@ def test_matvec_spreads_a_short_rows_blocks_over_lanes(qtype, inp, row_lanes):
   # Q4_K: the 4 groups of 32 bytes (2 x 2) and not the nibble half; Q6_K: the two 128-element halves; Q5_0: the 16 bytes' two halves
   assert [k.full_shape[i] for i in distinct_byte_axes(k, m.weight, red)] == {"Q4_K": [2, 2], "Q6_K": [2], "Q5_0": [2]}[qtype]
 
+def test_matvec_gives_a_wide_k_quant_row_over_warps_its_groups_not_a_spread():
+  # attn_output in Q4_K (2048 x 5120, 20 super-blocks a row), alone in its kernel: the warps split its rows, so a 32-byte
+  # group goes over 8 lanes and 4 super-blocks over the rest, 5 warps one step each, where spreading each super-block
+  # over the lanes left every warp 10 steps (H100: 11.3 -> 5.5 us). Q4_0's 16-byte blocks keep 2 lanes a block
+  def opts_of(qtype):
+    w = quantized(rng, (2048, 5120), qtype, Device.DEFAULT)
+    return applied(lambda: Tensor.empty(1, 5120, dtype=dtypes.float16) @ w.T, cuda_renderer())
+  q4k = opts_of("Q4_K")
+  assert [o.arg for o in q4k if o.op is OptOpsExt.REDUCE_LOCAL] == [8, 4] and Opt(OptOps.GROUP, 0, 5) in q4k, q4k
+  assert [o.arg for o in opts_of("Q4_0") if o.op is OptOpsExt.REDUCE_LOCAL] == [2, 16]
+  with Context(TINYGRAD_EXT_MATVEC_POLICY="reduce_warps=1"):  # no warps: the spread again (a row of few groups' lanes)
+    assert len([o for o in opts_of("Q4_K") if o.op is OptOpsExt.REDUCE_LOCAL]) == 3
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_matvecs_per_head_with_merged_axes_equal_passes_off(device):
   # the merged heads-and-rows matvec (below) over random types, head counts and shapes, each policy's opts on it
@@ -366,16 +379,37 @@ def test_a_staged_dequant_equals_passes_off(device):
       np.testing.assert_array_equal(make().numpy(), ref)  # a dequant is exact: the same bits
   prop()
 
+def store_addresses(src:str) -> dict[tuple[int, int, int], list[int]]:
+  """Block 0's threads (x, y, z) -> the element offsets of their vector stores, from CUDA source (its index arithmetic
+  is C that Python evaluates alike: + * << >> &, no division)."""
+  dims = {m[1]: (m[2], int(m[3])) for m in re.finditer(r"int (lidx\d) = threadIdx\.(\w); /\* (\d+) \*/", src)}
+  alus = re.findall(r"int (alu\d+) = (.*);", src)
+  stores = re.findall(r"\*\(\(half4\*\)\(\(data0_\d+\+(.*?)\)\)\) = ", src)
+  size = {d: n for d, n in dims.values()}
+  out = {}
+  for t in np.ndindex(*(size.get(d, 1) for d in "zyx")):
+    env = {"gidx0": 0, "gidx1": 0, "gidx2": 0, **{name: t["zyx".index(d)] for name, (d, _) in dims.items()}}
+    for name, expr in alus: env[name] = eval(expr, {}, env)
+    out[t[::-1]] = sorted(eval(e, {}, env) for e in stores)
+  return out
+
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0", "Q4_K", "Q6_K"])
-def test_a_staged_dequant_is_one_block_a_thread_with_vector_stores(qtype):
-  # tinygrad's heuristic gives a thread 2 of a block's elements, each thread reloading the block's scale; the stage
-  # heuristic gives it a 32-element block (a K-quant's sub-block): loads once, stores 4 halves at a time
+def test_a_staged_dequant_stores_whole_sectors_from_adjacent_threads(qtype):
+  # tinygrad's heuristic gives a thread 2 of a block's elements (2-byte stores, the block's scale reloaded by 16
+  # threads); the stage heuristic gives it half4 vectors, adjacent threads the adjacent vectors, so that a warp's store
+  # instruction writes whole 32-byte sectors (a whole block a thread stored half4s 64 bytes apart)
   rows, inp = 64, 2048
   w = quantized(np.random.default_rng(0), (rows, inp), qtype, "CPU")
   (ast,) = [a for a in kernel_asts(lambda: w.contiguous()) if "data0_" in render(a, cuda_renderer())]
   def launch(src:str, idx:str) -> int: return prod(int(n) for n in re.findall(rf"{idx}\.\w+; /\* (\d+) \*/", src))
   src = render(ast, cuda_renderer())
-  assert launch(src, "blockIdx") * launch(src, "threadIdx") * 32 == rows * inp and launch(src, "threadIdx") == 128
-  assert "half4" in src
+  addresses = store_addresses(src)
+  threads = sorted(addresses, key=lambda t: (t[2], t[1], t[0]))  # in warp order: x fastest
+  assert launch(src, "blockIdx") * launch(src, "threadIdx") * 4 * len(addresses[threads[0]]) == rows * inp
+  assert launch(src, "threadIdx") == (32 if qtype.endswith("_K") else 128)
+  for i in range(len(addresses[threads[0]])):  # the i-th store of every thread: vectors side by side in runs of 16+ halves
+    starts = [addresses[t][i] for t in threads]
+    runs = [starts[j+1] - starts[j] == 4 for j in range(len(starts) - 1)]
+    assert sum(runs) >= len(runs) * 3 // 4 and all(s % 16 == 0 for s, r in zip(starts, [False] + runs) if not r), starts
   with tinygrad_ext.without("matvec"): stock = render(ast, cuda_renderer())
   assert launch(stock, "blockIdx") * launch(stock, "threadIdx") > rows * inp // 32

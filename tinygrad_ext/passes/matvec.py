@@ -64,8 +64,8 @@ class MatvecPolicy:
   # divide that work (smaller matrices lose more to fewer threads than they save)
   costly_act_upcast_rows: int = 0
   costly_act_min_elements: int = 0
-  # rows per lane where the activation is read as 4-byte floats (a MoE block's float32 norm, which the router reads too):
-  # each lane's activation loads then serve more rows; 0: off (not yet measured)
+  # rows per lane where the activation is read as 4-byte floats (a MoE block's float32 norm, which the router reads too),
+  # on matrices of at least wide_act_min_elements: each lane's activation loads then serve more rows
   wide_act_upcast_rows: int = 0
   wide_act_min_elements: int = 0
   # tall dense matrices (rows >= inputs, no expert axis, from tall_min_elements weights up to wide_upcast_min_elements):
@@ -119,12 +119,14 @@ POLICIES = {
   # tall dense matrices from 11M weights: 4 rows a lane over 2 warps, a thread block each
   # (benchmarks/results/h200-2026-12-03-kernels.txt, with subnormal_dequant: ffn up 6.3 -> 6.0 us; the same policy on
   # every row lost on the small ones and the head, and MoE gate+up tied: 7.6 / 7.6)
+  # 4 rows a lane where the activation is a float32 row, from 8M elements (H100, in the model, one process: decode 369.6 ->
+  # 392.6 tok/s, the same logits; benchmarks/results/h100-2026-12-07d-wideact.json): MoE gate+up, attn_output, dense down
   "CUDA": MatvecPolicy(lanes=32, rows_per_block=4, upcast_rows=2, upcast_min_elements=5 << 20, quant_upcast_min_elements=0,
                        float_unroll=8, lanes_per_block=2, wide_upcast_rows=4, wide_upcast_min_elements=64 << 20,
                        costly_act_upcast_rows=4, costly_act_min_elements=8 << 20, min_row_blocks=64, min_block_threads=32,
                        reduce_warps=8, reduce_warps_max_elements=11 << 20, block_unroll=2, block_unroll_min_elements=64 << 20,
                        lanes_per_block_wide=2, short_loop_unroll=8, tall_upcast_rows=4, tall_reduce_warps=2, tall_min_elements=11 << 20,
-                       spread_in_block=1),
+                       spread_in_block=1, wide_act_upcast_rows=4, wide_act_min_elements=8 << 20),
   # a simdgroup is 32 wide; not measured (no Apple hardware here), so no row upcast until it is
   "METAL": MatvecPolicy(lanes=32, rows_per_block=4, upcast_rows=1, upcast_min_elements=0, quant_upcast_min_elements=0, float_unroll=8,
                         spread_in_block=1),
@@ -181,8 +183,9 @@ def _pow2_divisor(n:int, most:int) -> int:
 
 def lanes_per_block(pol:MatvecPolicy, blocks:int, block_bytes:int, rows:int, inputs:int, warps_split_rows:bool) -> int:
   if (split:=pol.lanes_per_block if rows >= inputs else pol.lanes_per_block_wide if warps_split_rows else 1) == 1: return 1
-  # each lane reads at least one 2-byte word of the block
-  fits = [n for n in (split, 2 * split) if block_bytes % n == 0 and block_bytes >= 2 * n]
+  # each lane reads at least one 2-byte word of the block; where warps split the rows, up to 4x the split (a K-quant's
+  # 32-byte groups over 8 lanes, its super-blocks over the rest and the warps, no spread in the block below)
+  fits = [n for n in (split, 2 * split, *((4 * split,) if rows < inputs else ())) if block_bytes % n == 0 and block_bytes >= 2 * n]
   # the smallest split whose blocks fill every lane, else the smallest legal one
   return next((n for n in fits if _pow2_divisor(blocks, pol.lanes // n) * n == pol.lanes), fits[0] if fits else 1)
 
@@ -292,7 +295,10 @@ def choose_matvec_opts(k):
     # the last (the block's contiguous bytes), which is split over lanes_per_block lanes, each reading a contiguous run
     block_lanes = lanes_per_block(pol, blocks=k.full_shape[red[0]], block_bytes=k.full_shape[red[-1]], rows=weight_elements // inputs,
                                   inputs=inputs, warps_split_rows=warps_split)
-    if pol.spread_in_block and _pow2_divisor(k.full_shape[red[0]], pol.lanes // block_lanes) * block_lanes < pol.lanes:
+    # (not where warps split a wide matrix's rows: they walk its blocks instead. H100, attn_output Q4_K 2048x5120 alone:
+    # 11.3 us spread, 5.5 with 8 lanes a 32-byte group and 5 warps; benchmarks/results/h100-2026-12-07d-batch.txt)
+    if pol.spread_in_block and not (warps_split and weight_elements // inputs < inputs) and \
+       _pow2_divisor(k.full_shape[red[0]], pol.lanes // block_lanes) * block_lanes < pol.lanes:
       spread, bytes_lanes = spread_in_block(k, m.weight, red, pol.lanes)
       if spread: block_lanes, spread_width = bytes_lanes, prod(k.full_shape[i] for i in spread)
     for i in reversed(range(1, len(red))):
@@ -333,13 +339,16 @@ def choose_matvec_opts(k):
 
 # *** a staged weight: the dequant alone, written out (a prefill chunk's weights in fp16 for the tensor cores) ***
 
-STAGE_BLOCK = 32   # elements a thread dequantizes: a Q4_0/Q8_0 block, a K-quant's sub-block (every GGUF row is a multiple)
+STAGE_BLOCK = 32   # elements of a block's innermost axes (a Q4_0/Q8_0 block, a K-quant's sub-block: every GGUF row a multiple)
+STAGE_VECTOR = 4   # halves a thread stores at once: one half4, so a warp's store writes 256 contiguous bytes
 STAGE_THREADS = 128
 
 def choose_stage_opts(k):
-  """An elementwise kernel that reads GGUF bytes and writes floats gets one thread a 32-element block: its bytes loaded
-  once, packed, and its outputs stored as vectors. tinygrad's heuristic gives a thread two elements, so each reloads the
-  block's scale and stores 2 bytes (1.09 TB/s for a prefill chunk's expert weights on the H100)."""
+  """An elementwise kernel that reads GGUF bytes and writes floats: each thread dequantizes STAGE_VECTOR adjacent
+  elements of a block's innermost axis (its bytes loaded packed, one vector store) for each position on the block's other
+  axes, adjacent threads the next ones: every warp-wide store writes whole 32-byte sectors. tinygrad's heuristic gives a thread 2 elements (2-byte stores, the block's scale reloaded by 16
+  threads: 1.09 TB/s for a prefill chunk's expert weights on the H100); a whole 32-element block a thread, half4 stores
+  64 bytes apart, measured slower (0.86 TB/s)."""
   if k.reduceops or not k.ren.has_local or k.dont_use_locals: return None
   stores = store_targets(k.ast)
   def elem(b:UOp): return getattr(b.dtype, "base", b.dtype)
@@ -352,17 +361,22 @@ def choose_stage_opts(k):
     if not isinstance(size:=k.full_shape[i], int) or per * size > STAGE_BLOCK: break
     inner.append(i)
     per *= size
-  if per < STAGE_BLOCK or len(inner) == len(outs): return None
-  for i in inner:  # each whole, at most 16 a step (tinygrad's limit; a whole axis keeps its index, retyped)
+  if per < STAGE_BLOCK or len(inner) == len(outs) or k.full_shape[inner[0]] % STAGE_VECTOR: return None
+  # a vector of the innermost axis a thread; the block's other axes whole in each thread too (a nibble's shift stays a
+  # constant: over threads it would be a division by a selected power of 16)
+  k.apply_opt(Opt(OptOps.UPCAST, inner[0], STAGE_VECTOR))
+  for i in inner[1:]:  # each whole, at most 16 a step (tinygrad's limit; a whole axis keeps its index, retyped)
     if k.full_shape[i] > 16: k.apply_opt(Opt(OptOps.UPCAST, i, 16))
     k.apply_opt(Opt(OptOps.UPCAST, i, k.full_shape[i]))
-  # the blocks over the threads, innermost axis first (a K-quant's sub-blocks, then its super-blocks): adjacent threads
-  # write adjacent blocks
-  threads = 1
-  for i in reversed(outs[:len(outs) - len(inner)]):
-    if isinstance(k.full_shape[i], int) and (t:=_pow2_divisor(k.full_shape[i], STAGE_THREADS // threads)) > 1:
-      k.apply_opt(Opt(OptOps.LOCAL, i, t))
-      threads *= t
+  # then the threads, innermost axis first: the rest of the innermost axis, then the next axes out, adjacent threads
+  # writing adjacent vectors. At most 3 such axes: tinygrad folds more into threadIdx.x with the last one fastest
+  # (a K-quant's super-block axes: 32 threads a block, not 128 out of order)
+  threads, axes = 1, 0
+  for i in reversed(k.axes_of(AxisType.GLOBAL)):
+    if axes == 3 or not isinstance(size:=k.full_shape[i], int) or (t:=_pow2_divisor(size, STAGE_THREADS // threads)) == 1: break
+    k.apply_opt(Opt(OptOps.LOCAL, i, t))
+    threads, axes = threads * t, axes + 1
+    if t < size: break  # the rest of this axis lies between its threads and the next axis's
   return k
 
 MATVEC = register(Pass("matvec", "picks REDUCE_LOCAL/UNROLL/UPCAST/LOCAL for GEMV and MoE matvecs over GGML dequant chains, "
