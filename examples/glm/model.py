@@ -323,7 +323,10 @@ def group_by_expert(sel:Tensor, n_experts:int, M:int) -> tuple[Tensor, Tensor, T
   rank = (hot * (hot.cast(dtypes.int32).cumsum(0) - 1)).sum(-1)                                  # among its expert's assignments
   slot = (first[flat] * M + rank).cast(dtypes.int32).contiguous()                                # (A,)
   t = Tensor.arange(NT).unsqueeze(-1)
-  tile_expert = ((first <= t) & (t < first + tiles)).where(Tensor.arange(n_experts), 0).sum(-1).cast(dtypes.int32)
+  owner = (first <= t) & (t < first + tiles)                                                     # (NT, E)
+  # a tile no assignment needs still runs its product: it names the last expert, whose weight the tiles just before it
+  # read (the shared expert's, in every token's choices), so its reads hit the cache and not memory
+  tile_expert = owner.any(-1).where(owner.where(Tensor.arange(n_experts), 0).sum(-1), n_experts - 1).cast(dtypes.int32)
   at = slot == Tensor.arange(NT * M).unsqueeze(-1)                                               # (NT*M, A)
   slot_used = at.any(-1)
   slot_token = (at.where(Tensor.arange(A) // sel.shape[-1], 0).sum(-1)).cast(dtypes.int32)

@@ -380,5 +380,5 @@ def choose_stage_opts(k):
   return k
 
 MATVEC = register(Pass("matvec", "picks REDUCE_LOCAL/UNROLL/UPCAST/LOCAL for GEMV and MoE matvecs over GGML dequant chains, "
-                       "and one block a thread for a staged weight's dequant",
+                       "and adjacent vectors over adjacent threads for a staged weight's dequant",
                        (OptHeuristic(choose_matvec_opts), OptHeuristic(choose_stage_opts)), settings=(POLICY_OVERRIDE,)))
