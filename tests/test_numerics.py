@@ -27,14 +27,24 @@ def run(path:pathlib.Path, ref:dict, policy:str, passes:str) -> dict:
   with (tinygrad_ext.passes_off() if passes == "off" else tinygrad_ext.only(*tinygrad_ext.PASSES)):
     return numerics.compare(numerics.model_run(model, ref, len(PROMPT)), ref)
 
+@pytest.fixture(scope="module")
+def mixed(deep, reference) -> dict[str, dict]: return {passes: run(deep, reference, "mixed", passes) for passes in ("on", "off")}
+
 @pytest.mark.parametrize("passes", ["on", "off"])
-def test_mixed_policy_stays_within_a_few_fp16_roundings_of_float64(deep, reference, passes):
-  r = run(deep, reference, "mixed", passes)
+def test_mixed_policy_stays_within_a_few_fp16_roundings_of_float64(mixed, passes):
+  r = mixed[passes]
   assert all(all(step) for step in r["experts_equal"]), r["experts_equal"]
   assert all(r["tokens_equal"]), r["tokens_equal"]
   worst = max(max(step) for step in r["hidden"])
   assert worst <= BOUND, f"hidden state {worst:.2e} from float64"
   assert max(r["logits"] + r["decode_logits"]) <= BOUND, (r["logits"], r["decode_logits"])
+
+def test_passes_on_stay_as_close_to_float64_as_passes_off(mixed):
+  # the passes change where float32 sums round, and so which fp16 roundings of a matmul's input flip: noise of some 15%
+  # between the blocks' errors either way. A value they store rounded where stock tinygrad's codegen folds the rounding
+  # away (the absorbed q once: 1.21x off's error) is more than that
+  worst = {passes: max(max(step) for step in r["hidden"]) for passes, r in mixed.items()}
+  assert worst["on"] <= 1.15 * worst["off"], worst
 
 def test_all_fp16_policy_drifts_on_this_preset(deep, reference):
   # the preset is deep enough to tell the policies apart: today's all-fp16 model leaves the bound the mixed one keeps

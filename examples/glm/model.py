@@ -209,11 +209,12 @@ def load_weights(path:str|os.PathLike, infos:dict[str, TensorInfo], device:str|N
 @dataclass(frozen=True)
 class Numerics:
   """The dtype of every value in the model, in one place.
-  act:   what a matmul's activation is rounded to, once, where it is stored (act_norm's rows, the absorbed q, a decode
-         step's silu(gate) * up); the weight is read as it dequantizes (float32) and the products summed in out, unless
-         out is act (then both are act, summed in float32). An input a matmul reads as a float32 row or computes itself
-         (a MoE block's norm, which the router reads too; the q_a norm recomputed in q_b) is not rounded: tinygrad's
-         codegen folds x.cast(half).cast(float) back to x
+  act:   what a matmul's activation is rounded to, once, where it is stored (act_norm's rows, a decode step's
+         silu(gate) * up); the weight is read as it dequantizes (float32) and the products summed in out, unless out is
+         act (then both are act, summed in float32). An input a matmul reads as a float32 row or computes itself (a MoE
+         block's norm, which the router reads too; the q_a norm recomputed in q_b; the absorbed q, a few KB a token)
+         is not rounded: tinygrad's codegen folds x.cast(half).cast(float) back to x. (The absorbed q stored rounded
+         took passes on 1.2x further from float64 than off, whose codegen folded that rounding away: LOG.md 2026-12-07d)
   out:   everything else: the residual stream, what each matmul returns, norm outputs, rope, the MoE's expert weights
          and weighted sum. Norm statistics, the router's input, logits and scores, attention's scores and softmax, and
          the output logits are float32 in every policy.
@@ -390,7 +391,7 @@ class Block:
     q = mm(rms_norm(q_a, self.q_a_norm, c.eps), self.q_b)
     q = q.reshape(B, T, c.n_heads, c.qk_nope + c.qk_rope).transpose(1, 2)                        # (B, H, T, nope+rope)
     q_nope, q_pe = q[..., :c.qk_nope], rope(q[..., c.qk_nope:], cos, sin)
-    q = mm(q_nope, self.k_b).cast(n.act).cat(q_pe.cast(n.act), dim=-1)                             # absorbed: (B, H, T, kv_lora+rope)
+    q = mm(q_nope, self.k_b).cat(q_pe, dim=-1)                                                     # absorbed: (B, H, T, kv_lora+rope)
     kv = rms_norm(kv[..., :c.kv_lora], self.kv_a_norm, c.eps).cat(rope(kv[..., c.kv_lora:], cos, sin), dim=-1)
     self.cache[:, start_pos:start_pos+T].assign(kv.cast(self.cache.dtype))
     S = start_pos + T if kv_len is None else kv_len  # a long chunk's keys: KV_BLOCK-aligned, the rows past it masked
