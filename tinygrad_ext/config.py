@@ -35,7 +35,8 @@ def text_setting(key:str, check:Callable[[str], None]) -> ContextVar:
 # int_to_float converts a packed field in place; 0.1.4: the CUDA matvec policy splits wide matrices' blocks over lanes and
 # unrolls short loops; 0.1.5: wide_loads reads a CUDA matvec's fp16 activations as half8; 0.1.6: subnormal_dequant;
 # 0.1.7: the legality conditions, int_to_float after tinygrad's last symbolic rewrite; 0.1.8: 4 rows a lane for a CUDA
-# matvec's float32 activation, a staged dequant's adjacent vectors over adjacent threads) must not find programs or BEAM
+# matvec's float32 activation, a staged dequant's adjacent vectors over adjacent threads, fusion realizing a concatenation
+# of rounded rows widened back in float32) must not find programs or BEAM
 # choices cached by an earlier one
 __version__ = "0.1.8"
 

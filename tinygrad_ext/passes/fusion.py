@@ -410,6 +410,23 @@ def folded_round_trip(n:UOp, parent:UOp) -> bool:
   rounds. Realizing the half row would store the rounded values: the float32 row is realized instead."""
   return n.dtype == dtypes.half and n.src[0].dtype == dtypes.float32 and parent.op is Ops.CAST and parent.dtype == dtypes.float32
 
+def pad_region(p:UOp) -> list[tuple[int, int]]|None:
+  """Where a PAD's source lands in its output, [start, end) an axis, for constant pads and a static shape."""
+  if p.op is not Ops.PAD or not all(isinstance(n, int) for n in p.shape) or \
+     any(s.op is not Ops.STACK or any(c.op is not Ops.CONST for c in s.src) for s in p.src[1:]): return None
+  return [(b.arg, n - a.arg) for b, a, n in zip(p.src[1].src, p.src[2].src, p.shape)]
+
+def unrounded(u:UOp) -> UOp|None:
+  """A half value built only of float32 rows rounded to half and concatenated (pads added where they do not overlap:
+  each element one rounding), as float32 without those roundings; None for anything else. Widened straight back (the
+  absorbed q of GLM's attention), tinygrad's codegen folds each rounding away, so the program never rounds."""
+  if u.op is Ops.CAST and u.dtype == dtypes.half and u.src[0].dtype == dtypes.float32: return u.src[0]
+  if u.op in (*MOVEMENT, Ops.PAD) and (s:=unrounded(u.src[0])) is not None: return u.replace(dtype=dtypes.float32, src=(s, *u.src[1:]))
+  if u.op is Ops.ADD and len(regions:=[pad_region(s) for s in u.src]) == 2 and None not in regions and \
+     any(hi0 <= lo1 or hi1 <= lo0 for (lo0, hi0), (lo1, hi1) in zip(*regions)) and None not in (srcs:=[unrounded(s) for s in u.src]):
+    return u.replace(dtype=dtypes.float32, src=tuple(srcs))
+  return None
+
 def realize_normalized_rows(sink:UOp) -> UOp:
   if not is_active(NAME): return sink
   realized: dict[UOp, UOp] = {}
@@ -435,8 +452,13 @@ def realize_normalized_rows(sink:UOp) -> UOp:
         # a tiny row (the selected experts' weights) is recomputed where it is read, as tiny buffers are (TINY above),
         # and a short one in a small matmul (SHORT_ROW above)
         if numel(mul) < 2 * numel(n) or numel(n) <= TINY or (numel(n) <= SHORT_ROW and numel(mul) <= SHORT_ROW_MATMUL) or not row(n): continue
-        yield n, parent
-  for n, parent in rows_read(frozenset(n for n, _ in rows_read(frozenset()))):
+        # a half row of rounded float32 parts widened straight back: the float32 row is realized (the program never rounds)
+        widened_back = n.dtype == dtypes.half and parent.op is Ops.CAST and parent.dtype == dtypes.float32
+        yield n, parent, (unrounded(n) if widened_back else None)
+  for n, parent, wide in rows_read(frozenset(n for n, _, _ in rows_read(frozenset()))):
+    if wide is not None:
+      subs[parent] = realized.setdefault(wide, wide.contiguous())
+      continue
     realized.setdefault(n, n.contiguous())
     # the consumer reads the realized row (substituting n itself would rewrite it inside its own CONTIGUOUS too)
     p = subs.get(parent, parent)
