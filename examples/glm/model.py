@@ -212,7 +212,7 @@ class Numerics:
   act:   what a matmul's activation is rounded to, once, where it is stored (act_norm's rows, a decode step's
          silu(gate) * up); the weight is read as it dequantizes (float32) and the products summed in out, unless out is
          act (then both are act, summed in float32). An input a matmul reads as a float32 row or computes itself (a MoE
-         block's norm, which the router reads too; the q_a norm recomputed in q_b; the absorbed q, a few KB a token)
+         block's norm, which the router reads too; the q_a norm recomputed in q_b; the absorbed q, 46 KB a block)
          is not rounded: tinygrad's codegen folds x.cast(half).cast(float) back to x. (The absorbed q stored rounded
          took passes on 1.2x further from float64 than off, whose codegen folded that rounding away: LOG.md 2026-12-07d)
   out:   everything else: the residual stream, what each matmul returns, norm outputs, rope, the MoE's expert weights
