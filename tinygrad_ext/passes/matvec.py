@@ -340,15 +340,15 @@ def choose_matvec_opts(k):
 # *** a staged weight: the dequant alone, written out (a prefill chunk's weights in fp16 for the tensor cores) ***
 
 STAGE_BLOCK = 32   # elements of a block's innermost axes (a Q4_0/Q8_0 block, a K-quant's sub-block: every GGUF row a multiple)
-STAGE_VECTOR = 4   # halves a thread stores at once: one half4, so a warp's store writes 256 contiguous bytes
+STAGE_VECTOR = 4   # halves a thread stores at once: one half4, side by side with its neighbours' (whole 32-byte sectors)
 STAGE_THREADS = 128
 
 def choose_stage_opts(k):
   """An elementwise kernel that reads GGUF bytes and writes floats: each thread dequantizes STAGE_VECTOR adjacent
-  elements of a block's innermost axis (its bytes loaded packed, one vector store) for each position on the block's other
-  axes, adjacent threads the next ones: every warp-wide store writes whole 32-byte sectors. tinygrad's heuristic gives a thread 2 elements (2-byte stores, the block's scale reloaded by 16
-  threads: 1.09 TB/s for a prefill chunk's expert weights on the H100); a whole 32-element block a thread, half4 stores
-  64 bytes apart, measured slower (0.86 TB/s)."""
+  elements of a block's innermost axis (its bytes loaded packed, one vector store) for each position on the block's
+  other axes, adjacent threads the next ones: every warp-wide store writes whole 32-byte sectors. tinygrad's heuristic
+  gives a thread 2 elements (2-byte stores, the block's scale reloaded by 16 threads: 1.09 TB/s for a prefill chunk's
+  expert weights on the H100); a whole 32-element block a thread, half4 stores 64 bytes apart, measured slower (0.86)."""
   if k.reduceops or not k.ren.has_local or k.dont_use_locals: return None
   stores = store_targets(k.ast)
   def elem(b:UOp): return getattr(b.dtype, "base", b.dtype)
