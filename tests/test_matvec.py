@@ -1,6 +1,7 @@
 """matvec heuristic: recognizes GEMV / MoE matvecs over GGML dequant chains and plain float weights, picks REDUCE_LOCAL
 opts for them, leaves everything else to tinygrad; results equal passes off."""
 import os, re
+import gguf
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st, HealthCheck
@@ -11,7 +12,7 @@ import tinygrad_ext
 from tinygrad.codegen.opt import Opt, OptOps
 from tinygrad_ext.passes.reduce_local import OptOpsExt
 from kernels import kernel_asts, cuda_renderer, metal_renderer, render, q4_0_matvec_ast, gated_moe_matvec_ast, shuffle_offsets
-from helpers import quantized, matvecs, assert_close_fp16, applied, need_tool
+from helpers import QTYPES, quantized, matvecs, assert_close_fp16, applied, need_tool
 
 DEVICES = os.getenv("TINYGRAD_EXT_TEST_DEVICES", "CL,CPU").split(",")
 EXAMPLES = {"CPU": 10}  # clang compiles slowly, and without local memory the heuristic declines there anyway
@@ -393,20 +394,24 @@ def store_addresses(src:str) -> dict[tuple[int, int, int], list[int]]:
     out[t[::-1]] = sorted(eval(e, {}, env) for e in stores)
   return out
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0", "Q4_K", "Q6_K"])
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0", "Q5_0", "Q4_K", "Q5_K", "Q6_K"])
 def test_a_staged_dequant_stores_whole_sectors_from_adjacent_threads(qtype):
   # tinygrad's heuristic gives a thread 2 of a block's elements (2-byte stores, the block's scale reloaded by 16
   # threads); the stage heuristic gives it half4 vectors, adjacent threads the adjacent vectors, so that a warp's store
   # instruction writes whole 32-byte sectors (a whole block a thread stored half4s 64 bytes apart)
   rows, inp = 64, 2048
-  w = quantized(np.random.default_rng(0), (rows, inp), qtype, "CPU")
+  # empty bytes on the default device: a render needs no data (built on the CPU device, it failed on the GPU machine)
+  block_elems, block_bytes = gguf.GGML_QUANT_SIZES[QTYPES[qtype]]
+  raw = Tensor.empty(rows * inp // block_elems * block_bytes, dtype=dtypes.uint8)
+  w = ggml_data_to_tensor(raw, rows * inp, int(QTYPES[qtype])).reshape(rows, inp).cast(dtypes.float16)
   (ast,) = [a for a in kernel_asts(lambda: w.contiguous()) if "data0_" in render(a, cuda_renderer())]
   def launch(src:str, idx:str) -> int: return prod(int(n) for n in re.findall(rf"{idx}\.\w+; /\* (\d+) \*/", src))
   src = render(ast, cuda_renderer())
   addresses = store_addresses(src)
   threads = sorted(addresses, key=lambda t: (t[2], t[1], t[0]))  # in warp order: x fastest
   assert launch(src, "blockIdx") * launch(src, "threadIdx") * 4 * len(addresses[threads[0]]) == rows * inp
-  assert launch(src, "threadIdx") == (32 if qtype.endswith("_K") else 128)
+  # 128 threads a block, K-quants too: a K-quant's thread takes 4 of its sub-blocks (32 threads of 4 elements: 273 GB/s)
+  assert launch(src, "threadIdx") == 128 and len(addresses[threads[0]]) * 4 >= (16 if qtype.endswith("_K") else 4)
   for i in range(len(addresses[threads[0]])):  # the i-th store of every thread: vectors side by side in runs of 16+ halves
     starts = [addresses[t][i] for t in threads]
     runs = [starts[j+1] - starts[j] == 4 for j in range(len(starts) - 1)]

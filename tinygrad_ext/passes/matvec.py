@@ -341,6 +341,8 @@ def choose_matvec_opts(k):
 
 STAGE_BLOCK = 32   # elements of a block's innermost axes (a Q4_0/Q8_0 block, a K-quant's sub-block: every GGUF row a multiple)
 STAGE_VECTOR = 4   # halves a thread stores at once: one half4, side by side with its neighbours' (whole 32-byte sectors)
+SECTOR_HALVES = 16          # a 32-byte sector of fp16
+STAGE_THREAD_ELEMENTS = 16  # at most, where a block's next axes out are small (a K-quant's sub-blocks)
 STAGE_THREADS = 128
 
 def choose_stage_opts(k):
@@ -363,11 +365,24 @@ def choose_stage_opts(k):
     per *= size
   if per < STAGE_BLOCK or len(inner) == len(outs) or k.full_shape[inner[0]] % STAGE_VECTOR: return None
   # a vector of the innermost axis a thread; the block's other axes whole in each thread too (a nibble's shift stays a
-  # constant: over threads it would be a division by a selected power of 16)
+  # constant: over threads it would be a division by a selected power of 16), but where the innermost axis is shorter
+  # than a sector (Q5_0's 8) the next one goes over threads as well, so that adjacent threads fill whole sectors
+  side_by_side, elements = k.full_shape[inner[0]], STAGE_VECTOR
   k.apply_opt(Opt(OptOps.UPCAST, inner[0], STAGE_VECTOR))
   for i in inner[1:]:  # each whole, at most 16 a step (tinygrad's limit; a whole axis keeps its index, retyped)
+    if side_by_side < SECTOR_HALVES:
+      side_by_side *= k.full_shape[i]
+      continue
     if k.full_shape[i] > 16: k.apply_opt(Opt(OptOps.UPCAST, i, 16))
     k.apply_opt(Opt(OptOps.UPCAST, i, k.full_shape[i]))
+    elements *= k.full_shape[i]
+  # a K-quant's 32-element sub-blocks lie in 2 x 2 x 2 axes of its super-block: the next ones out whole in the thread
+  # too, up to STAGE_THREAD_ELEMENTS, so that its threads reach past them to the super-blocks (with only 3 thread axes,
+  # a block was 32 threads of 4 elements each: 273 GB/s staging a chunk's Q4_K experts on the H100)
+  for i in reversed(outs[:len(outs) - len(inner)]):  # outward; retyping axis i leaves the indices below it
+    if not isinstance(size:=k.full_shape[i], int) or elements * size > STAGE_THREAD_ELEMENTS: break
+    k.apply_opt(Opt(OptOps.UPCAST, i, size))
+    elements *= size
   # then the threads, innermost axis first: the rest of the innermost axis, then the next axes out, adjacent threads
   # writing adjacent vectors. At most 3 such axes: tinygrad folds more into threadIdx.x with the last one fastest
   # (a K-quant's super-block axes: 32 threads a block, not 128 out of order)
