@@ -1,11 +1,11 @@
 """long_reduce: reduces over symbolic lengths (decode attention over the positions so far) and long reduces no warp
 divides (an argmax over a vocab) go over padded lanes, and compute what the passes-off kernels compute."""
-import os
+import os, re
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st, HealthCheck
 from tinygrad import Tensor, dtypes, UOp, TinyJit
-from tinygrad.helpers import Context
+from tinygrad.helpers import Context, prod
 from tinygrad.codegen.opt import Opt, OptOps
 import tinygrad.codegen as codegen
 from tinygrad_ext import passes_off, without
@@ -97,6 +97,34 @@ def test_cuda_scores_over_positions_read_each_row_once_for_four_heads():
   src = render(ast, cuda_renderer())
   assert src.count("__shfl_xor_sync") == 4 * 5 and "__syncthreads" not in src  # 4 heads a lane, one 32-lane butterfly each
   assert src.count("data2_2359296+") == 1  # the position's row: one load a step, shared by the 4 heads
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_float32_product_with_more_outputs_than_tinygrad_groups_equals_passes_off(device):
+  # a prefill chunk's router: tokens x experts outputs, each a float32 dot over the model's width
+  @settings(max_examples=EXAMPLES.get(device, 20), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+  @given(st.integers(0, 2**16), st.sampled_from([33, 64, 200]), st.sampled_from([64, 96]), st.sampled_from([256, 512, 2048]))
+  def prop(seed, tokens, experts, width):
+    rng = np.random.default_rng(seed)
+    x, w = rng.standard_normal((tokens, width)).astype(np.float32), rng.standard_normal((experts, width)).astype(np.float32)
+    with Context(DEV=device):
+      X, W = Tensor(x).realize(), Tensor(w).realize()
+      got = (X @ W.T).numpy()
+      with passes_off(): off = (X @ W.T).numpy()
+    # float32 sums in another order: far within 2e-6 of the sum of |products| (a term missed or counted twice is not)
+    bound = 2e-6 * (np.abs(x).astype(np.float64) @ np.abs(w).T)
+    assert (np.abs(got - off) <= bound).all() and (np.abs(got - x.astype(np.float64) @ w.T) <= bound).all()
+  prop()
+
+def test_a_prefill_chunks_router_goes_over_lanes_in_enough_blocks():
+  # 512 tokens x 64 experts over 2048: more outputs than tinygrad groups, so its heuristic gave each thread 16 outputs'
+  # whole sums: 16 blocks on the H100's 132 SMs, 207 us a call; over lanes, one block per 16 outputs of 4x4
+  x, w = Tensor.empty(1, 512, 2048), Tensor.empty(64, 2048)
+  (ast,) = kernel_asts(lambda: (x @ w.T).sigmoid())
+  ren = cuda_renderer()
+  assert Opt(OptOpsExt.REDUCE_LOCAL, 0, 32) in applied_opts(ast, ren)
+  src = render(ast, ren)
+  assert prod(int(n) for n in re.findall(r"blockIdx\.\w+; /\* (\d+) \*/", src)) >= 1024 and src.count("__shfl_xor_sync") == 16 * 5
+  with without("long_reduce"): assert Opt(OptOpsExt.REDUCE_LOCAL, 0, 32) not in applied_opts(ast, ren)
 
 def test_short_and_divisible_reduces_are_left_to_tinygrad():
   ren = cuda_renderer()
