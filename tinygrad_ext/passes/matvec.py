@@ -384,8 +384,8 @@ def choose_stage_opts(k):
     k.apply_opt(Opt(OptOps.UPCAST, i, size))
     elements *= size
   # then the threads, innermost axis first: the rest of the innermost axis, then the next axes out, adjacent threads
-  # writing adjacent vectors. At most 3 such axes: tinygrad folds more into threadIdx.x with the last one fastest
-  # (a K-quant's super-block axes: 32 threads a block, not 128 out of order)
+  # writing adjacent vectors. At most 3 such axes: tinygrad folds more into threadIdx.x with the last one fastest, out
+  # of order (hence a K-quant's sub-block axes in the thread above: its third thread axis is its super-blocks)
   threads, axes = 1, 0
   for i in reversed(k.axes_of(AxisType.GLOBAL)):
     if axes == 3 or not isinstance(size:=k.full_shape[i], int) or (t:=_pow2_divisor(size, STAGE_THREADS // threads)) == 1: break
