@@ -404,11 +404,15 @@ def normalized_row(n:UOp) -> bool:
   edge = {s for u in inside for s in u.src if s.op is Ops.REDUCE}
   return any(2 * numel(r) <= numel(n) for r in edge)
 
+def widened_straight_back(n:UOp, parent:UOp) -> bool:
+  """n is half and its reader casts it straight to float32."""
+  return n.dtype == dtypes.half and parent.op is Ops.CAST and parent.dtype == dtypes.float32
+
 def folded_round_trip(n:UOp, parent:UOp) -> bool:
   """n rounds a float32 row to half and its reader widens it straight back: tinygrad's codegen folds that round trip
   (codegen/late/coalesce.py, pm_simplify_add_image: float.cast(half).cast(float) -> the float), so the program never
   rounds. Realizing the half row would store the rounded values: the float32 row is realized instead."""
-  return n.dtype == dtypes.half and n.src[0].dtype == dtypes.float32 and parent.op is Ops.CAST and parent.dtype == dtypes.float32
+  return widened_straight_back(n, parent) and n.src[0].dtype == dtypes.float32
 
 def pad_region(p:UOp) -> list[tuple[int, int]]|None:
   """Where a PAD's source lands in its output, [start, end) an axis, for constant pads and a static shape."""
@@ -453,8 +457,7 @@ def realize_normalized_rows(sink:UOp) -> UOp:
         # and a short one in a small matmul (SHORT_ROW above)
         if numel(mul) < 2 * numel(n) or numel(n) <= TINY or (numel(n) <= SHORT_ROW and numel(mul) <= SHORT_ROW_MATMUL) or not row(n): continue
         # a half row of rounded float32 parts widened straight back: the float32 row is realized (the program never rounds)
-        widened_back = n.dtype == dtypes.half and parent.op is Ops.CAST and parent.dtype == dtypes.float32
-        yield n, parent, (unrounded(n) if widened_back else None)
+        yield n, parent, (unrounded(n) if widened_straight_back(n, parent) else None)
   for n, parent, wide in rows_read(frozenset(n for n, _, _ in rows_read(frozenset()))):
     if wide is not None:
       subs[parent] = realized.setdefault(wide, wide.contiguous())
