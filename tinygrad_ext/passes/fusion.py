@@ -37,7 +37,7 @@ positions so far) is padded, with the padding gated off every load and store and
 """
 from __future__ import annotations
 import functools, itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 from tinygrad.uop.ops import UOp, Ops, GroupOp, AxisType, PatternMatcher, UPat, graph_rewrite
 from tinygrad.dtype import AddrSpace, Invalid, dtypes
@@ -286,26 +286,32 @@ class FusionContext:
   stored: frozenset        # the buffers the schedule stores to (stored_buffers)
   reducing: frozenset      # the kernels that reduce of their own (reducing_kernels), as the schedule came
   readers: dict            # the kernels that read each intermediate's value (reading_kernels), as the round began
+  facts: dict = field(default_factory=dict)
+  def fact(self, f, *args):
+    """f(*args) of an intermediate, once a round: asked again for each of its reads, in every kernel and every pass over
+    one, it is the same for all (UOps are immutable, the round's stores fixed); keccak's rounds scheduled 30x slower."""
+    if (key := (f, *args)) not in self.facts: self.facts[key] = f(*args)
+    return self.facts[key]
 
 def recomputed_alike(s:UOp, ctx:FusionContext, reader:tuple) -> bool:
   """Every kernel that reads an intermediate must see the same bits (a sort compares its values with the values it
   sorted, in another kernel): it is recomputed only where it is reproducible, or in the one kernel that read it as
   the round began (one reached through another inlined intermediate waits for the next round, when it is counted
   where that one went) unless another schedule computes it too (a reader this schedule cannot count)."""
-  return reproducible(s) or (not shared_values.get() and ctx.readers.get(stable_key(s)) == frozenset({reader}))
+  return ctx.fact(reproducible, s) or (not shared_values.get() and ctx.readers.get(stable_key(s)) == frozenset({reader}))
 
 def inlinable(idx:UOp, value:UOp, out_rngs:dict[UOp, None], elementwise:bool, looped:set[UOp], iterations:int,
               ctx:FusionContext, reader:tuple) -> UOp|None:
   if idx.op is not Ops.INDEX or any(v.op is Ops.CONST and v.arg is Invalid for v in idx.src[1:]): return None
-  if idx.src[0].op is not Ops.STAGE or len(idx.src) != len(idx.src[0].src) or reads_before_a_store(idx.src[0], ctx.stored) or \
-     not recomputed_alike(idx.src[0], ctx, reader) or narrow_int_arithmetic(idx.src[0]) or out_of_range_consts(idx.src[0].src[0], in_kernel): return None
-  if (cost:=small_stage(idx.src[0])) is not None and iterations * cost <= SMALL_WORK: return inline_stage(idx)
-  if gather_stage(idx.src[0]): return inline_stage(idx)
+  if (s:=idx.src[0]).op is not Ops.STAGE or len(idx.src) != len(s.src) or ctx.fact(reads_before_a_store, s, ctx.stored) or \
+     not recomputed_alike(s, ctx, reader) or ctx.fact(narrow_int_arithmetic, s) or ctx.fact(out_of_range_consts, s.src[0], in_kernel): return None
+  if (cost:=ctx.fact(small_stage, s)) is not None and iterations * cost <= SMALL_WORK: return inline_stage(idx)
+  if ctx.fact(gather_stage, s): return inline_stage(idx)
   # a tiny one is inlined where it is read outside the consumer's long loops (inside them it would be recomputed every
   # iteration, and a MoE matmul's expert ids must stay a load for its weight address)
-  if tiny_stage(idx.src[0]) and idx not in looped: return inline_stage(idx)
-  if stage_key(idx.src[0]) in ctx.per_element and per_element_stage(idx.src[0]) and read_once(idx, value): return inline_stage(idx)
-  if not ((elementwise and row_reduce_stage(idx.src[0])) or short_row_stage(idx.src[0])): return None
+  if ctx.fact(tiny_stage, s) and idx not in looped: return inline_stage(idx)
+  if stage_key(s) in ctx.per_element and ctx.fact(per_element_stage, s) and read_once(idx, value): return inline_stage(idx)
+  if not ((elementwise and ctx.fact(row_reduce_stage, s)) or ctx.fact(short_row_stage, s)): return None
   return inl if row_reduces_only(inl:=inline_stage(idx), out_rngs) else None
 
 def fuse_row_reduces(ctx:FusionContext, root:UOp) -> UOp|None:

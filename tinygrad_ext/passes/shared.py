@@ -21,7 +21,13 @@ def out_of_range_consts(root:UOp, gate=lambda u: True) -> bool:
   move a cast out of a where, turning the -1 into the bool True) treat it differently in different places, so what
   such a value computes depends on the rewrites a kernel goes through: recomputed elsewhere (fusion) or given other opts
   (an unrolled reduce folds its where per element, a loop keeps it), it computes something else than stock tinygrad's."""
-  def values(u:UOp) -> list[UOp]: return values(u.src[1]) + values(u.src[2]) if u.op is Ops.WHERE else [u]
+  # what a where selects, through nested wheres: once per where (a chain of wheres sharing branches, as a hash's rounds
+  # have, would otherwise be walked once per path)
+  selected: dict[UOp, tuple[UOp, ...]] = {}
+  def values(u:UOp) -> tuple[UOp, ...]:
+    if u.op is not Ops.WHERE: return (u,)
+    if u not in selected: selected[u] = tuple(dict.fromkeys(values(u.src[1]) + values(u.src[2])))
+    return selected[u]
   def narrow(x:UOp) -> bool: return x.op is Ops.CAST and x.src[0].dtype != dtypes.weakint and (dtypes.is_int(x.src[0].dtype) or x.src[0].dtype == dtypes.bool)
   def ambiguous(u:UOp) -> bool:
     vals = values(u) if u.op is Ops.WHERE else list(u.src)
