@@ -6,6 +6,7 @@ Hook points (tinygrad 0.14.0):
   tinygrad.codegen.full_rewrite_to_sink     records the renderer of the kernel being compiled, for CodegenStep passes
   tinygrad.codegen.apply_opts                OptHeuristic passes pick a kernel's opts before tinygrad's heuristic
   tinygrad.codegen.opt.postrange.Scheduler.apply_opt   SchedulerOpt passes apply their own opts (refused while off)
+  tinygrad.codegen.opt.postrange.Scheduler._apply_tc_opt   TensorCores passes give the TC opt their tensor cores
   tinygrad.codegen.opt.search.actions       BEAM can choose those opts (a list: extended, then shrunk back)
   tinygrad.codegen.<PatternMatcher>          MatcherRules passes append rules to a codegen matcher (e.g. pm_add_loads)
   tinygrad.schedule.rangeify.graph_rewrite  ScheduleStep passes run after the named step of get_kernel_graph
@@ -39,7 +40,7 @@ from tinygrad.helpers import NOOPT
 from tinygrad.renderer import Renderer
 from tinygrad.renderer.cstyle import CStyleLanguage
 from tinygrad_ext.registry import shared_values, PASSES, CodegenStep, ScheduleStep, SchedulerOpt, OptHeuristic, MatcherRules, ViewGuard, on_change
-from tinygrad_ext.registry import KernelPrologue, GraphBuilt
+from tinygrad_ext.registry import KernelPrologue, GraphBuilt, TensorCores
 from tinygrad_ext.config import SWITCHES, is_active, cache_id
 from tinygrad_ext import pipeline
 from tinygrad_ext.internals import live_tensor_uops
@@ -168,6 +169,19 @@ def _apply_opt(self:Scheduler, opt, append_opt:bool=True):
   if append_opt: self.applied_opts.append(opt)
   return ret
 
+class _WithTensorCores:
+  """A renderer as the TC opt sees it, its tensor cores replaced (a view: the renderer itself is shared by every kernel)."""
+  def __init__(self, ren:Renderer, tensor_cores:list): self._ren, self.tensor_cores = ren, tensor_cores
+  def __getattr__(self, name): return getattr(self._ren, name)
+
+def _apply_tc_opt(self:Scheduler, *args, **kwargs):
+  tensor_cores = self.ren.tensor_cores
+  for h in registered_hooks(TensorCores, True): tensor_cores = h.choose(self.ren, tensor_cores)
+  if tensor_cores == self.ren.tensor_cores: return _originals[(Scheduler, "_apply_tc_opt")](self, *args, **kwargs)
+  ren, self.ren = self.ren, _WithTensorCores(self.ren, tensor_cores)
+  try: return _originals[(Scheduler, "_apply_tc_opt")](self, *args, **kwargs)
+  finally: self.ren = ren
+
 def _heuristic_may_choose(ast:UOp, beam:int) -> bool:
   # exactly where tinygrad's own apply_opts would run hand_coded_optimizations, but for a kernel whose result depends on
   # how its opts make it fold a constant its dtype cannot hold (shared.out_of_range_consts): tinygrad's own opts then
@@ -248,6 +262,7 @@ def _install() -> None:
   _replace(search, "diskcache_put", _diskcache_put)
   _replace(schedule, "schedule_cache", PassKeyedCache())
   _replace(Scheduler, "apply_opt", _apply_opt)
+  _replace(Scheduler, "_apply_tc_opt", _apply_tc_opt)
   _replace(codegen, "apply_opts", _apply_opts)
   _replace(tensor, "_make_buffer_view", _make_buffer_view)
   _replace(tensor, "transform_to_call", _transform_to_call)

@@ -12,7 +12,7 @@ passes silently idle.
 """
 from __future__ import annotations
 import functools, inspect, re
-from tinygrad_ext.registry import PASSES, Pass, Hook, CodegenStep, ScheduleStep, SchedulerOpt, OptHeuristic, MatcherRules, ViewGuard, KernelPrologue, GraphBuilt
+from tinygrad_ext.registry import PASSES, Pass, Hook, CodegenStep, ScheduleStep, SchedulerOpt, OptHeuristic, MatcherRules, ViewGuard, KernelPrologue, GraphBuilt, TensorCores
 from tinygrad_ext._version import SUPPORTED_TINYGRAD, installed_tinygrad_version
 from tinygrad_ext.errors import PipelineError
 
@@ -24,6 +24,7 @@ PIPELINE: tuple[tuple[str, str, tuple[str, ...]], ...] = (
   # each kernel's opts: tinygrad.codegen.apply_opts (the first heuristic that returns opts decides)
   ("opt heuristic", "", ("fusion", "matvec", "quant_gemm", "long_reduce")),
   ("scheduler opt", "", ("reduce_local",)),
+  ("tensor cores", "", ("tc_contiguous_k",)),
   # codegen: tinygrad.codegen.full_rewrite_to_sink, after the named step
   ("codegen step", "postopt symbolic", ("hoist", "subnormal_dequant")),
   ("codegen step", "expander", ("reduce_local", "fusion")),
@@ -48,6 +49,7 @@ def point(h:Hook) -> tuple[str, str]:
   if isinstance(h, ViewGuard): return ("buffer view", "")
   if isinstance(h, KernelPrologue): return ("kernel prologue", "")
   if isinstance(h, GraphBuilt): return ("graph built", h.device)
+  if isinstance(h, TensorCores): return ("tensor cores", "")
   raise TypeError(f"not a hook: {h!r}")
 
 def _position(p:Pass, h:Hook) -> tuple[int, int]:

@@ -87,7 +87,15 @@ class GraphBuilt:
   apply: Callable[[object], object]
   def where(self) -> str: return f"tinygrad.runtime.graph.{self.device.lower()}.{self.device}Graph.__init__: after the graph is instantiated"
 
-Hook = Union[CodegenStep, ScheduleStep, SchedulerOpt, OptHeuristic, MatcherRules, ViewGuard, KernelPrologue, GraphBuilt]
+@dataclass(frozen=True)
+class TensorCores:
+  """`choose(renderer, tensor_cores) -> tensor_cores`: the tensor cores tinygrad's TC opt (Scheduler._apply_tc_opt)
+  picks from in place of the renderer's. As many, in the same order (BEAM's TC actions and an opt's tc_select index
+  them), each computing the same product. While its pass is off it is not asked."""
+  choose: Callable[[Renderer, list], list]
+  def where(self) -> str: return "tinygrad.codegen.opt.postrange.Scheduler._apply_tc_opt: the tensor cores it picks from"
+
+Hook = Union[CodegenStep, ScheduleStep, SchedulerOpt, OptHeuristic, MatcherRules, ViewGuard, KernelPrologue, GraphBuilt, TensorCores]
 
 @dataclass(frozen=True)
 class Pass:
