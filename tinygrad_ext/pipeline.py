@@ -22,7 +22,7 @@ PIPELINE: tuple[tuple[str, str, tuple[str, ...]], ...] = (
   ("schedule step", "convert copy to store", ("fusion",)),
   ("schedule step", "symbolic+reduce_collapse+debuf", ("fusion",)),
   # each kernel's opts: tinygrad.codegen.apply_opts (the first heuristic that returns opts decides)
-  ("opt heuristic", "", ("fusion", "matvec", "quant_gemm", "long_reduce")),
+  ("opt heuristic", "", ("fusion", "matvec", "quant_gemm", "long_reduce", "tc_wide_k")),
   ("scheduler opt", "", ("reduce_local",)),
   ("tensor cores", "", ("tc_contiguous_k",)),
   # codegen: tinygrad.codegen.full_rewrite_to_sink, after the named step

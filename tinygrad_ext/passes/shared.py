@@ -126,6 +126,16 @@ def with_tensor_cores(k, choices:int, tc_opt:int):
     except KernelOptError: continue
   return None
 
+def tc_upcasts_and_local(tk, rngs:list) -> list:
+  """After a TC opt, what tinygrad's hand_coded_optimizations applies next: the largest of 5, 4, 3, 2 that divides M,
+  then N, as an UPCAST, and 4 or 2 of N as a LOCAL. Returns the opt's ranges as they are after."""
+  from tinygrad.codegen.opt import Opt, OptOps
+  for dim in (1, 0):
+    if (szs := [sz for sz in (5, 4, 3, 2) if rngs[dim].src[0].divides(sz) is not None]):
+      rngs[dim] = tk.apply_opt(Opt(OptOps.UPCAST, tk.rngs.index(rngs[dim]), szs[0]))[0]
+  if (szs := [sz for sz in (4, 2) if rngs[0].src[0].divides(sz) is not None]): tk.apply_opt(Opt(OptOps.LOCAL, tk.rngs.index(rngs[0]), szs[0]))
+  return rngs
+
 def tensor_cores_take(k) -> bool:
   """tinygrad's own heuristic would run this kernel on tensor cores (a half x half product summed in float: a prefill
   chunk's attention): a heuristic that claims it first would keep them off. The same test as hand_coded_optimizations."""
