@@ -18,13 +18,26 @@ def moe_tiles(tiles=4, M=64, N=768, K=512):
   x, w, te = Tensor.empty(tiles, M, K, dtype=dtypes.half), Tensor.empty(9, N, K, dtype=dtypes.half), Tensor.empty(tiles, dtype=dtypes.int32)
   return lambda: x.matmul(w[te].transpose(-1, -2), dtype=dtypes.float)
 
-@pytest.mark.parametrize("make", [gemm(64, 256, 512), gemm(16, 64, 64), moe_tiles()], ids=["gemm", "gemm_small", "moe_tiles"])
+def padded_weight(M=64, N=768, K=512):
+  # rows past the weight's are padding: its loads are gated (as a MoE tile's weight by its expert-id check), one gate
+  # for a thread's two halves
+  x, w = Tensor.empty(M, K, dtype=dtypes.half), Tensor.empty(N, K, dtype=dtypes.half)
+  return lambda: x.matmul(w.pad(((0, 256), (0, 0))).T, dtype=dtypes.float)
+
+@pytest.mark.parametrize("make", [gemm(64, 256, 512), gemm(16, 64, 64), moe_tiles(), padded_weight()], ids=["gemm", "gemm_small", "moe_tiles", "gated"])
 def test_a_thread_loads_two_k_steps_of_a_row_as_one_half8(make):
   (ast,) = [a for a in kernel_asts(make) if "mma" in render(a, cuda_renderer())]
   on = half_loads(render(ast, cuda_renderer()))
   with tinygrad_ext.without("tc_wide_k"): one_step = half_loads(render(ast, cuda_renderer()))
   # without it: one half4 a row a K step of 16; with it: one half8 a row for two steps, the same count an iteration
   assert set(one_step) == {"half4"} and set(on) == {"half8"} and len(on) == len(one_step), (on, one_step)
+
+def test_a_gated_pair_keeps_its_gate():
+  (ast,) = [a for a in kernel_asts(padded_weight()) if "mma" in render(a, cuda_renderer())]
+  src = render(ast, cuda_renderer())
+  others = set(re.findall(r"half8 val\d+ = \(\w+\?\*\(\(half8\*\).*\):(\w+)\);", src))
+  # where the gate is false: eight zeros
+  assert len(others) == 1 and re.search(rf"half8 {others.pop()} = make_half8\(((\(\(half\)\(0.0f\)\)),?){{8}}\);", src)
 
 def test_the_relabeling_is_a_permutation_that_puts_the_unrolled_step_beside_the_elements():
   from tinygrad.uop.ops import UOp

@@ -43,35 +43,36 @@ def fires_in(sink:UOp) -> bool:
   return (any(o.op is OptOpsExt.REDUCE_LOCAL for o in opts) and not any(o.op in (OptOps.GROUP, OptOps.GROUPTOP) for o in opts)) or \
     any(o.op is OptOps.TC for o in opts)
 
-def half4_load(u:UOp) -> tuple[UOp, UOp, int]|None:
-  """(buffer, root, offset) of an ungated half4 load of a global half buffer, as tinygrad's coalescing builds it:
-  LOAD(SHRINK(PARAM, root + offset, 4))."""
+def half4_load(u:UOp, gated:bool) -> tuple[UOp, UOp, UOp, int]|None:
+  """(buffer, gate, root, offset) of a half4 load of a global half buffer, as tinygrad's coalescing builds it:
+  LOAD(SHRINK(PARAM, root + offset, 4)), the index gated (a MoE weight's expert-id check) only if `gated`."""
   if u.op is not Ops.LOAD or len(u.src) != 1 or (shr:=u.src[0]).op is not Ops.SHRINK: return None
   buf, start, length = shr.src
   if buf.op is not Ops.PARAM or buf.dtype != dtypes.half or buf.addrspace is not AddrSpace.GLOBAL: return None
-  if length.op is not Ops.CONST or length.arg != NARROW or start.get_valid().op is not Ops.CONST or not start.get_valid().arg: return None
-  return (buf, *root_and_offset(start))
+  if length.op is not Ops.CONST or length.arg != NARROW: return None
+  if not gated and (start.get_valid().op is not Ops.CONST or not start.get_valid().arg): return None
+  return (buf, start.get_valid(), *root_and_offset(start.get_idx()))
 
 def wide_half_loads(sink:UOp, ren:Renderer) -> UOp:
   if not isinstance(ren, CUDARenderer) or not fires_in(sink): return sink
-  loads: defaultdict[tuple[UOp, UOp], dict[int, UOp]] = defaultdict(dict)
+  # in a tensor-core kernel a half4 used whole (a fragment) is regathered from the half8, and gated pairs (one gate for
+  # both: 8 elements read, or none, where 4 and 4 were) merge too; a matvec keeps such pairs apart, as measured
+  tensor_cores = sink.arg is not None and any(o.op is OptOps.TC for o in sink.arg.applied_opts)
+  loads: defaultdict[tuple[UOp, UOp, UOp], dict[int, UOp]] = defaultdict(dict)
   elements: defaultdict[UOp, list[UOp]] = defaultdict(list)  # a load's users that take one element (INDEX by a constant)
   uses: defaultdict[UOp, int] = defaultdict(int)             # all its users
   for u in sink.toposort():
-    if (found:=half4_load(u)) is not None: loads[found[:2]].setdefault(found[2], u)
+    if (found:=half4_load(u, tensor_cores)) is not None: loads[found[:3]].setdefault(found[3], u)
     if u.op is Ops.INDEX and len(u.src) == 2 and u.src[1].op is Ops.CONST: elements[u.src[0]].append(u)
     for s in u.src: uses[s] += 1
   subs: dict[UOp, UOp] = {}
-  # a half4 used whole (a tensor core's operand) is regathered from the half8 in tensor-core kernels; in a matvec such a
-  # pair stays apart, as measured
-  regather = sink.arg is not None and any(o.op is OptOps.TC for o in sink.arg.applied_opts)
-  for (buf, root), by_offset in loads.items():
+  for (buf, gate, root), by_offset in loads.items():
     offsets = sorted(by_offset)
     i = 0
     while i < len(offsets):
       o = offsets[i]
       lo, hi = by_offset[o], by_offset.get(o + NARROW)
-      if hi is None or (root + o).divides(WIDE) is None or (not regather and any(len(elements[ld]) != uses[ld] for ld in (lo, hi))):
+      if hi is None or (root + o).divides(WIDE) is None or (not tensor_cores and any(len(elements[ld]) != uses[ld] for ld in (lo, hi))):
         i += 1
         continue
       shr = lo.src[0]
