@@ -136,10 +136,14 @@ def tc_upcasts_and_local(tk, rngs:list) -> list:
   if (szs := [sz for sz in (4, 2) if rngs[0].src[0].divides(sz) is not None]): tk.apply_opt(Opt(OptOps.LOCAL, tk.rngs.index(rngs[0]), szs[0]))
   return rngs
 
-def tensor_cores_take(k) -> bool:
-  """tinygrad's own heuristic would run this kernel on tensor cores (a half x half product summed in float: a prefill
-  chunk's attention): a heuristic that claims it first would keep them off. The same test as hand_coded_optimizations."""
+def tinygrads_tensor_cores(k):
+  """(k with the TC opt applied, its ranges) as tinygrad's own heuristic would apply it (a half x half product summed in
+  float: a prefill chunk's attention), or None where it would not. The same test as hand_coded_optimizations."""
   from tinygrad.uop.ops import AxisType
   from tinygrad.helpers import USE_TC, TC_OPT
-  if USE_TC.value <= 0 or not (len(k.axes_of(AxisType.GROUP_REDUCE, AxisType.REDUCE)) == 1 or TC_OPT.value >= 1): return False
-  return with_tensor_cores(k, 3, TC_OPT.value) is not None
+  if USE_TC.value <= 0 or not (len(k.axes_of(AxisType.GROUP_REDUCE, AxisType.REDUCE)) == 1 or TC_OPT.value >= 1): return None
+  return with_tensor_cores(k, 3, TC_OPT.value)
+
+def tensor_cores_take(k) -> bool:
+  """tinygrad's own heuristic would run this kernel on tensor cores: a heuristic that claims it first would keep them off."""
+  return tinygrads_tensor_cores(k) is not None

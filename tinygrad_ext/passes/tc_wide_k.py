@@ -11,19 +11,18 @@ adjacent (K = 8t .. 8t+7), one 16-byte run a row that wide_loads reads as one ha
 Legality: the product's reduce is a sum, and the relabeling (a permutation of K's bits, substituted for the reduce's range
 wherever the reduce's value reads it) is the same for both operands, so every product is summed once (in another order).
 It fires only with tc_contiguous_k on (the relabeling assumes its layout), on kernels tinygrad's own heuristic would
-give tensor cores (shared.tensor_cores_take) with one ADD reduce over one range that the TC opt then takes as its K, K
+give tensor cores (shared.tinygrads_tensor_cores) with one ADD reduce over one range that the TC opt then takes as its K, K
 a multiple of twice the tensor core's K; otherwise it declines and tinygrad's heuristic decides.
 
 Hook: an OptHeuristic (tinygrad.codegen.apply_opts), after long_reduce. Tests: test_tc_wide_k.py.
 """
 from __future__ import annotations
 from tinygrad.uop.ops import Ops, UOp, AxisType
-from tinygrad.helpers import TC_OPT
 from tinygrad.codegen.opt import Opt, OptOps, KernelOptError
 from tinygrad.codegen.opt.postrange import Scheduler
 from tinygrad_ext import Pass, OptHeuristic, register
 from tinygrad_ext.config import is_active
-from tinygrad_ext.passes.shared import tensor_cores_take, with_tensor_cores, tc_upcasts_and_local
+from tinygrad_ext.passes.shared import tinygrads_tensor_cores, tc_upcasts_and_local
 from tinygrad_ext.passes.tc_contiguous_k import k_roles, NAME as CONTIGUOUS_K
 
 NAME = "tc_wide_k"
@@ -49,9 +48,7 @@ def with_relabeled_reduce(k:Scheduler, elements:int, lanes:int) -> Scheduler|Non
   return ret
 
 def choose_wide_k_opts(k:Scheduler) -> Scheduler|None:
-  if not is_active(CONTIGUOUS_K) or not tensor_cores_take(k): return None
-  found = with_tensor_cores(k, 3, TC_OPT.value)
-  assert found is not None  # (tensor_cores_take found it)
+  if not is_active(CONTIGUOUS_K) or (found := tinygrads_tensor_cores(k)) is None: return None
   tk, rngs = found
   if (roles := k_roles(tk.tensor_core)) is None or (wk := with_relabeled_reduce(k, *roles)) is None: return None
   # the same TC opt on the relabeled kernel (its axis choice: the ranges are the same but K's), tinygrad's upcasts and

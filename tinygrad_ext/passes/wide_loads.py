@@ -36,12 +36,13 @@ NAME = "wide_loads"
 NARROW, WIDE = 4, 8     # half4 (8 bytes) -> half8 (16 bytes)
 ALIGN_BYTES = WIDE * dtypes.half.itemsize
 
+def on_tensor_cores(sink:UOp) -> bool: return sink.arg is not None and any(o.op is OptOps.TC for o in sink.arg.applied_opts)
+
 def fires_in(sink:UOp) -> bool:
   """A kernel whose reduce REDUCE_LOCAL spread over lanes, and no GROUP spread over warps (half8 measured slower there);
   or a tensor-core kernel (tc_wide_k puts a thread's elements of two K steps side by side)."""
   opts = sink.arg.applied_opts if sink.arg is not None else ()
-  return (any(o.op is OptOpsExt.REDUCE_LOCAL for o in opts) and not any(o.op in (OptOps.GROUP, OptOps.GROUPTOP) for o in opts)) or \
-    any(o.op is OptOps.TC for o in opts)
+  return (any(o.op is OptOpsExt.REDUCE_LOCAL for o in opts) and not any(o.op in (OptOps.GROUP, OptOps.GROUPTOP) for o in opts)) or on_tensor_cores(sink)
 
 def half4_load(u:UOp, gated:bool) -> tuple[UOp, UOp, UOp, int]|None:
   """(buffer, gate, root, offset) of a half4 load of a global half buffer, as tinygrad's coalescing builds it:
@@ -57,7 +58,7 @@ def wide_half_loads(sink:UOp, ren:Renderer) -> UOp:
   if not isinstance(ren, CUDARenderer) or not fires_in(sink): return sink
   # in a tensor-core kernel a half4 used whole (a fragment) is regathered from the half8, and gated pairs (one gate for
   # both: 8 elements read, or none, where 4 and 4 were) merge too; a matvec keeps such pairs apart, as measured
-  tensor_cores = sink.arg is not None and any(o.op is OptOps.TC for o in sink.arg.applied_opts)
+  tensor_cores = on_tensor_cores(sink)
   loads: defaultdict[tuple[UOp, UOp, UOp], dict[int, UOp]] = defaultdict(dict)
   elements: defaultdict[UOp, list[UOp]] = defaultdict(list)  # a load's users that take one element (INDEX by a constant)
   uses: defaultdict[UOp, int] = defaultdict(int)             # all its users
