@@ -59,6 +59,21 @@ def launch_dims_at_zero(ast:UOp, ren) -> tuple[tuple[int, ...], tuple[int, ...]|
   info = ProgramInfo.from_sink(codegen.full_rewrite_to_sink(ast, ren, optimize=ast.tag is None), ren.target)
   return info.launch_dims({v.expr: 0 for v in info.vars})
 
+# *** fp16 products on tensor cores, as a prefill chunk runs them (tc_contiguous_k, tc_wide_k) ***
+
+def half_gemm(M:int, N:int, K:int) -> Callable[[], Tensor]:
+  a, b = Tensor.empty(M, K, dtype=dtypes.half), Tensor.empty(N, K, dtype=dtypes.half)
+  return lambda: a.matmul(b.T, dtype=dtypes.float)
+
+def staged_moe_tiles(tiles:int=4, M:int=64, N:int=768, K:int=512) -> Callable[[], Tensor]:
+  """A prefill chunk's MoE tiles against their experts' staged fp16 weights (model.grouped_experts)."""
+  x, w, te = Tensor.empty(tiles, M, K, dtype=dtypes.half), Tensor.empty(9, N, K, dtype=dtypes.half), Tensor.empty(tiles, dtype=dtypes.int32)
+  return lambda: x.matmul(w[te].transpose(-1, -2), dtype=dtypes.float)
+
+def half_loads(src:str) -> list[str]:
+  """The vector type of each half load a rendered CUDA kernel makes."""
+  return re.findall(r"\b(half\d?) val\d+ = ", src)
+
 def cuda_renderer(arch="sm_90"):
   from tinygrad.renderer.cstyle import NVCCRenderer  # compiles with nvcc, where there is one; renders anywhere
   return NVCCRenderer(Target(device="CUDA", arch=arch))

@@ -1,37 +1,24 @@
 """tc_contiguous_k: tensor cores' K bits relabeled so a thread's operand elements are adjacent along K (one vector load).
 The emulated-hardware test covers tc_wide_k too (its K steps two an iteration, relabeled again)."""
-import dataclasses, json, os, pathlib, re, subprocess, sys
+import dataclasses, json, os, pathlib, subprocess, sys
 import pytest
 import tinygrad_ext
-from tinygrad import Tensor, dtypes
+from tinygrad import dtypes
 from tinygrad.codegen.opt import tc
-from kernels import kernel_asts, render, cuda_renderer
+from kernels import kernel_asts, render, cuda_renderer, half_gemm, staged_moe_tiles, half_loads
 from tinygrad_ext.passes.tc_contiguous_k import k_relabeling, with_contiguous_k
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-def operand_loads(src:str) -> list[str]:
-  """The vector type of each half load a rendered CUDA kernel makes."""
-  return re.findall(r"\b(half\d?) val\d+ = ", src)
-
-def gemm(M, N, K, dt=dtypes.half):
-  a, b = Tensor.empty(M, K, dtype=dt), Tensor.empty(N, K, dtype=dt)
-  return lambda: a.matmul(b.T, dtype=dtypes.float)
-
-def moe_tiles(tiles=4, M=64, N=768, K=512):
-  # a prefill chunk's MoE tiles against their experts' staged fp16 weights (model.grouped_experts)
-  x, w, te = Tensor.empty(tiles, M, K, dtype=dtypes.half), Tensor.empty(9, N, K, dtype=dtypes.half), Tensor.empty(tiles, dtype=dtypes.int32)
-  return lambda: x.matmul(w[te].transpose(-1, -2), dtype=dtypes.float)
-
 # (bf16 loads stay scalar on tinygrad 0.14's CUDA renderer: the relabeling only makes them adjacent)
-@pytest.mark.parametrize("make", [gemm(64, 256, 512), gemm(16, 64, 128), moe_tiles()], ids=["half", "half_small", "moe_tiles"])
+@pytest.mark.parametrize("make", [half_gemm(64, 256, 512), half_gemm(16, 64, 128), staged_moe_tiles()], ids=["half", "half_small", "moe_tiles"])
 def test_a_thread_loads_its_k_elements_of_a_row_as_one_vector(make):
   # m16n8k16: a thread's K of a row are 2t, 2t+1, 2t+8, 2t+9 (two 2-vectors 16 bytes apart) in hardware order, and
   # 4t .. 4t+3 (one 4-vector) relabeled; the same product on tensor cores either way
   (ast,) = [a for a in kernel_asts(make) if "mma" in render(a, cuda_renderer())]
   # (tc_wide_k off: it puts two K steps side by side, test_tc_wide_k.py)
-  with tinygrad_ext.without("tc_wide_k"): on = operand_loads(render(ast, cuda_renderer()))
-  with tinygrad_ext.without("tc_wide_k", "tc_contiguous_k"): off = operand_loads(render(ast, cuda_renderer()))
+  with tinygrad_ext.without("tc_wide_k"): on = half_loads(render(ast, cuda_renderer()))
+  with tinygrad_ext.without("tc_wide_k", "tc_contiguous_k"): off = half_loads(render(ast, cuda_renderer()))
   assert off and {t[-1] for t in off} == {"2"} and {t[-1] for t in on} == {"4"} and len(on) * 2 == len(off), (on, off)
 
 def test_the_relabeling_is_one_for_both_operands_and_only_where_it_moves_elements_down():

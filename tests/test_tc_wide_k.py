@@ -5,18 +5,8 @@ import pytest
 import tinygrad_ext
 from tinygrad import Tensor, dtypes
 from tinygrad.codegen.opt import OptOps
-from kernels import kernel_asts, render, cuda_renderer, scheduler_of
+from kernels import kernel_asts, render, cuda_renderer, scheduler_of, half_gemm, staged_moe_tiles, half_loads
 from tinygrad_ext.passes.tc_wide_k import relabeled_k, choose_wide_k_opts
-
-def half_loads(src:str) -> list[str]: return re.findall(r"\b(half\d?) val\d+ = ", src)
-
-def gemm(M, N, K):
-  a, b = Tensor.empty(M, K, dtype=dtypes.half), Tensor.empty(N, K, dtype=dtypes.half)
-  return lambda: a.matmul(b.T, dtype=dtypes.float)
-
-def moe_tiles(tiles=4, M=64, N=768, K=512):
-  x, w, te = Tensor.empty(tiles, M, K, dtype=dtypes.half), Tensor.empty(9, N, K, dtype=dtypes.half), Tensor.empty(tiles, dtype=dtypes.int32)
-  return lambda: x.matmul(w[te].transpose(-1, -2), dtype=dtypes.float)
 
 def padded_weight(M=64, N=768, K=512):
   # rows past the weight's are padding: its loads are gated (as a MoE tile's weight by its expert-id check), one gate
@@ -24,7 +14,7 @@ def padded_weight(M=64, N=768, K=512):
   x, w = Tensor.empty(M, K, dtype=dtypes.half), Tensor.empty(N, K, dtype=dtypes.half)
   return lambda: x.matmul(w.pad(((0, 256), (0, 0))).T, dtype=dtypes.float)
 
-@pytest.mark.parametrize("make", [gemm(64, 256, 512), gemm(16, 64, 64), moe_tiles(), padded_weight()], ids=["gemm", "gemm_small", "moe_tiles", "gated"])
+@pytest.mark.parametrize("make", [half_gemm(64, 256, 512), half_gemm(16, 64, 64), staged_moe_tiles(), padded_weight()], ids=["gemm", "gemm_small", "moe_tiles", "gated"])
 def test_a_thread_loads_two_k_steps_of_a_row_as_one_half8(make):
   (ast,) = [a for a in kernel_asts(make) if "mma" in render(a, cuda_renderer())]
   on = half_loads(render(ast, cuda_renderer()))
@@ -68,7 +58,7 @@ def test_it_declines_a_symbolic_k_that_tinygrad_puts_on_tensor_cores():
   assert tensor_cores_take(k) and choose_wide_k_opts(k) is None and "mma" in render(ast, cuda_renderer())
 
 def test_it_needs_tc_contiguous_k():
-  ast, = kernel_asts(gemm(64, 256, 512))
+  ast, = kernel_asts(half_gemm(64, 256, 512))
   k = choose_wide_k_opts(scheduler_of(ast, cuda_renderer()))
   assert k is not None and [o.op for o in k.applied_opts][0] is OptOps.TC and k.applied_opts[-1].op is OptOps.UNROLL
   with tinygrad_ext.without("tc_contiguous_k"): assert choose_wide_k_opts(scheduler_of(ast, cuda_renderer())) is None
