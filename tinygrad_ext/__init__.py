@@ -12,7 +12,7 @@ check_tinygrad_version()
 
 import sys  # noqa: E402
 from tinygrad_ext.errors import SettingError, PipelineError  # noqa: E402
-from tinygrad_ext.registry import Pass, CodegenStep, ScheduleStep, SchedulerOpt, OptHeuristic, MatcherRules, ViewGuard, KernelPrologue, GraphBuilt, TensorCores, PASSES, register, unregister, check_pass_names  # noqa: E402
+from tinygrad_ext.registry import Pass, CodegenStep, ScheduleStep, SchedulerOpt, OptHeuristic, MatcherRules, ViewGuard, KernelPrologue, GraphBuilt, TensorCores, ScheduleOrder, PASSES, register, unregister, check_pass_names  # noqa: E402
 try:
   # each setting is checked as its module reads it from the environment, TINYGRAD_EXT_DISABLE once the passes are known:
   # a bad value is a bad command line, one line and exit status 2, in a script, a benchmark or a compile worker alike
@@ -26,5 +26,5 @@ except SettingError as e:
   raise SystemExit(2) from None
 if _EXT.value: hooks.install()
 
-__all__ = ["SettingError", "PipelineError", "pipeline", "Pass", "CodegenStep", "ScheduleStep", "SchedulerOpt", "OptHeuristic", "MatcherRules", "ViewGuard", "KernelPrologue", "GraphBuilt", "TensorCores", "PASSES", "register", "unregister", "enable", "disable", "enabled", "passes_off", "only", "without",
+__all__ = ["SettingError", "PipelineError", "pipeline", "Pass", "CodegenStep", "ScheduleStep", "SchedulerOpt", "OptHeuristic", "MatcherRules", "ViewGuard", "KernelPrologue", "GraphBuilt", "TensorCores", "ScheduleOrder", "PASSES", "register", "unregister", "enable", "disable", "enabled", "passes_off", "only", "without",
            "is_active", "active_passes", "cache_id", "settings", "with_setting", "hooks", "SUPPORTED_TINYGRAD", "__version__"]

@@ -16,6 +16,7 @@ Hook points (tinygrad 0.14.0):
   tinygrad.engine.realize.to_program_context
   tinygrad.engine.worker._init_worker       compile workers install these hooks before compiling anything
   tinygrad.codegen.opt.search.diskcache_get/put   BEAM results are stored on disk per cache_id()
+  tinygrad.schedule.create_schedule         ScheduleOrder passes reorder the kernels of each schedule it builds
   tinygrad.schedule.schedule_cache          the in-memory schedule cache is keyed per cache_id() and shared_values
   tinygrad.tensor.transform_to_call         records the tensor graph that a realize schedules
   tinygrad.tensor.create_linear_with_vars   schedules it with registry.shared_values set (values another schedule computes)
@@ -40,7 +41,7 @@ from tinygrad.helpers import NOOPT
 from tinygrad.renderer import Renderer
 from tinygrad.renderer.cstyle import CStyleLanguage
 from tinygrad_ext.registry import shared_values, PASSES, CodegenStep, ScheduleStep, SchedulerOpt, OptHeuristic, MatcherRules, ViewGuard, on_change
-from tinygrad_ext.registry import KernelPrologue, GraphBuilt, TensorCores
+from tinygrad_ext.registry import KernelPrologue, GraphBuilt, TensorCores, ScheduleOrder
 from tinygrad_ext.config import SWITCHES, is_active, cache_id
 from tinygrad_ext import pipeline
 from tinygrad_ext.internals import live_tensor_uops
@@ -50,6 +51,7 @@ from tinygrad_ext.passes.shared import out_of_range_consts
 # tinygrad's compiled PatternMatchers keep the graph_rewrite they first saw (so the replacement outlives uninstall())
 _tinygrad_init_worker = worker._init_worker
 _tinygrad_schedule_graph_rewrite = rangeify.graph_rewrite
+_tinygrad_create_schedule = schedule.create_schedule
 _originals: dict[tuple[object, str], object] = {}
 
 def _replace(module:object, attr:str, new:object) -> None:
@@ -134,6 +136,12 @@ def _create_linear_with_vars(big_sink:UOp):
   token = shared_values.set(shared)
   try: return _originals[(tensor, "create_linear_with_vars")](big_sink)
   finally: shared_values.reset(token)
+
+def _create_schedule(sched_sink:UOp) -> UOp:
+  linear = _tinygrad_create_schedule(sched_sink)
+  if not installed(): return linear
+  for h in registered_hooks(ScheduleOrder, True): linear = h.reorder(linear)
+  return linear
 
 # *** buffer views ***
 
@@ -261,6 +269,7 @@ def _install() -> None:
   _replace(search, "diskcache_get", _diskcache_get)
   _replace(search, "diskcache_put", _diskcache_put)
   _replace(schedule, "schedule_cache", PassKeyedCache())
+  _replace(schedule, "create_schedule", _create_schedule)
   _replace(Scheduler, "apply_opt", _apply_opt)
   _replace(Scheduler, "_apply_tc_opt", _apply_tc_opt)
   _replace(codegen, "apply_opts", _apply_opts)

@@ -12,7 +12,7 @@ passes silently idle.
 """
 from __future__ import annotations
 import functools, inspect, re
-from tinygrad_ext.registry import PASSES, Pass, Hook, CodegenStep, ScheduleStep, SchedulerOpt, OptHeuristic, MatcherRules, ViewGuard, KernelPrologue, GraphBuilt, TensorCores
+from tinygrad_ext.registry import PASSES, Pass, Hook, CodegenStep, ScheduleStep, SchedulerOpt, OptHeuristic, MatcherRules, ViewGuard, KernelPrologue, GraphBuilt, TensorCores, ScheduleOrder
 from tinygrad_ext._version import SUPPORTED_TINYGRAD, installed_tinygrad_version
 from tinygrad_ext.errors import PipelineError
 
@@ -21,6 +21,8 @@ PIPELINE: tuple[tuple[str, str, tuple[str, ...]], ...] = (
   # scheduling: tinygrad.schedule.rangeify.get_kernel_graph
   ("schedule step", "convert copy to store", ("fusion",)),
   ("schedule step", "symbolic+reduce_collapse+debuf", ("fusion",)),
+  # the kernels' order: tinygrad.schedule.create_schedule
+  ("schedule order", "", ("late_producers",)),
   # each kernel's opts: tinygrad.codegen.apply_opts (the first heuristic that returns opts decides)
   ("opt heuristic", "", ("fusion", "matvec", "quant_gemm", "long_reduce", "tc_wide_k")),
   ("scheduler opt", "", ("reduce_local",)),
@@ -50,6 +52,7 @@ def point(h:Hook) -> tuple[str, str]:
   if isinstance(h, KernelPrologue): return ("kernel prologue", "")
   if isinstance(h, GraphBuilt): return ("graph built", h.device)
   if isinstance(h, TensorCores): return ("tensor cores", "")
+  if isinstance(h, ScheduleOrder): return ("schedule order", "")
   raise TypeError(f"not a hook: {h!r}")
 
 def _position(p:Pass, h:Hook) -> tuple[int, int]:

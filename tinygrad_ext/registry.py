@@ -95,7 +95,15 @@ class TensorCores:
   choose: Callable[[Renderer, list], list]
   def where(self) -> str: return "tinygrad.codegen.opt.postrange.Scheduler._apply_tc_opt: the tensor cores it picks from"
 
-Hook = Union[CodegenStep, ScheduleStep, SchedulerOpt, OptHeuristic, MatcherRules, ViewGuard, KernelPrologue, GraphBuilt, TensorCores]
+@dataclass(frozen=True)
+class ScheduleOrder:
+  """`reorder(linear) -> linear`: the kernels of a schedule tinygrad built (tinygrad.schedule.create_schedule's LINEAR
+  of kernel CALLs) in another order, every kernel after each one it reads from, writes after, or must not overwrite
+  first. A JIT's memory planner gives buffers memory by this order. While its pass is off it is not asked."""
+  reorder: Callable[[UOp], UOp]
+  def where(self) -> str: return "tinygrad.schedule.create_schedule: the order of a schedule's kernels"
+
+Hook = Union[CodegenStep, ScheduleStep, SchedulerOpt, OptHeuristic, MatcherRules, ViewGuard, KernelPrologue, GraphBuilt, TensorCores, ScheduleOrder]
 
 @dataclass(frozen=True)
 class Pass:
