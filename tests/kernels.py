@@ -59,7 +59,7 @@ def launch_dims_at_zero(ast:UOp, ren) -> tuple[tuple[int, ...], tuple[int, ...]|
   info = ProgramInfo.from_sink(codegen.full_rewrite_to_sink(ast, ren, optimize=ast.tag is None), ren.target)
   return info.launch_dims({v.expr: 0 for v in info.vars})
 
-# *** fp16 products on tensor cores, as a prefill chunk runs them (tc_contiguous_k, tc_wide_k) ***
+# *** fp16 products on tensor cores, as a prefill chunk runs them (tc_contiguous_k) ***
 
 def half_gemm(M:int, N:int, K:int) -> Callable[[], Tensor]:
   a, b = Tensor.empty(M, K, dtype=dtypes.half), Tensor.empty(N, K, dtype=dtypes.half)

@@ -1,5 +1,4 @@
-"""tc_contiguous_k: tensor cores' K bits relabeled so a thread's operand elements are adjacent along K (one vector load).
-The emulated-hardware test covers tc_wide_k too (its K steps two an iteration, relabeled again)."""
+"""tc_contiguous_k: tensor cores' K bits relabeled so a thread's operand elements are adjacent along K (one vector load)."""
 import dataclasses, json, os, pathlib, subprocess, sys
 import pytest
 import tinygrad_ext
@@ -16,9 +15,8 @@ def test_a_thread_loads_its_k_elements_of_a_row_as_one_vector(make):
   # m16n8k16: a thread's K of a row are 2t, 2t+1, 2t+8, 2t+9 (two 2-vectors 16 bytes apart) in hardware order, and
   # 4t .. 4t+3 (one 4-vector) relabeled; the same product on tensor cores either way
   (ast,) = [a for a in kernel_asts(make) if "mma" in render(a, cuda_renderer())]
-  # (tc_wide_k off: it puts two K steps side by side, test_tc_wide_k.py)
-  with tinygrad_ext.without("tc_wide_k"): on = half_loads(render(ast, cuda_renderer()))
-  with tinygrad_ext.without("tc_wide_k", "tc_contiguous_k"): off = half_loads(render(ast, cuda_renderer()))
+  on = half_loads(render(ast, cuda_renderer()))
+  with tinygrad_ext.without("tc_contiguous_k"): off = half_loads(render(ast, cuda_renderer()))
   assert off and {t[-1] for t in off} == {"2"} and {t[-1] for t in on} == {"4"} and len(on) * 2 == len(off), (on, off)
 
 def test_the_relabeling_is_one_for_both_operands_and_only_where_it_moves_elements_down():
@@ -33,8 +31,8 @@ def test_the_relabeling_is_one_for_both_operands_and_only_where_it_moves_element
   assert k_relabeling(mixed) is None and with_contiguous_k(mixed) is mixed
 
 # run on tinygrad's emulated tensor cores (DEV=PYTHON::<arch>, the lanes and registers as the hardware has them): every
-# relabeled tensor core the emulator has, both operands K-contiguous or either one strided along K, with both tensor-core
-# passes on, without tc_wide_k, and without either, against float64. The values are multiples of 1/8 below 1 (exact in
+# relabeled tensor core the emulator has, both operands K-contiguous or either one strided along K, passes on and
+# without tc_contiguous_k, against float64. The values are multiples of 1/8 below 1 (exact in
 # every input dtype) so any order of the sum is exact and all agree to the bit; a wrong relabeling (one operand's only)
 # is off by whole units.
 EMULATED = r"""
@@ -47,8 +45,8 @@ from tinygrad.helpers import Context
 from tinygrad.uop.ops import Ops
 from kernels import kernel_asts, render
 names, examples = json.loads(sys.argv[1]), int(sys.argv[2])
-ren, seen, widened = Device[Device.DEFAULT].renderer, set(), set()
-CONFIGS = {"on": (), "without tc_wide_k": ("tc_wide_k",), "without both": ("tc_wide_k", "tc_contiguous_k")}
+ren, seen = Device[Device.DEFAULT].renderer, set()
+CONFIGS = {"on": (), "without tc_contiguous_k": ("tc_contiguous_k",)}
 
 @settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 @given(st.sampled_from(names), st.integers(1, 3), st.integers(1, 3), st.integers(1, 4), st.booleans(), st.booleans(), st.integers(0, 2**31))
@@ -67,13 +65,12 @@ def check(name, m, n, k, a_strided, b_strided, seed):
       programs[config] = render(ast, ren)
       got[config] = make().numpy()
   assert all(any(u.op is Ops.WMMA for u in pickle.loads(base64.b64decode(p))) for p in programs.values()), (name, M, N, K)
-  assert programs["without tc_wide_k"] != programs["without both"]
-  if programs["on"] != programs["without tc_wide_k"]: widened.add(name)
+  assert programs["on"] != programs["without tc_contiguous_k"]
   ref = av @ bv.T
   for config, out in got.items(): assert (out == ref).all(), (config, name, M, N, K, a_strided, b_strided)
   seen.add(name)
 check()
-print(json.dumps([sorted(seen), sorted(widened)]))
+print(json.dumps(sorted(seen)))
 """
 
 @pytest.mark.parametrize("arch, dtype_names", [("sm_80", ["half", "bfloat16", "float32"]), ("sm_89", ["fp8e4m3", "fp8e5m2"]),
@@ -83,5 +80,4 @@ def test_tensor_core_passes_compute_the_same_products_on_emulated_hardware(arch,
   r = subprocess.run([sys.executable, "-c", EMULATED, json.dumps(dtype_names), str(4 * len(dtype_names))], env=env,
                      capture_output=True, text=True, timeout=900)
   assert r.returncode == 0, r.stderr[-3000:]
-  seen, widened = json.loads(r.stdout.strip().splitlines()[-1])
-  assert seen == sorted(dtype_names) and widened  # every dtype drawn and checked; tc_wide_k took some of them
+  assert json.loads(r.stdout.strip().splitlines()[-1]) == sorted(dtype_names)  # every dtype drawn and checked

@@ -24,7 +24,7 @@ PIPELINE: tuple[tuple[str, str, tuple[str, ...]], ...] = (
   # the kernels' order: tinygrad.schedule.create_schedule
   ("schedule order", "", ("late_producers",)),
   # each kernel's opts: tinygrad.codegen.apply_opts (the first heuristic that returns opts decides)
-  ("opt heuristic", "", ("fusion", "matvec", "quant_gemm", "long_reduce", "tc_wide_k")),
+  ("opt heuristic", "", ("fusion", "matvec", "quant_gemm", "long_reduce")),
   ("scheduler opt", "", ("reduce_local",)),
   ("tensor cores", "", ("tc_contiguous_k",)),
   # codegen: tinygrad.codegen.full_rewrite_to_sink, after the named step

@@ -37,14 +37,6 @@ def k_relabeling(tc:TensorCore) -> dict[str, str]|None:
     found.add(tuple(zip(elements + lane_bits, k_bits)))
   return dict(found.pop()) if len(found) == 1 else None
 
-def k_roles(tc:TensorCore) -> tuple[int, int]|None:
-  """(element bits, lane bits) of tc's K where its element bits are K's lowest and its lane bits the next, in both
-  operands (as with_contiguous_k leaves them); None otherwise."""
-  relabel = k_relabeling(tc)
-  if relabel is None or any(a != b for a, b in relabel.items()): return None
-  lanes = len([n for n in tc.swizzle[0][0] if n in relabel])
-  return len(relabel) - lanes, lanes
-
 def with_contiguous_k(tc:TensorCore) -> TensorCore:
   """tc with its K bits relabeled (k_relabeling), or tc itself where no relabeling serves both operands or none is needed."""
   if (relabel := k_relabeling(tc)) is None or all(a == b for a, b in relabel.items()): return tc

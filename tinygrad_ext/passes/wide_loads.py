@@ -15,8 +15,7 @@ such slices in place at any element: `a[:, 3:].contiguous()` is a view 6 bytes i
 Where it fires, what was measured (LOG.md, 2026-12-02, "wide_loads"): CUDA C only (half8 is
 CUDA's 16-byte vector load; Metal has no 8-wide half vectors, PTX and the emulator no pointer casts, and OpenCL on PoCL
 reads half as ushort), in kernels that split their reduce over lanes with REDUCE_LOCAL and not over warps with a GROUP
-(there half8 measured slower: attn_output 4.6 -> 5.1 us in one run), and in tensor-core kernels (tc_wide_k puts a
-thread's elements of two K steps side by side; a half4 used whole there, a fragment, is regathered from the half8).
+(there half8 measured slower: attn_output 4.6 -> 5.1 us in one run).
 
 Hooks: a CodegenStep after tinygrad's "add images" step (right after its memory coalescing), and a ViewGuard on
 tinygrad.tensor._make_buffer_view.
@@ -36,51 +35,44 @@ NAME = "wide_loads"
 NARROW, WIDE = 4, 8     # half4 (8 bytes) -> half8 (16 bytes)
 ALIGN_BYTES = WIDE * dtypes.half.itemsize
 
-def on_tensor_cores(sink:UOp) -> bool: return sink.arg is not None and any(o.op is OptOps.TC for o in sink.arg.applied_opts)
-
 def fires_in(sink:UOp) -> bool:
-  """A kernel whose reduce REDUCE_LOCAL spread over lanes, and no GROUP spread over warps (half8 measured slower there);
-  or a tensor-core kernel (tc_wide_k puts a thread's elements of two K steps side by side)."""
+  """A kernel whose reduce REDUCE_LOCAL spread over lanes, and no GROUP spread over warps (half8 measured slower there)."""
   opts = sink.arg.applied_opts if sink.arg is not None else ()
-  return (any(o.op is OptOpsExt.REDUCE_LOCAL for o in opts) and not any(o.op in (OptOps.GROUP, OptOps.GROUPTOP) for o in opts)) or on_tensor_cores(sink)
+  return any(o.op is OptOpsExt.REDUCE_LOCAL for o in opts) and not any(o.op in (OptOps.GROUP, OptOps.GROUPTOP) for o in opts)
 
-def half4_load(u:UOp, gated:bool) -> tuple[UOp, UOp, UOp, int]|None:
-  """(buffer, gate, root, offset) of a half4 load of a global half buffer, as tinygrad's coalescing builds it:
-  LOAD(SHRINK(PARAM, root + offset, 4)), the index gated (a MoE weight's expert-id check) only if `gated`."""
+def half4_load(u:UOp) -> tuple[UOp, UOp, int]|None:
+  """(buffer, root, offset) of an ungated half4 load of a global half buffer, as tinygrad's coalescing builds it:
+  LOAD(SHRINK(PARAM, root + offset, 4))."""
   if u.op is not Ops.LOAD or len(u.src) != 1 or (shr:=u.src[0]).op is not Ops.SHRINK: return None
   buf, start, length = shr.src
   if buf.op is not Ops.PARAM or buf.dtype != dtypes.half or buf.addrspace is not AddrSpace.GLOBAL: return None
-  if length.op is not Ops.CONST or length.arg != NARROW: return None
-  if not gated and (start.get_valid().op is not Ops.CONST or not start.get_valid().arg): return None
-  return (buf, start.get_valid(), *root_and_offset(start.get_idx()))
+  if length.op is not Ops.CONST or length.arg != NARROW or start.get_valid().op is not Ops.CONST or not start.get_valid().arg: return None
+  return (buf, *root_and_offset(start))
 
 def wide_half_loads(sink:UOp, ren:Renderer) -> UOp:
   if not isinstance(ren, CUDARenderer) or not fires_in(sink): return sink
-  # in a tensor-core kernel a half4 used whole (a fragment) is regathered from the half8, and gated pairs (one gate for
-  # both: 8 elements read, or none, where 4 and 4 were) merge too; a matvec keeps such pairs apart, as measured
-  tensor_cores = on_tensor_cores(sink)
-  loads: defaultdict[tuple[UOp, UOp, UOp], dict[int, UOp]] = defaultdict(dict)
+  loads: defaultdict[tuple[UOp, UOp], dict[int, UOp]] = defaultdict(dict)
   elements: defaultdict[UOp, list[UOp]] = defaultdict(list)  # a load's users that take one element (INDEX by a constant)
   uses: defaultdict[UOp, int] = defaultdict(int)             # all its users
   for u in sink.toposort():
-    if (found:=half4_load(u, tensor_cores)) is not None: loads[found[:3]].setdefault(found[3], u)
+    if (found:=half4_load(u)) is not None: loads[found[:2]].setdefault(found[2], u)
     if u.op is Ops.INDEX and len(u.src) == 2 and u.src[1].op is Ops.CONST: elements[u.src[0]].append(u)
     for s in u.src: uses[s] += 1
   subs: dict[UOp, UOp] = {}
-  for (buf, gate, root), by_offset in loads.items():
+  for (buf, root), by_offset in loads.items():
     offsets = sorted(by_offset)
     i = 0
     while i < len(offsets):
       o = offsets[i]
       lo, hi = by_offset[o], by_offset.get(o + NARROW)
-      if hi is None or (root + o).divides(WIDE) is None or (not tensor_cores and any(len(elements[ld]) != uses[ld] for ld in (lo, hi))):
+      # each half4 load's value is used only through its elements: anything else keeps the pair apart
+      if hi is None or (root + o).divides(WIDE) is None or any(len(elements[ld]) != uses[ld] for ld in (lo, hi)):
         i += 1
         continue
       shr = lo.src[0]
       wide = lo.replace(src=(shr.replace(src=(shr.src[0], shr.src[1], shr.src[2].replace(arg=WIDE))),))
       for part, ld in ((0, lo), (NARROW, hi)):
         for ix in elements[ld]: subs[ix] = wide.index(ix.src[1].replace(arg=ix.src[1].arg + part))
-        if len(elements[ld]) != uses[ld]: subs[ld] = UOp(Ops.STACK, ld.dtype, tuple(wide.index(part + j) for j in range(NARROW)))
       i += 2
   return sink.substitute(subs, name="wide_loads") if subs else sink
 
