@@ -234,3 +234,15 @@ def test_run_interrupted_while_generating(tmp_path):
   assert len(entries) < len(files) and all(f.parent == pathlib.Path("jit") and f.suffix == ".jit" for f in entries), files
   for f in entries:
     with open(tmp_path / f, "rb") as fh: assert pickle.load(fh)["jit"] == f.name.split("-")[0]
+
+# ***** what generation times *****
+
+def test_a_stored_jits_first_call_is_warmup_not_a_timed_replay():
+  # a JIT read from the store is captured before its first call, which builds its device graph (0.62 s of an H100 run's
+  # first step, 2026-12-07g): timed as a replay it gave 1.6 tok/s; the calls after it are the replays
+  class Jit: captured = object()  # as the store hands it over
+  class Model:
+    def decode_ahead(self, jit, token, pos, n): return [token + 1 + i for i in range(n)]
+  out, calls = run.generate(Model(), Jit(), 1, 0, 10, eog=set(), ahead=4, show=lambda t: None)
+  assert out == list(range(1, 11))
+  assert [(n, replay) for _, n, replay in calls] == [(1, False), (4, True), (4, True)]

@@ -184,7 +184,7 @@ def generate(m:glm.GLM, jit, first:int, pos:int, count:int, eog, ahead:int, show
   included); show(t) gets each token that does not end generation, as it is read. Once the JIT is captured, `ahead`
   steps go at a time (model.decode_ahead): a burst may run past the end of generation, whose tokens are dropped (the
   KV rows it wrote past the end are overwritten by whatever is fed there next). Returns the tokens and, per call,
-  (seconds, steps, whether it replayed the captured JIT)."""
+  (seconds, steps, whether it replayed a capture already run in this process)."""
   out: list[int] = []
   calls: list[tuple[float, int, bool]] = []
   def take(t:int) -> bool:
@@ -192,14 +192,16 @@ def generate(m:glm.GLM, jit, first:int, pos:int, count:int, eog, ahead:int, show
     if t in eog: return False
     show(t)
     return len(out) < count
-  going = take(first)
+  going, ran_captured = take(first), False
   while going:
     synth.raise_if_signalled()  # a signal whose exception a __del__ dropped ends generation here
-    replay = jit.captured is not None
+    # a replay once the captured JIT has run in this process: one read from the store builds its graph on its first call
+    replay = ran_captured
     n = min(ahead, count - len(out)) if replay else 1
     s0 = time.perf_counter()
     new = m.decode_ahead(jit, out[-1], pos, n)
     calls.append((time.perf_counter() - s0, n, replay))
+    ran_captured = jit.captured is not None
     pos += n
     for t in new:
       if not (going := take(t)): break
