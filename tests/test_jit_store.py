@@ -1,7 +1,7 @@
 """examples/glm/jit_store: a JIT read from the store computes what a built one does, on this process's state; anything
 that decides its programs (a pass setting, the model file, tinygrad_ext's version) misses it; a truncated, foreign or
 stale entry is rebuilt with one line on stderr. run.py's second start reads its JITs and gives the same tokens."""
-import contextlib, pathlib, subprocess, sys
+import json, re, contextlib, pathlib, subprocess, sys
 import numpy as np
 import pytest
 import tinygrad_ext
@@ -36,6 +36,9 @@ def test_a_stored_jit_computes_what_a_built_one_does_on_the_loading_models_state
   built, toy1, s1 = run(tmp_path, {"sampled": sampled})
   hit, toy2, s2 = run(tmp_path, {"sampled": sampled})
   assert s1.events == ["toy: built"] and s2.events == ["toy: hit"]
+  # the seconds each took: the capture and its compiling (a part of it, and some: its kernels were new), the reading
+  t1, t2 = s1.seconds["toy"], s2.seconds["toy"]
+  assert 0 < t1["compiling_s"] <= t1["built_s"] and set(t2) == {"read_s"} and t2["read_s"] > 0
   for a, b in zip(built, hit): np.testing.assert_array_equal(a, b)
   # the loaded JIT advanced this process's state, as the built one did its own
   np.testing.assert_array_equal(toy2.seen.numpy(), toy1.seen.numpy())
@@ -90,13 +93,20 @@ def test_run_second_start_reads_its_jits_and_gives_the_same_tokens(tmp_path):
   from examples.glm import synth
   tiny = synth.write(tmp_path / "tiny.gguf", "tiny", "Q4_0", seed=0)
   cmd = [sys.executable, str(ROOT / "examples" / "glm" / "run.py"), "--model", str(tiny), "--cache-dir", str(tmp_path), "--count", "4",
-         "--temperature", "5", "--seed", "3"]
+         "--temperature", "5", "--seed", "3", "--json", str(tmp_path / "r.json")]
   first, second = [subprocess.run(cmd, capture_output=True, text=True, timeout=600) for _ in range(2)]
   assert first.returncode == second.returncode == 0, first.stderr + second.stderr
   def line(p, key): return next(ln for ln in p.stderr.splitlines() if key in ln)
   # (the demo's prompt is shorter than a chunk: it goes through the decode step, whose JIT is then the only one)
   assert "(JITs: decode: built)" in line(first, "first token") and "(JITs: decode: hit)" in line(second, "first token")
+  # the start line itemizes the JIT: its capture and the compiling in it, then its reading from the store
+  built = json.loads((tmp_path / "r.json").read_text())  # (the second start's: read below)
+  assert re.search(r"decode built in [0-9.]+ s, compiling [0-9.]+ s of it", line(first, "first token"))
+  assert re.search(r"decode read in [0-9.]+ s", line(second, "first token")) and "read_s" in built["results"]["on"]["jit_seconds"]["decode"]
   assert line(first, "tokens:") == line(second, "tokens:")
+  # the device memory it reports holding includes every byte of the model's tensors (read to the device once)
+  held = json.loads((tmp_path / "r.json").read_text())["results"]["on"]["device_gb"] * 1e9
+  assert held >= 0.9 * tiny.stat().st_size and "device memory held" in second.stderr, held
 
 def test_an_entry_holds_no_bytes_of_the_jits_intermediates(tmp_path):
   # a prefill chunk's intermediates are hundreds of MB at full size: the entry keeps their buffers' sizes, not bytes

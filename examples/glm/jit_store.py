@@ -9,10 +9,11 @@ the RNG's seed and counter) are not in it: they are written by name and bound to
 stale, truncated or foreign entry is rebuilt with one line on stderr, never used; an entry is written through a temp
 file renamed into place, so no signal leaves one half-written."""
 from __future__ import annotations
-import dataclasses, functools, hashlib, importlib.metadata, json, os, pathlib, pickle, platform, sys
+import dataclasses, functools, hashlib, importlib.metadata, json, os, pathlib, pickle, platform, sys, time
 from typing import Callable
 from tinygrad import Tensor, Device
 from tinygrad.device import Buffer
+import tinygrad.engine.jit as tinygrad_jit
 from tinygrad.engine.jit import _TinyJit, CapturedJit
 from tinygrad.helpers import ContextVar
 from tinygrad.uop.ops import Ops, UOp, buffers
@@ -82,19 +83,29 @@ class _Reader(pickle.Unpickler):
       self.own[arg.slot] = UOp(Ops.BUFFER, arg.dtype, src, dataclasses.replace(arg, slot=next(UOp.unique_num)), tag, None, buf)
     return self.own[arg.slot]
 
+# seconds this process has spent compiling captured JITs' kernels (tinygrad's jit_lower compiles them all in one call)
+compiling_s = 0.0
+def _timed_compile_linear(*args, _compile=tinygrad_jit.compile_linear, **kwargs):
+  global compiling_s
+  st = time.perf_counter()
+  try: return _compile(*args, **kwargs)
+  finally: compiling_s += time.perf_counter() - st
+tinygrad_jit.compile_linear = _timed_compile_linear
+
 class StoredJit(_TinyJit):
   """A TinyJit that captures on its first call (no eager call first: the model's state exists before it) and then
-  hands its capture to the store once."""
-  def __init__(self, fxn, captured:CapturedJit|None=None, on_capture:Callable[[CapturedJit], None]|None=None):
+  hands its capture to the store once, with the seconds that call took and the seconds of them spent compiling."""
+  def __init__(self, fxn, captured:CapturedJit|None=None, on_capture:Callable[[CapturedJit, float, float], None]|None=None):
     super().__init__(fxn, captured)
     if fxn is not None: self.cnt = 1
     self.on_capture = on_capture
   def __reduce__(self): return _TinyJit, (None, self.captured)
   def __call__(self, *args, **kwargs):
+    st, compiled = time.perf_counter(), compiling_s
     ret = super().__call__(*args, **kwargs)
     if self.on_capture is not None and self.captured is not None:
       on_capture, self.on_capture = self.on_capture, None
-      on_capture(self.captured)
+      on_capture(self.captured, time.perf_counter() - st, compiling_s - compiled)
     return ret
 
 class JitStore:
@@ -103,6 +114,8 @@ class JitStore:
   def __init__(self, folder:str|os.PathLike, identity:dict, state:Callable[[], dict[str, Tensor]]):
     self.folder, self.identity, self.state = pathlib.Path(folder), identity, state
     self.events: list[str] = []  # what each JIT was: "decode: hit", "prefill32: built" (run.py reports them)
+    # each name's first JIT: the seconds reading it ("read_s"), or capturing it ("built_s") and compiling its kernels in that
+    self.seconds: dict[str, dict[str, float]] = {}
 
   def key(self, what:dict) -> dict:
     """Everything that decides the programs of the JIT `what` names, as JSON reads it back (the entry's header)."""
@@ -128,17 +141,22 @@ class JitStore:
     path, names = self.path(key), self.names(what)
     if path.exists():
       try:
+        st = time.perf_counter()
         with open(path, "rb") as f:
           if pickle.load(f) != key: raise ValueError("written for another key")
           captured = _Reader(f, {v: k for k, v in names.items()}).load()
         if not isinstance(captured, CapturedJit): raise ValueError("not a captured JIT")
         self.events.append(f"{what['jit']}: hit")
+        self.seconds.setdefault(what["jit"], {"read_s": time.perf_counter() - st})
         return StoredJit(None, captured)
       except Exception as e:  # truncated, written by other code, or for state this model lacks: rebuilt, never used
         print(f"jit store: {path.name} unusable ({type(e).__name__}: {str(e)[:80]}), rebuilding it", file=sys.stderr)
         path.unlink(missing_ok=True)
     self.events.append(f"{what['jit']}: built")
-    return StoredJit(fxn, on_capture=lambda captured: self.write(path, key, captured, names))
+    def captured(captured:CapturedJit, built_s:float, compiling_s:float) -> None:
+      self.seconds.setdefault(what["jit"], {"built_s": built_s, "compiling_s": compiling_s})
+      self.write(path, key, captured, names)
+    return StoredJit(fxn, on_capture=captured)
 
   def write(self, path:pathlib.Path, key:dict, captured:CapturedJit, names:dict[UOp, str]) -> None:
     try:

@@ -20,7 +20,7 @@ import argparse, contextlib, json, os, pathlib, sys
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # the repo root: examples.glm is a package
-from tinygrad import Device, Tensor, dtypes  # noqa: E402
+from tinygrad import Device, Tensor, GlobalCounters, dtypes  # noqa: E402
 from tinygrad.uop.ops import Ops  # noqa: E402
 from examples.glm import model as glm, synth, stats, roofline, jit_store  # noqa: E402
 from examples.glm.tokenizer import Tokenizer, TokenizerError, StreamDecoder  # noqa: E402
@@ -283,6 +283,8 @@ def run_mode(m:glm.GLM, tok:Tokenizer, prompt:list[int], a, mode:str) -> dict:
       if a.profile and (planned := glm.plan(a.prefill)[0]):  # the kernels of the prompt's first chunk, with their arithmetic rate
         T = planned[0]
         res["prefill"]["profile"] = {"chunk": T, **stats.summarize(stats.time_kernels(pf.jit(T), pf.args(T, ids[:T], 0), classify(kernel_roles(m))))}
+  # what this process holds on the device now: the weights, the KV cache, each JIT's planned buffers
+  res["device_gb"] = GlobalCounters.mem_used_per_device[Device.DEFAULT] / 1e9
   return res
 
 def logit_agreement(off:np.ndarray, on:np.ndarray) -> dict:
@@ -306,6 +308,7 @@ def report(res:dict):
     log(f"[{tag}] prefill {pf['tokens']} tokens: {pf['tok_per_s']:.1f} tok/s ({pf['s']*1e3:.1f} ms, schedule cached; "
           f"first call {pf['first_s']:.1f} s with compiling, second {pf['second_s']:.1f} s)")
     if "profile" in pf: log(stats.format_table(pf["profile"], what=f"{pf['profile']['chunk']}-token prefill chunk"))
+  if "device_gb" in res: log(f"[{tag}] device memory held: {res['device_gb']:.2f} GB (weights, KV cache, the JITs' buffers)")
   if "profile" in res:
     log(stats.format_table(res["profile"]))
     if ms is not None:  # what the kernels leave of a token: the host's share (the jit call, the token's readback)
@@ -317,8 +320,10 @@ def start_line(imports_s:float, load_s:float, res:dict) -> str:
   the first decode step; each JIT read from the store (hit) or compiled and captured (built)."""
   jits = f" (JITs: {', '.join(res['jits'])})" if res.get("jits") else ""
   first = f"; first decode step {res['first_decode_s']:.2f} s" if "first_decode_s" in res else ""
+  def took(t:dict) -> str: return f"read in {t['read_s']:.1f} s" if "read_s" in t else f"built in {t['built_s']:.1f} s, compiling {t['compiling_s']:.1f} s of it"
+  times = f"; {', '.join(f'{name} {took(t)}' for name, t in res['jit_seconds'].items())}" if res.get("jit_seconds") else ""
   return (f"first token {res['first_token_after_s']:.1f} s after start: imports {imports_s:.1f} s, load {load_s:.1f} s, "
-          f"prefill {res['prompt_s']:.2f} s{first}{jits}")
+          f"prefill {res['prompt_s']:.2f} s{first}{jits}{times}")
 
 def main(argv=None) -> int:
   try:
@@ -360,7 +365,7 @@ def main(argv=None) -> int:
     for mode in modes:
       if len(modes) > 1: log(f"[passes {mode}] generating:")
       results[mode] = run_mode(m, tok, prompt, a, mode)
-      if store is not None: results[mode]["jits"], store.events = store.events, []
+      if store is not None: (results[mode]["jits"], store.events), (results[mode]["jit_seconds"], store.seconds) = (store.events, []), (store.seconds, {})
       report(results[mode])
       if mode == modes[0]: log(start_line(st - STARTED, load_s, results[mode]))
     out = {"model": str(path), "device": Device.DEFAULT, "dtype": a.dtype, "stacked_projections": not a.separate_projections, "shared_in_experts": not a.separate_shared_expert, "prompt_tokens": len(prompt), "count": a.count,
