@@ -365,7 +365,9 @@ def main(argv=None) -> int:
     for mode in modes:
       if len(modes) > 1: log(f"[passes {mode}] generating:")
       results[mode] = run_mode(m, tok, prompt, a, mode)
-      if store is not None: (results[mode]["jits"], store.events), (results[mode]["jit_seconds"], store.seconds) = (store.events, []), (store.seconds, {})
+      if store is not None:
+        results[mode]["jits"], results[mode]["jit_seconds"] = store.events, store.seconds
+        store.events, store.seconds = [], {}
       report(results[mode])
       if mode == modes[0]: log(start_line(st - STARTED, load_s, results[mode]))
     out = {"model": str(path), "device": Device.DEFAULT, "dtype": a.dtype, "stacked_projections": not a.separate_projections, "shared_in_experts": not a.separate_shared_expert, "prompt_tokens": len(prompt), "count": a.count,
