@@ -19,8 +19,9 @@ from __future__ import annotations
 from tinygrad.uop.ops import Ops, AxisType
 from tinygrad.dtype import dtypes
 from tinygrad.helpers import TC_OPT, USE_TC
+from tinygrad.codegen.opt import Opt, OptOps
 from tinygrad_ext import Pass, OptHeuristic, register
-from tinygrad_ext.passes.shared import BYTE_DTYPES, with_tensor_cores, tc_upcasts_and_local
+from tinygrad_ext.passes.shared import BYTE_DTYPES, with_tensor_cores
 
 NAME = "quant_gemm"
 TC_DTYPES = (dtypes.half, dtypes.bfloat16)
@@ -44,7 +45,10 @@ def choose_quant_gemm_opts(k):
   if USE_TC.value <= 0 or not k.ren.tensor_cores or not (choices := quant_product_choices(k)): return None
   if (found := with_tensor_cores(k, choices, max(1, TC_OPT.value))) is None: return None
   tk, rngs = found
-  tc_upcasts_and_local(tk, rngs)  # then as tinygrad's: upcast M and N, and a local on N
+  for dim in (1, 0):  # then as tinygrad's: upcast M and N, and a local on N
+    if (szs := [sz for sz in (5, 4, 3, 2) if rngs[dim].src[0].divides(sz) is not None]):
+      rngs[dim] = tk.apply_opt(Opt(OptOps.UPCAST, tk.rngs.index(rngs[dim]), szs[0]))[0]
+  if (szs := [sz for sz in (4, 2) if rngs[0].src[0].divides(sz) is not None]): tk.apply_opt(Opt(OptOps.LOCAL, tk.rngs.index(rngs[0]), szs[0]))
   return tk
 
 QUANT_GEMM = register(Pass(NAME, "puts products of rows with a weight read as it dequantizes (several reduce axes) on tensor cores",

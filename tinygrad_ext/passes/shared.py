@@ -126,24 +126,10 @@ def with_tensor_cores(k, choices:int, tc_opt:int):
     except KernelOptError: continue
   return None
 
-def tc_upcasts_and_local(tk, rngs:list) -> list:
-  """After a TC opt, what tinygrad's hand_coded_optimizations applies next: the largest of 5, 4, 3, 2 that divides M,
-  then N, as an UPCAST, and 4 or 2 of N as a LOCAL. Returns the opt's ranges as they are after."""
-  from tinygrad.codegen.opt import Opt, OptOps
-  for dim in (1, 0):
-    if (szs := [sz for sz in (5, 4, 3, 2) if rngs[dim].src[0].divides(sz) is not None]):
-      rngs[dim] = tk.apply_opt(Opt(OptOps.UPCAST, tk.rngs.index(rngs[dim]), szs[0]))[0]
-  if (szs := [sz for sz in (4, 2) if rngs[0].src[0].divides(sz) is not None]): tk.apply_opt(Opt(OptOps.LOCAL, tk.rngs.index(rngs[0]), szs[0]))
-  return rngs
-
-def tinygrads_tensor_cores(k):
-  """(k with the TC opt applied, its ranges) as tinygrad's own heuristic would apply it (a half x half product summed in
-  float: a prefill chunk's attention), or None where it would not. The same test as hand_coded_optimizations."""
+def tensor_cores_take(k) -> bool:
+  """tinygrad's own heuristic would run this kernel on tensor cores (a half x half product summed in float: a prefill
+  chunk's attention): a heuristic that claims it first would keep them off. The same test as hand_coded_optimizations."""
   from tinygrad.uop.ops import AxisType
   from tinygrad.helpers import USE_TC, TC_OPT
-  if USE_TC.value <= 0 or not (len(k.axes_of(AxisType.GROUP_REDUCE, AxisType.REDUCE)) == 1 or TC_OPT.value >= 1): return None
-  return with_tensor_cores(k, 3, TC_OPT.value)
-
-def tensor_cores_take(k) -> bool:
-  """tinygrad's own heuristic would run this kernel on tensor cores: a heuristic that claims it first would keep them off."""
-  return tinygrads_tensor_cores(k) is not None
+  if USE_TC.value <= 0 or not (len(k.axes_of(AxisType.GROUP_REDUCE, AxisType.REDUCE)) == 1 or TC_OPT.value >= 1): return False
+  return with_tensor_cores(k, 3, TC_OPT.value) is not None
