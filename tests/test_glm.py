@@ -4,6 +4,7 @@ import json, math, pathlib, subprocess, sys
 from functools import partial
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st, HealthCheck
 import gguf
 import tinygrad_ext
 from tinygrad import Tensor, TinyJit, Device, dtypes
@@ -91,6 +92,45 @@ def test_tokens_short_of_a_chunk_go_through_the_decode_step(tiny, monkeypatch):
     tok, logits = pf(prompt[:n])
     assert sorted(pf.jits) == jits and len(calls) == len(glm.plan(n)[0]), n
     assert rel_err(logits.numpy()[0], want) <= 1e-2 and tok == int(want.argmax()), n
+
+@pytest.fixture(scope="module")
+def chat(tiny):
+  """The tiny model with room for a chat, and its decode step's JIT (compiled once for the module)."""
+  model = glm.load(tiny, max_context=96)[0]
+  return model, model.decoder(), {}
+
+# chunk lengths (the longest goes first, the last may be padded) and PAD_MIN: fewer tokens left than this go through the
+# decode step where the prefill has it (run.py), else a padded chunk
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lengths=st.sampled_from([(8,), (8, 24)]), pad_min=st.integers(1, 24), start=st.integers(0, 9), n=st.integers(1, 40),
+       through_decoder=st.booleans())
+def test_prefill_then_decode_gives_the_logits_of_decoding_token_by_token(chat, lengths, pad_min, start, n, through_decoder):
+  # a prompt of n tokens after `start` tokens already in the cache (a chat's next turn) read by the chunked prefill, then
+  # one decode step, against the same tokens fed one by one through the decode step: the same logits within fp16
+  # rounding, at the prompt's last token and at the step after it
+  model, decoder, prefillers = chat
+  tokens = [(11 * i + 5) % model.cfg.vocab for i in range(start + n)]
+  def one_by_one(upto:int) -> tuple[int, Tensor]:
+    for pos in range(upto):
+      tok, logits = model.decode(decoder, tokens[pos], pos)
+    return tok, logits
+  want_tok, want = one_by_one(start + n)
+  want = want.numpy()[0]
+  after_tok, after = model.decode(decoder, want_tok, start + n)
+  after = after.numpy()[0]
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(glm, "CHUNKS", lengths)
+    mp.setattr(glm, "PAD_MIN", pad_min)
+    if start: one_by_one(start)
+    # one prefiller (its chunk JITs) per kind for the module: later examples replay them at other starts and lengths
+    key = (lengths, through_decoder)
+    pf = prefillers[key] = prefillers.get(key) or model.prefiller(decoder=decoder if through_decoder else None)
+    tok, logits = pf(tokens[start:], start)
+  got = logits.numpy()[0]
+  assert rel_err(got, want) <= 1e-2
+  assert tok == want_tok or got[want_tok] >= got.max() - 2e-2 * np.abs(want).max()  # a flip only between near-equal logits
+  nxt, logits = model.decode(decoder, want_tok, start + n)
+  assert rel_err(logits.numpy()[0], after) <= 1e-2 and (nxt == after_tok or logits.numpy()[0][after_tok] >= logits.numpy()[0].max() - 2e-2 * np.abs(after).max())
 
 @pytest.mark.parametrize("T, k, E, M", [(12, 2, 5, 4), (40, 3, 8, 16), (33, 5, 9, 8)])
 def test_group_by_expert_puts_each_assignment_in_a_tile_of_its_expert(T, k, E, M):
