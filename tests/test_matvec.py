@@ -31,7 +31,8 @@ def test_matvec_passes_on_equal_passes_off(device):
                                           "lanes=16,lanes_per_block=2,block_unroll=2,block_unroll_min_elements=0",
                                           "lanes=32,lanes_per_block=8,block_unroll=4,block_unroll_min_elements=0",
                                           "lanes=32,lanes_per_block=2,lanes_per_block_wide=2,reduce_warps=8,short_loop_unroll=8",
-                                          "spread_in_block=0", "lanes=32,spread_in_block=1,reduce_warps=8"]))
+                                          "spread_in_block=0", "lanes=32,spread_in_block=1,reduce_warps=8",
+                                          "lanes=32,reduce_warps=8,reduce_warps_max_elements=1,wide_reduce_warps_any_size=1"]))
       with tinygrad_ext.passes_off(): ref = make().numpy()
       with Context(TINYGRAD_EXT_MATVEC_POLICY=policy): assert_close_fp16(make().numpy(), ref)
   prop()
@@ -319,6 +320,24 @@ def test_matvec_gives_a_wide_k_quant_row_over_warps_its_groups_not_a_spread():
   assert [o.arg for o in opts_of("Q4_0") if o.op is OptOpsExt.REDUCE_LOCAL] == [2, 16]
   with Context(TINYGRAD_EXT_MATVEC_POLICY="reduce_warps=1"):  # no warps: the spread again (a row of few groups' lanes)
     assert len([o for o in opts_of("Q4_K") if o.op is OptOpsExt.REDUCE_LOCAL]) == 3
+
+def gguf_empty(qtype:str, *shape:int) -> Tensor:
+  """A weight of qtype over Tensor.empty bytes: only the opts are looked at."""
+  t = gguf.GGMLQuantizationType[qtype]
+  (elements, nbytes), n = gguf.GGML_QUANT_SIZES[t], prod(shape)
+  return ggml_data_to_tensor(Tensor.empty(n // elements * nbytes, dtype=dtypes.uint8), n, int(t)).reshape(*shape).cast(dtypes.float16)
+
+def test_matvec_splits_a_wide_rows_blocks_over_warps_at_any_size_where_the_policy_says():
+  # the dense ffn down in Q6_K (2048 x 10240, 21M weights, past reduce_warps_max_elements): its 40 super-blocks a row
+  # fill 8 lanes whole, so without warps its 2048 rows make few threads. wide_reduce_warps_any_size lifts the size bound
+  # for matrices with fewer rows than inputs only: the down projection's rows then go over 5 warps (as attn_output's, under
+  # the bound), the up projection's (10240 x 2048) opts stay as they were
+  down, up = gguf_empty("Q6_K", 2048, 10240), gguf_empty("Q6_K", 10240, 2048)
+  def opts(w, policy):
+    with Context(TINYGRAD_EXT_MATVEC_POLICY=policy): return applied(lambda: Tensor.empty(1, w.shape[1], dtype=dtypes.float16) @ w.T, cuda_renderer())
+  assert not groups(opts(down, "wide_reduce_warps_any_size=0"))
+  assert groups(opts(down, "wide_reduce_warps_any_size=1")) == [Opt(OptOps.GROUP, 0, 5)]
+  assert opts(up, "wide_reduce_warps_any_size=1") == opts(up, "wide_reduce_warps_any_size=0")
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_matvecs_per_head_with_merged_axes_equal_passes_off(device):

@@ -52,6 +52,9 @@ class MatvecPolicy:
   # reduce_warps_max_elements weights (0: any size). A small matrix fills few warps, each walking many blocks
   reduce_warps: int = 1
   reduce_warps_max_elements: int = 0
+  # 1: that size bound holds only for matrices with at least as many rows as inputs; a wide one (fewer rows than inputs,
+  # a down projection) has its rows split over warps at any size
+  wide_reduce_warps_any_size: int = 0
   # blocks per lane per loop step (UNROLL of what is left of the block axis after the lanes): more loads in flight, on
   # matrices of at least block_unroll_min_elements weights (0: any size)
   block_unroll: int = 1
@@ -209,8 +212,9 @@ def spread_in_block(k, weight:UOp, red:list[int], lanes:int) -> tuple[list[int],
   byte_lanes = max((n for n in (1, 2, 4, 8, 16, 32) if block_bytes % n == 0 and block_bytes // n >= 4 and n * width <= lanes), default=1)
   return axes, byte_lanes
 
-def warps_may_split_rows(pol:MatvecPolicy, weight_elements:int) -> bool:
-  return pol.reduce_warps > 1 and not (pol.reduce_warps_max_elements and weight_elements >= pol.reduce_warps_max_elements)
+def warps_may_split_rows(pol:MatvecPolicy, weight_elements:int, wide:bool) -> bool:
+  bounded = pol.reduce_warps_max_elements and not (wide and pol.wide_reduce_warps_any_size)
+  return pol.reduce_warps > 1 and not (bounded and weight_elements >= pol.reduce_warps_max_elements)
 
 def reduce_warps(pol:MatvecPolicy, lane_steps:int) -> int:
   return next((d for d in range(2, pol.reduce_warps + 1) if lane_steps % d == 0), 1)
@@ -289,7 +293,7 @@ def choose_matvec_opts(k):
   dense = sum(k.full_shape[i] > 1 for i in outs) == 1  # one output axis: no expert slots (MoE) or batch beside the rows
   tall = pol.tall_upcast_rows > 1 and len(red) >= 2 and not side and not row_reduces and dense and rows >= inputs and \
          pol.tall_min_elements <= weight_elements < (pol.wide_upcast_min_elements or weight_elements + 1)
-  warps_split = tall or (len(red) >= 2 and not side and not row_reduces and warps_may_split_rows(pol, weight_elements))
+  warps_split = tall or (len(red) >= 2 and not side and not row_reduces and warps_may_split_rows(pol, weight_elements, rows < inputs))
   if len(red) >= 2:
     # a dequant chain splits the reduce: the axes after the first are inside a quant block. They are unrolled, but for
     # the last (the block's contiguous bytes), which is split over lanes_per_block lanes, each reading a contiguous run
