@@ -101,7 +101,7 @@ def chat(tiny):
 
 # chunk lengths (the longest goes first, the last may be padded) and PAD_MIN: fewer tokens left than this go through the
 # decode step where the prefill has it (run.py), else a padded chunk
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(lengths=st.sampled_from([(8,), (8, 24)]), pad_min=st.integers(1, 24), start=st.integers(0, 9), n=st.integers(1, 40),
        through_decoder=st.booleans())
 def test_prefill_then_decode_gives_the_logits_of_decoding_token_by_token(chat, lengths, pad_min, start, n, through_decoder):
@@ -127,10 +127,11 @@ def test_prefill_then_decode_gives_the_logits_of_decoding_token_by_token(chat, l
     pf = prefillers[key] = prefillers.get(key) or model.prefiller(decoder=decoder if through_decoder else None)
     tok, logits = pf(tokens[start:], start)
   got = logits.numpy()[0]
-  assert rel_err(got, want) <= 1e-2
-  assert tok == want_tok or got[want_tok] >= got.max() - 2e-2 * np.abs(want).max()  # a flip only between near-equal logits
+  # 40 examples on the CPU were at most 4.4e-4 apart; a greedy flip is allowed only between near-equal logits
+  assert rel_err(got, want) <= 5e-3 and (tok == want_tok or got[want_tok] >= got.max() - 1e-2 * np.abs(want).max())
   nxt, logits = model.decode(decoder, want_tok, start + n)
-  assert rel_err(logits.numpy()[0], after) <= 1e-2 and (nxt == after_tok or logits.numpy()[0][after_tok] >= logits.numpy()[0].max() - 2e-2 * np.abs(after).max())
+  got = logits.numpy()[0]
+  assert rel_err(got, after) <= 5e-3 and (nxt == after_tok or got[after_tok] >= got.max() - 1e-2 * np.abs(after).max())
 
 @pytest.mark.parametrize("T, k, E, M", [(12, 2, 5, 4), (40, 3, 8, 16), (33, 5, 9, 8)])
 def test_group_by_expert_puts_each_assignment_in_a_tile_of_its_expert(T, k, E, M):
