@@ -401,7 +401,7 @@ def device_name() -> str:
   dev = Device[Device.DEFAULT]
   return f"{Device.DEFAULT} {getattr(dev, 'arch', None) or type(dev.renderer).__name__}"
 
-def bench_row(r:Row, args, ceiling_gbs:float) -> dict:
+def bench_row(r:Row, args, ceiling_gbs:float, settings:list[str]) -> dict:
   st = time.perf_counter()
   case = build(r, args.rotate_bytes, args.call_bytes)
   res: dict = {"name": r.name, "desc": r.desc, "out": r.out, "in": r.inp, "experts": r.experts, "k": r.k if r.experts else 0,
@@ -409,7 +409,7 @@ def bench_row(r:Row, args, ceiling_gbs:float) -> dict:
                "rotation_mb": len({p for p in case.plan}) * r.nbytes / 1e6, "target_us": r.target_us}
   sync()  # also makes tinygrad's CUDA context current again
   timers = {}
-  for s in SETTINGS: timers[s], res[s] = bench_setting(case, s, args)
+  for s in settings: timers[s], res[s] = bench_setting(case, s, args)
   # interleaved rounds, best of each: the GPU is shared and noisy, and drift should not favour one setting
   best: dict[str, dict] = {}
   for _ in range(args.rounds):
@@ -419,7 +419,7 @@ def bench_row(r:Row, args, ceiling_gbs:float) -> dict:
     us = t["s"] / case.launches * 1e6
     gbs = r.nbytes / (us * 1e-6) / 1e9
     res[s].update(us=us, gbs=gbs, frac=gbs / ceiling_gbs, calls=t["calls"])
-  res["speedup"] = res["off"]["us"] / res["on"]["us"]
+  res["speedup"] = res["off"]["us"] / res["on"]["us"] if "off" in res else None
   res["torch_us"] = args.torch_us.get(r.name)
   res["floor_us"] = args.floor_us.get(r.name)
   if r.floor_target and res["floor_us"] is not None: res["target_us"] = 1.5 * res["floor_us"] + 1
@@ -436,11 +436,11 @@ def table(rows:list[dict], ceiling:dict) -> str:
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   def us(t:dict) -> str: return f"{t['us']:.1f}"
   for r in rows:
-    off, on = r["off"], r["on"]
-    err = f"{off['rel_err']:.1e}/{on['rel_err']:.1e}" + ("" if off["numerics_ok"] and on["numerics_ok"] else " FAIL")
+    off, on = r.get("off"), r["on"]  # no off with --no-off
+    err = ("-" if off is None else f"{off['rel_err']:.1e}") + f"/{on['rel_err']:.1e}" + ("" if (off is None or off["numerics_ok"]) and on["numerics_ok"] else " FAIL")
     lines.append("| " + " | ".join([r["desc"], f"{r['weight_bytes']/1e6:.2f}", str(r["launches"]),
-      us(off), fmt_num(off["gbs"]), fmt_num(off["frac"]*100), us(on), fmt_num(on["gbs"]), fmt_num(on["frac"]*100),
-      f"{r['speedup']:.2f}", fmt(r["torch_us"], ".1f"), fmt(r["floor_us"], ".1f"), fmt(r["target_us"], ".3g"),
+      *(("-",) * 3 if off is None else (us(off), fmt_num(off["gbs"]), fmt_num(off["frac"]*100))), us(on), fmt_num(on["gbs"]), fmt_num(on["frac"]*100),
+      fmt(r["speedup"], ".2f"), fmt(r["torch_us"], ".1f"), fmt(r["floor_us"], ".1f"), fmt(r["target_us"], ".3g"),
       "-" if r["met"] is None else ("yes" if r["met"] else "no"), err]) + " |")
   lines.append(f"read ceiling: {ceiling['gbs']:.0f} GB/s ({ceiling['kernel']} over {ceiling['mb']:.0f} MB); met = passes on "
                f"within target; read floor = a kernel that only reads the row's bytes, same rotation and graph (cupy); rel err = max|a-ref|/max|ref| vs float64, tolerance {TOL:g}")
@@ -463,6 +463,7 @@ def parse_args(argv:list[str]|None=None):
   p.add_argument("--ceiling-mb", type=float, default=None, help="buffer size of the read-ceiling kernels")
   p.add_argument("--no-torch", action="store_true", help="skip the torch fp16 column")
   p.add_argument("--no-floor", action="store_true", help="skip the read floor column (cupy)")
+  p.add_argument("--no-off", action="store_true", help="skip the passes-off column: a sweep of passes-on settings (plain tinygrad's kernels compile and run slowest)")
   p.add_argument("--json", type=str, default=None, help="write all results here")
   p.add_argument("--without", type=str, default="", help="comma-separated passes: also time passes on without each, in the same run")
   p.add_argument("--policy", action="append", default=[], metavar="NAME=FIELD=V,...",
@@ -542,13 +543,14 @@ def main(argv:list[str]|None=None) -> dict:
   ceiling = read_ceiling(args.ceiling_mb, args.iters, args.budget, tuple(CEILING_KERNELS)[:1] if args.small else tuple(CEILING_KERNELS))
   print(f"device {device_name()}  tinygrad {importlib.metadata.version('tinygrad')}  tinygrad_ext {tinygrad_ext.__version__}  "
         f"passes on: {','.join(active) or '(none registered)'}  read ceiling {ceiling['gbs']:.0f} GB/s", flush=True)
-  results = []
+  results, settings = [], [s for s in SETTINGS if not (args.no_off and s == "off")]
   for r in rows:
-    results.append(res := bench_row(r, args, ceiling["gbs"]))
+    results.append(res := bench_row(r, args, ceiling["gbs"], settings))
     # every setting's time as soon as its row is done: a run cut short keeps what it measured
     others = "".join(f", {e} {res[e]['us']:.1f}{'' if res[e]['numerics_ok'] else ' FAIL'}" for e in extra)
-    print(f"  {r.name}: off {res['off']['us']:.1f} us, on {res['on']['us']:.1f} us{others}, "
-          f"rel err {max(res['off']['rel_err'], res['on']['rel_err']):.1e} ({res['wall_s']:.1f} s)", flush=True)
+    off = f"off {res['off']['us']:.1f} us, " if "off" in res else ""
+    print(f"  {r.name}: {off}on {res['on']['us']:.1f} us{others}, "
+          f"rel err {max(res[s]['rel_err'] for s in ('off', 'on') if s in res):.1e} ({res['wall_s']:.1f} s)", flush=True)
   print(table(results, ceiling))
   if extra:
     # without_X: every pass on but X; policy_X: every pass on, matvec policy X; variant_X: a pass setting (specs in the JSON's args)
@@ -568,4 +570,4 @@ def main(argv:list[str]|None=None) -> dict:
 
 if __name__ == "__main__":
   out = main()
-  sys.exit(0 if all(r[s]["numerics_ok"] for r in out["rows"] for s in SETTINGS) else 1)
+  sys.exit(0 if all(r[s]["numerics_ok"] for r in out["rows"] for s in SETTINGS if s in r) else 1)

@@ -114,6 +114,17 @@ def test_small_run_of_the_mix_types_on_cpu(tmp_path):
     for s in ("off", "on"):
       assert r[s]["numerics_ok"] and r[s]["kernels_per_matvec"] == 1, (r["name"], s, r[s])
 
+def test_a_sweep_without_the_off_column_times_only_passes_on_and_its_policies(tmp_path):
+  # --no-off: the passes-off kernels are the slowest to compile and run, and a policy sweep compares passes-on settings
+  out = tmp_path / "kernels.json"
+  proc = subprocess.run([sys.executable, str(SCRIPT), "--small", "--no-off", "--rows", "ffn_down_q6_k", "--policy", "w=lanes=8",
+                         "--json", str(out)], capture_output=True, text=True, timeout=240, env={**os.environ, "DEV": "CPU"}, cwd=ROOT)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  (r,) = json.loads(out.read_text())["rows"]
+  assert "off" not in r and r["speedup"] is None and r["on"]["numerics_ok"] and r["policy_w"]["numerics_ok"]
+  row = next(line for line in proc.stdout.splitlines() if line.startswith("| dense ffn down Q6_K") and "policy" not in line)
+  assert row.split(" | ")[3:6] == ["-", "-", "-"] and row.split(" | ")[-1].startswith("-/")
+
 @pytest.mark.parametrize("args, says", [
   (["--variant", "k=TINYGRAD_EXT_FUSION_KEEP_PER_ELEMENT=7"], "TINYGRAD_EXT_FUSION_KEEP_PER_ELEMENT='7': must be 0 or 1"),
   (["--variant", "k=TINYGRAD_EXT_NO_SUCH=1"], "need NAME=SETTING=VALUE"),
