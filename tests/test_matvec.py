@@ -243,9 +243,11 @@ def test_matvec_splits_a_rows_blocks_over_warps_only_where_it_is_alone_in_its_ke
   opts = applied(lambda: (rows * weights).sum(1) + x5 @ w.T, cuda_renderer())
   assert any(o.op is OptOpsExt.REDUCE_LOCAL for o in opts) and not groups(opts), opts
 
-def q4_0_empty(*shape:int) -> Tensor:
-  """A Q4_0 weight of Tensor.empty bytes: only the opts are looked at."""
-  return ggml_data_to_tensor(Tensor.empty(prod(shape) // 32 * 18, dtype=dtypes.uint8), prod(shape), 2).reshape(*shape).cast(dtypes.float16)
+def gguf_empty(qtype:str, *shape:int) -> Tensor:
+  """A weight of qtype over Tensor.empty bytes: only the opts are looked at."""
+  t = gguf.GGMLQuantizationType[qtype]
+  (elements, nbytes), n = gguf.GGML_QUANT_SIZES[t], prod(shape)
+  return ggml_data_to_tensor(Tensor.empty(n // elements * nbytes, dtype=dtypes.uint8), n, int(t)).reshape(*shape).cast(dtypes.float16)
 
 def test_matvec_splits_wide_blocks_and_unrolls_short_loops_where_warps_split_rows():
   # CUDA (benchmarks/results/h200-2026-12-02e-kernels.txt): a wide matrix whose rows go over warps (attn_output, 2048 x
@@ -257,7 +259,7 @@ def test_matvec_splits_wide_blocks_and_unrolls_short_loops_where_warps_split_row
   # h200-2026-12-05-kernels.txt, main with the rule by default: 6.0 us)
   def block_opts(make) -> list:
     return [o for o in applied(make, cuda_renderer()) if o.op in (OptOps.GROUP, OptOps.UNROLL, OptOpsExt.REDUCE_LOCAL)]
-  x5, w = Tensor.empty(1, 5120, dtype=dtypes.float16), q4_0_empty(2048, 5120)
+  x5, w = Tensor.empty(1, 5120, dtype=dtypes.float16), gguf_empty("Q4_0", 2048, 5120)
   # the block's 16 bytes: 8 a lane; 2 lanes a block, 16 blocks a warp step, 2 warps, 5 steps unrolled
   assert block_opts(lambda: x5 @ w.T) == [Opt(OptOps.UNROLL, 2, 8), Opt(OptOps.UNROLL, 1, 2), Opt(OptOpsExt.REDUCE_LOCAL, 1, 2),
                                           Opt(OptOpsExt.REDUCE_LOCAL, 0, 16), Opt(OptOps.GROUP, 0, 2), Opt(OptOps.UNROLL, 2, 5)]
@@ -265,9 +267,9 @@ def test_matvec_splits_wide_blocks_and_unrolls_short_loops_where_warps_split_row
     assert block_opts(lambda: x5 @ w.T) == [Opt(OptOps.UNROLL, 2, 16), Opt(OptOps.UNROLL, 1, 2), Opt(OptOpsExt.REDUCE_LOCAL, 0, 32),
                                             Opt(OptOps.GROUP, 0, 5)]
   with Context(TINYGRAD_EXT_MATVEC_POLICY="short_loop_unroll=0"): assert block_opts(lambda: x5 @ w.T)[-1] == Opt(OptOps.GROUP, 0, 2)
-  experts, sel = q4_0_empty(64, 3072, 2048), Tensor.empty(1, 1, 4, dtype=dtypes.int32)
+  experts, sel = gguf_empty("Q4_0", 64, 3072, 2048), Tensor.empty(1, 1, 4, dtype=dtypes.int32)
   moe = lambda: (x.reshape(1, 1, 1, 2048).unsqueeze(-2) @ experts[sel].transpose(-1, -2)).contiguous()
-  w_up = q4_0_empty(10240, 2048)
+  w_up = gguf_empty("Q4_0", 10240, 2048)
   assert block_opts(moe)[-1].op is OptOpsExt.REDUCE_LOCAL, block_opts(moe)
   with Context(TINYGRAD_EXT_MATVEC_POLICY="tall_upcast_rows=0"):
     assert block_opts(lambda: x @ w_up.T)[-1].op is OptOpsExt.REDUCE_LOCAL, block_opts(lambda: x @ w_up.T)
@@ -283,8 +285,8 @@ def test_matvec_unrolls_two_blocks_a_step_only_on_the_largest_matrices():
     for o in plain: opts.remove(o)
     return opts
   # 64M weights: the blocks left to a lane after the lanes (axis 1: 2048 inputs are 64 blocks, 32 lanes, 2 steps)
-  assert block_unrolls(q4_0_empty(32768, 2048)) == [Opt(OptOps.UNROLL, 1, 2)]
-  assert block_unrolls(q4_0_empty(16384, 2048)) == []  # 32M
+  assert block_unrolls(gguf_empty("Q4_0", 32768, 2048)) == [Opt(OptOps.UNROLL, 1, 2)]
+  assert block_unrolls(gguf_empty("Q4_0", 16384, 2048)) == []  # 32M
 
 @pytest.mark.parametrize("qtype, inp, row_lanes", [("Q4_K", 768, 32), ("Q6_K", 512, 32), ("Q5_0", 64, 8)])
 def test_matvec_spreads_a_short_rows_blocks_over_lanes(qtype, inp, row_lanes):
@@ -320,12 +322,6 @@ def test_matvec_gives_a_wide_k_quant_row_over_warps_its_groups_not_a_spread():
   assert [o.arg for o in opts_of("Q4_0") if o.op is OptOpsExt.REDUCE_LOCAL] == [2, 16]
   with Context(TINYGRAD_EXT_MATVEC_POLICY="reduce_warps=1"):  # no warps: the spread again (a row of few groups' lanes)
     assert len([o for o in opts_of("Q4_K") if o.op is OptOpsExt.REDUCE_LOCAL]) == 3
-
-def gguf_empty(qtype:str, *shape:int) -> Tensor:
-  """A weight of qtype over Tensor.empty bytes: only the opts are looked at."""
-  t = gguf.GGMLQuantizationType[qtype]
-  (elements, nbytes), n = gguf.GGML_QUANT_SIZES[t], prod(shape)
-  return ggml_data_to_tensor(Tensor.empty(n // elements * nbytes, dtype=dtypes.uint8), n, int(t)).reshape(*shape).cast(dtypes.float16)
 
 def test_matvec_splits_a_wide_rows_blocks_over_warps_at_any_size_where_the_policy_says():
   # the dense ffn down in Q6_K (2048 x 10240, 21M weights, past reduce_warps_max_elements): its 40 super-blocks a row
