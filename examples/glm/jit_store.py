@@ -101,9 +101,10 @@ class StoredJit(_TinyJit):
     self.on_capture = on_capture
   def __reduce__(self): return _TinyJit, (None, self.captured)
   def __call__(self, *args, **kwargs):
+    if self.on_capture is None: return super().__call__(*args, **kwargs)  # a replay: nothing to time or hand over
     st, compiled = time.perf_counter(), compiling_s
     ret = super().__call__(*args, **kwargs)
-    if self.on_capture is not None and self.captured is not None:
+    if self.captured is not None:
       on_capture, self.on_capture = self.on_capture, None
       on_capture(self.captured, time.perf_counter() - st, compiling_s - compiled)
     return ret
