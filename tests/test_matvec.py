@@ -32,7 +32,8 @@ def test_matvec_passes_on_equal_passes_off(device):
                                           "lanes=32,lanes_per_block=8,block_unroll=4,block_unroll_min_elements=0",
                                           "lanes=32,lanes_per_block=2,lanes_per_block_wide=2,reduce_warps=8,short_loop_unroll=8",
                                           "spread_in_block=0", "lanes=32,spread_in_block=1,reduce_warps=8",
-                                          "lanes=32,reduce_warps=8,reduce_warps_max_elements=1,wide_reduce_warps_any_size=1"]))
+                                          "lanes=32,reduce_warps=8,reduce_warps_max_elements=1,wide_reduce_warps_any_size=1",
+                                          "lanes=32,spread_in_block=1,spread_word_bytes=8"]))
       with tinygrad_ext.passes_off(): ref = make().numpy()
       with Context(TINYGRAD_EXT_MATVEC_POLICY=policy): assert_close_fp16(make().numpy(), ref)
   prop()
@@ -334,6 +335,19 @@ def test_matvec_splits_a_wide_rows_blocks_over_warps_at_any_size_where_the_polic
   assert not groups(opts(down, "wide_reduce_warps_any_size=0"))
   assert groups(opts(down, "wide_reduce_warps_any_size=1")) == [Opt(OptOps.GROUP, 0, 5)]
   assert opts(up, "wide_reduce_warps_any_size=1") == opts(up, "wide_reduce_warps_any_size=0")
+
+def test_matvec_spreads_a_k_quant_block_a_wider_word_a_lane_only_where_the_lanes_stay_full():
+  # spread_word_bytes=8: a Q4_K super-block's 128 bytes of nibbles over 16 lanes, 8 bytes each, the other 16 lanes on the
+  # next super-block, so each lane walks half the steps (MoE down, 1536 inputs: 6 super-blocks, 6 steps -> 3). A row of 3
+  # super-blocks (attn_q_b's 768) would leave half the lanes idle, so it keeps a 32-bit word a lane
+  def opts(inp, policy):
+    w = gguf_empty("Q4_K", 2048, inp)
+    with Context(TINYGRAD_EXT_MATVEC_POLICY=policy): return applied(lambda: Tensor.empty(1, inp, dtype=dtypes.float16) @ w.T, cuda_renderer())
+  def lanes(o): return [x.arg for x in o if x.op is OptOpsExt.REDUCE_LOCAL]
+  assert prod(lanes(opts(1536, "spread_word_bytes=4"))) == 32 and 8 in lanes(opts(1536, "spread_word_bytes=4"))
+  wide = lanes(opts(1536, "spread_word_bytes=8"))
+  assert prod(wide) == 32 and 4 in wide and 2 in wide and 8 not in wide, wide  # 4 lanes on a group's bytes, 2 super-blocks
+  assert opts(768, "spread_word_bytes=8") == opts(768, "spread_word_bytes=4")
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_matvecs_per_head_with_merged_axes_equal_passes_off(device):

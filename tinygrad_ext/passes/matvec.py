@@ -86,6 +86,9 @@ class MatvecPolicy:
   # block along which each lane reads other bytes (a super-block's 32-byte groups), and the block's bytes go a 32-bit word
   # a lane: up to `lanes` lanes a row however few its blocks (0: off)
   spread_in_block: int = 0
+  # bytes of a block a lane reads at once where spread_in_block fires (4: a 32-bit word; 8: half the lanes on a block's
+  # bytes, the other half on the next block, half the loop steps)
+  spread_word_bytes: int = 4
 
 POLICIES = {
   # H200 (benchmarks/results/h200-2026-11-22-q4-reduce-local-variants.txt): 32 lanes and 4 rows per block were best or
@@ -200,7 +203,7 @@ def distinct_byte_axes(k, weight:UOp, red:list[int]) -> list[int]:
            if u.op is Ops.INDEX and getattr(u.dtype, "base", u.dtype) in BYTE_DTYPES and last in u.src[1].ranges]
   return [i for i in red[1:-1] if reads and all(k.rngs[i] in r for r in reads)]
 
-def spread_in_block(k, weight:UOp, red:list[int], lanes:int) -> tuple[list[int], int]:
+def spread_in_block(k, weight:UOp, red:list[int], lanes:int, word_bytes:int=4) -> tuple[list[int], int]:
   """(in-block axes over lanes, lanes on the block's bytes) for a row whose blocks do not fill its lanes: the bytes a
   32-bit word a lane, the distinct-byte axes inside the block over the rest, innermost first, as many as fit."""
   axes, width = [], 1
@@ -209,7 +212,7 @@ def spread_in_block(k, weight:UOp, red:list[int], lanes:int) -> tuple[list[int],
     axes.insert(0, i)
     width *= k.full_shape[i]
   block_bytes = k.full_shape[red[-1]]
-  byte_lanes = max((n for n in (1, 2, 4, 8, 16, 32) if block_bytes % n == 0 and block_bytes // n >= 4 and n * width <= lanes), default=1)
+  byte_lanes = max((n for n in (1, 2, 4, 8, 16, 32) if block_bytes % n == 0 and block_bytes // n >= word_bytes and n * width <= lanes), default=1)
   return axes, byte_lanes
 
 def warps_may_split_rows(pol:MatvecPolicy, weight_elements:int, wide:bool) -> bool:
@@ -303,7 +306,11 @@ def choose_matvec_opts(k):
     # 11.3 us spread, 5.5 with 8 lanes a 32-byte group and 5 warps; benchmarks/results/h100-2026-12-07d-batch.txt)
     if pol.spread_in_block and not (warps_split and weight_elements // inputs < inputs) and \
        _pow2_divisor(k.full_shape[red[0]], pol.lanes // block_lanes) * block_lanes < pol.lanes:
-      spread, bytes_lanes = spread_in_block(k, m.weight, red, pol.lanes)
+      # the widest word up to spread_word_bytes whose lanes and the row's blocks still fill the lanes (else a 32-bit word)
+      for word in (pol.spread_word_bytes, 4) if pol.spread_word_bytes > 4 else (4,):
+        spread, bytes_lanes = spread_in_block(k, m.weight, red, pol.lanes, word)
+        width = bytes_lanes * prod(k.full_shape[i] for i in spread)
+        if _pow2_divisor(k.full_shape[red[0]], pol.lanes // width) * width == pol.lanes: break
       if spread: block_lanes, spread_width = bytes_lanes, prod(k.full_shape[i] for i in spread)
     for i in reversed(range(1, len(red))):
       if red[i] in spread: continue  # goes over lanes whole, below
