@@ -32,7 +32,6 @@ def test_matvec_passes_on_equal_passes_off(device):
                                           "lanes=32,lanes_per_block=8,block_unroll=4,block_unroll_min_elements=0",
                                           "lanes=32,lanes_per_block=2,lanes_per_block_wide=2,reduce_warps=8,short_loop_unroll=8",
                                           "spread_in_block=0", "lanes=32,spread_in_block=1,reduce_warps=8",
-                                          "lanes=32,reduce_warps=8,reduce_warps_max_elements=1,wide_reduce_warps_any_size=1",
                                           "lanes=32,spread_in_block=1,spread_word_bytes=8"]))
       with tinygrad_ext.passes_off(): ref = make().numpy()
       with Context(TINYGRAD_EXT_MATVEC_POLICY=policy): assert_close_fp16(make().numpy(), ref)
@@ -321,20 +320,8 @@ def test_matvec_gives_a_wide_k_quant_row_over_warps_its_groups_not_a_spread():
   q4k = opts_of("Q4_K")
   assert [o.arg for o in q4k if o.op is OptOpsExt.REDUCE_LOCAL] == [8, 4] and Opt(OptOps.GROUP, 0, 5) in q4k, q4k
   assert [o.arg for o in opts_of("Q4_0") if o.op is OptOpsExt.REDUCE_LOCAL] == [2, 16]
-  with Context(TINYGRAD_EXT_MATVEC_POLICY="reduce_warps=1"):  # no warps: the spread again (a row of few groups' lanes)
+  with Context(TINYGRAD_EXT_MATVEC_POLICY="reduce_warps=1,spread_word_bytes=4"):  # no warps: the spread again (a row of few groups' lanes)
     assert len([o for o in opts_of("Q4_K") if o.op is OptOpsExt.REDUCE_LOCAL]) == 3
-
-def test_matvec_splits_a_wide_rows_blocks_over_warps_at_any_size_where_the_policy_says():
-  # the dense ffn down in Q6_K (2048 x 10240, 21M weights, past reduce_warps_max_elements): its 40 super-blocks a row
-  # fill 8 lanes whole, so without warps its 2048 rows make few threads. wide_reduce_warps_any_size lifts the size bound
-  # for matrices with fewer rows than inputs only: the down projection's rows then go over 5 warps (as attn_output's, under
-  # the bound), the up projection's (10240 x 2048) opts stay as they were
-  down, up = gguf_empty("Q6_K", 2048, 10240), gguf_empty("Q6_K", 10240, 2048)
-  def opts(w, policy):
-    with Context(TINYGRAD_EXT_MATVEC_POLICY=policy): return applied(lambda: Tensor.empty(1, w.shape[1], dtype=dtypes.float16) @ w.T, cuda_renderer())
-  assert not groups(opts(down, "wide_reduce_warps_any_size=0"))
-  assert groups(opts(down, "wide_reduce_warps_any_size=1")) == [Opt(OptOps.GROUP, 0, 5)]
-  assert opts(up, "wide_reduce_warps_any_size=1") == opts(up, "wide_reduce_warps_any_size=0")
 
 def test_matvec_spreads_a_k_quant_block_a_wider_word_a_lane_only_where_the_lanes_stay_full():
   # spread_word_bytes=8: a Q4_K super-block's 128 bytes of nibbles over 16 lanes, 8 bytes each, the other 16 lanes on the

@@ -52,9 +52,6 @@ class MatvecPolicy:
   # reduce_warps_max_elements weights (0: any size). A small matrix fills few warps, each walking many blocks
   reduce_warps: int = 1
   reduce_warps_max_elements: int = 0
-  # 1: that size bound holds only for matrices with at least as many rows as inputs; a wide one (fewer rows than inputs,
-  # a down projection) has its rows split over warps at any size
-  wide_reduce_warps_any_size: int = 0
   # blocks per lane per loop step (UNROLL of what is left of the block axis after the lanes): more loads in flight, on
   # matrices of at least block_unroll_min_elements weights (0: any size)
   block_unroll: int = 1
@@ -127,12 +124,17 @@ POLICIES = {
   # every row lost on the small ones and the head, and MoE gate+up tied: 7.6 / 7.6)
   # 4 rows a lane where the activation is a float32 row, from 8M elements (H100, in the model, one process: decode 369.6 ->
   # 392.6 tok/s, the same logits; benchmarks/results/h100-2026-12-07d-wideact.json): MoE gate+up, attn_output, dense down
+  # a spread K-quant super-block 8 bytes a lane where the lanes stay full (H100, the Q4_K_M mix in the model, one machine:
+  # 316.0 -> 327.4 tok/s, the same tokens, attn_v_b 3.3 -> 2.2 us a call; alone MoE down Q4_K 9.6 -> 7.9, shexp down
+  # 3.1 -> 2.7; benchmarks/results/h100-2026-12-08-q4km-decode-w8.json, h100-2026-12-08-kq-sweep.json). Lifting the 11M
+  # bound on warps for wide matrices won alone (dense ffn down Q6_K 22.6 -> 15.6) and lost in the model, whose down reads
+  # silu(gate) * up (34.7 -> 172.8 us; h100-2026-12-08-q4km-decode-wide.json)
   "CUDA": MatvecPolicy(lanes=32, rows_per_block=4, upcast_rows=2, upcast_min_elements=5 << 20, quant_upcast_min_elements=0,
                        float_unroll=8, lanes_per_block=2, wide_upcast_rows=4, wide_upcast_min_elements=64 << 20,
                        costly_act_upcast_rows=4, costly_act_min_elements=8 << 20, min_row_blocks=64, min_block_threads=32,
                        reduce_warps=8, reduce_warps_max_elements=11 << 20, block_unroll=2, block_unroll_min_elements=64 << 20,
                        lanes_per_block_wide=2, short_loop_unroll=8, tall_upcast_rows=4, tall_reduce_warps=2, tall_min_elements=11 << 20,
-                       spread_in_block=1, wide_act_upcast_rows=4, wide_act_min_elements=8 << 20),
+                       spread_in_block=1, spread_word_bytes=8, wide_act_upcast_rows=4, wide_act_min_elements=8 << 20),
   # a simdgroup is 32 wide; not measured (no Apple hardware here), so no row upcast until it is
   "METAL": MatvecPolicy(lanes=32, rows_per_block=4, upcast_rows=1, upcast_min_elements=0, quant_upcast_min_elements=0, float_unroll=8,
                         spread_in_block=1),
@@ -215,9 +217,8 @@ def spread_in_block(k, weight:UOp, red:list[int], lanes:int, word_bytes:int=4) -
   byte_lanes = max((n for n in (1, 2, 4, 8, 16, 32) if block_bytes % n == 0 and block_bytes // n >= word_bytes and n * width <= lanes), default=1)
   return axes, byte_lanes
 
-def warps_may_split_rows(pol:MatvecPolicy, weight_elements:int, wide:bool) -> bool:
-  bounded = pol.reduce_warps_max_elements and not (wide and pol.wide_reduce_warps_any_size)
-  return pol.reduce_warps > 1 and not (bounded and weight_elements >= pol.reduce_warps_max_elements)
+def warps_may_split_rows(pol:MatvecPolicy, weight_elements:int) -> bool:
+  return pol.reduce_warps > 1 and not (pol.reduce_warps_max_elements and weight_elements >= pol.reduce_warps_max_elements)
 
 def reduce_warps(pol:MatvecPolicy, lane_steps:int) -> int:
   return next((d for d in range(2, pol.reduce_warps + 1) if lane_steps % d == 0), 1)
@@ -296,7 +297,7 @@ def choose_matvec_opts(k):
   dense = sum(k.full_shape[i] > 1 for i in outs) == 1  # one output axis: no expert slots (MoE) or batch beside the rows
   tall = pol.tall_upcast_rows > 1 and len(red) >= 2 and not side and not row_reduces and dense and rows >= inputs and \
          pol.tall_min_elements <= weight_elements < (pol.wide_upcast_min_elements or weight_elements + 1)
-  warps_split = tall or (len(red) >= 2 and not side and not row_reduces and warps_may_split_rows(pol, weight_elements, rows < inputs))
+  warps_split = tall or (len(red) >= 2 and not side and not row_reduces and warps_may_split_rows(pol, weight_elements))
   if len(red) >= 2:
     # a dequant chain splits the reduce: the axes after the first are inside a quant block. They are unrolled, but for
     # the last (the block's contiguous bytes), which is split over lanes_per_block lanes, each reading a contiguous run
