@@ -70,6 +70,16 @@ def test_cache_dir_unwritable(tmp_path, capsys):
   assert err.startswith(f"error: --cache-dir {blocker / 'cache'}: cannot write glm-tiny-") and err.endswith("; nothing written")
   assert [p.name for p in tmp_path.iterdir()] == ["a_file"]
 
+def test_out_of_device_memory_is_one_line(tmp_path, monkeypatch, capsys):
+  # tinygrad raises MemoryError when an allocation fails (the 512-token chunk with --passes off on an 80 GB H100)
+  def no_memory(*args, **kwargs): raise MemoryError("Allocation of 2.00 MB failed on CUDA. Used: 78.16 GB")
+  monkeypatch.setattr(run.glm, "load", no_memory)
+  (model := tmp_path / "model.gguf").write_bytes(b"GGUF")
+  assert run.main(["--model", str(model), "--cache-dir", str(tmp_path / "cache"), "--json", str(tmp_path / "r.json")]) == 2
+  err = _one_line(capsys.readouterr().err)
+  assert err.startswith("error: out of device memory: Allocation of 2.00 MB failed on CUDA. Used: 78.16 GB (") and "--max-context" in err
+  assert [p.name for p in tmp_path.iterdir()] == ["model.gguf"]
+
 def test_json_interrupted_leaves_no_file(tmp_path, monkeypatch):
   # --json goes through a temp file: Ctrl-C (or a full disk) halfway through leaves neither it nor a half r.json
   def half_then_ctrl_c(self, text):

@@ -406,6 +406,10 @@ def main(argv=None) -> int:
   except (UsageError, glm.GGUFError, synth.SynthError, tinygrad_ext.SettingError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except MemoryError as e:  # the model, its KV cache or a JIT's buffers do not fit the device (tinygrad says how much was used)
+    print(f"error: out of device memory: {str(e).splitlines()[0] if str(e) else 'allocation failed'} (a smaller --max-context "
+          "needs less; --passes off plans a prefill chunk's buffers without late_producers, ~59 GB more for the full GLM)", file=sys.stderr)
+    return 2
   except (KeyboardInterrupt, synth.Terminated) as e:  # Ctrl-C (or SIGTERM, SIGHUP) while loading, compiling or generating
     synth.handled()
     line, status = synth.interrupted_message(e)
