@@ -126,9 +126,9 @@ POLICIES = {
   # 392.6 tok/s, the same logits; benchmarks/results/h100-2026-12-07d-wideact.json): MoE gate+up, attn_output, dense down
   # a spread K-quant super-block 8 bytes a lane where the lanes stay full (H100, the Q4_K_M mix in the model, one machine:
   # 316.0 -> 327.4 tok/s, the same tokens, attn_v_b 3.3 -> 2.2 us a call; alone MoE down Q4_K 9.6 -> 7.9, shexp down
-  # 3.1 -> 2.7; benchmarks/results/h100-2026-12-08-q4km-decode-w8.json, h100-2026-12-08-kq-sweep.json). Lifting the 11M
-  # bound on warps for wide matrices won alone (dense ffn down Q6_K 22.6 -> 15.6) and lost in the model, whose down reads
-  # silu(gate) * up (34.7 -> 172.8 us; h100-2026-12-08-q4km-decode-wide.json)
+  # 3.1 -> 2.7; benchmarks/results/h100-2026-12-08-q4km-decode-w8.json, benchmarks/results/h100-2026-12-08-kq-sweep.json).
+  # Lifting the 11M bound on warps for wide matrices won alone (dense ffn down Q6_K 22.6 -> 15.6) and lost in the model,
+  # whose down reads silu(gate) * up (34.7 -> 172.8 us; benchmarks/results/h100-2026-12-08-q4km-decode-wide.json)
   "CUDA": MatvecPolicy(lanes=32, rows_per_block=4, upcast_rows=2, upcast_min_elements=5 << 20, quant_upcast_min_elements=0,
                        float_unroll=8, lanes_per_block=2, wide_upcast_rows=4, wide_upcast_min_elements=64 << 20,
                        costly_act_upcast_rows=4, costly_act_min_elements=8 << 20, min_row_blocks=64, min_block_threads=32,
