@@ -99,6 +99,10 @@ def test_run_second_start_reads_its_jits_and_gives_the_same_tokens(tmp_path):
   def line(p, key): return next(ln for ln in p.stderr.splitlines() if key in ln)
   # (the demo's prompt is shorter than a chunk: it goes through the decode step, whose JIT is then the only one)
   assert "(JITs: decode: built)" in line(first, "first token") and "(JITs: decode: hit)" in line(second, "first token")
+  # a build is announced as it starts (a cold start's minute on a GPU is not silent); a read is not
+  assert [ln for ln in first.stderr.splitlines() if ln.startswith("compiling: ")] == \
+         [f"compiling: decode (once for this model and these settings; later runs read it from {tmp_path / 'jit'})"]
+  assert "compiling: " not in second.stderr
   assert line(first, "tokens:") == line(second, "tokens:")
   # the start line itemizes the JIT: its capture and the compiling in it, then its reading from the store
   second_json = json.loads((tmp_path / "r.json").read_text())["results"]["on"]

@@ -204,6 +204,7 @@ def test_a_signal_dropped_inside_a_del_is_raised_later_without_a_traceback():
 # ***** Ctrl-C or SIGTERM while run.py loads, compiles or generates: one line, no traceback *****
 
 INFO = ("model:", "prompt:", "note:")  # what run.py says on stderr before it generates (stdout is the generated text)
+BUILDING = "compiling: "  # and before a JIT's first (capturing) call, where its cache has none
 
 class _Follow:
   """A run's stderr lines as they come."""
@@ -216,7 +217,7 @@ class _Follow:
     """stderr past the info lines."""
     self.p.stdout.read()
     self.p.wait(timeout=timeout); self.thread.join(timeout)
-    return "".join(l for l in self.lines if not l.startswith(INFO))
+    return "".join(l for l in self.lines if not l.startswith((*INFO, BUILDING)))
 
 def test_run_interrupted_while_generating(tmp_path):
   # two runs at once: the default synthetic demo gets Ctrl-C, the same model given by --model gets SIGTERM, each once it

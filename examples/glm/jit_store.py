@@ -112,8 +112,10 @@ class StoredJit(_TinyJit):
 class JitStore:
   """Entries under folder for one loaded model: identity says which (the file and how it was loaded), state() gives
   the model's named tensors."""
-  def __init__(self, folder:str|os.PathLike, identity:dict, state:Callable[[], dict[str, Tensor]]):
+  def __init__(self, folder:str|os.PathLike, identity:dict, state:Callable[[], dict[str, Tensor]],
+               on_build:Callable[[str], None]=lambda name: None):
     self.folder, self.identity, self.state = pathlib.Path(folder), identity, state
+    self.on_build = on_build  # called with a JIT's name as it starts to build (a first run's silent minute, announced)
     self.events: list[str] = []  # what each JIT was: "decode: hit", "prefill32: built" (run.py reports them)
     # each name's first JIT: the seconds reading it ("read_s"), or capturing it ("built_s") and compiling its kernels in that
     self.seconds: dict[str, dict[str, float]] = {}
@@ -154,6 +156,7 @@ class JitStore:
         print(f"jit store: {path.name} unusable ({type(e).__name__}: {str(e)[:80]}), rebuilding it", file=sys.stderr)
         path.unlink(missing_ok=True)
     self.events.append(f"{what['jit']}: built")
+    self.on_build(what["jit"])
     def captured(captured:CapturedJit, built_s:float, compiling_s:float) -> None:
       self.seconds.setdefault(what["jit"], {"built_s": built_s, "compiling_s": compiling_s})
       self.write(path, key, captured, names)

@@ -340,7 +340,7 @@ def main(argv=None) -> int:
     store = None if a.no_jit_store else jit_store.JitStore(pathlib.Path(a.cache_dir) / "jit", {
       "model": str(path.resolve()), "size": file.st_size, "mtime_ns": file.st_mtime_ns, "max_context": m.max_context,
       "dtype": a.dtype, "stacked": not a.separate_projections, "shared_in_experts": not a.separate_shared_expert},
-      m.state)
+      m.state, on_build=lambda name: log(f"compiling: {name} (once for this model and these settings; later runs read it from {pathlib.Path(a.cache_dir) / 'jit'})"))
     if store is not None: m.make_jit = store.jit
     try: tok = Tokenizer.from_kv(kv, str(path))
     except TokenizerError as e: raise UsageError(str(e)) from None
