@@ -206,8 +206,8 @@ def distinct_byte_axes(k, weight:UOp, red:list[int]) -> list[int]:
   return [i for i in red[1:-1] if reads and all(k.rngs[i] in r for r in reads)]
 
 def spread_in_block(k, weight:UOp, red:list[int], lanes:int, word_bytes:int=4) -> tuple[list[int], int]:
-  """(in-block axes over lanes, lanes on the block's bytes) for a row whose blocks do not fill its lanes: the bytes a
-  32-bit word a lane, the distinct-byte axes inside the block over the rest, innermost first, as many as fit."""
+  """(in-block axes over lanes, lanes on the block's bytes) for a row whose blocks do not fill its lanes: the bytes
+  word_bytes a lane, the distinct-byte axes inside the block over the rest, innermost first, as many as fit."""
   axes, width = [], 1
   for i in reversed(distinct_byte_axes(k, weight, red)):
     if width * k.full_shape[i] > lanes: break
@@ -307,8 +307,8 @@ def choose_matvec_opts(k):
     # 11.3 us spread, 5.5 with 8 lanes a 32-byte group and 5 warps; benchmarks/results/h100-2026-12-07d-batch.txt)
     if pol.spread_in_block and not (warps_split and weight_elements // inputs < inputs) and \
        _pow2_divisor(k.full_shape[red[0]], pol.lanes // block_lanes) * block_lanes < pol.lanes:
-      # the widest word up to spread_word_bytes whose lanes and the row's blocks still fill the lanes (else a 32-bit word)
-      for word in (pol.spread_word_bytes, 4) if pol.spread_word_bytes > 4 else (4,):
+      # spread_word_bytes a lane where those lanes and the row's blocks still fill the lanes, else a 32-bit word
+      for word in (pol.spread_word_bytes, 4):
         spread, bytes_lanes = spread_in_block(k, m.weight, red, pol.lanes, word)
         width = bytes_lanes * prod(k.full_shape[i] for i in spread)
         if _pow2_divisor(k.full_shape[red[0]], pol.lanes // width) * width == pol.lanes: break
